@@ -1,0 +1,92 @@
+"""Variants, their defaults (ALGORITHM.md section 2) and argument validation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Tuple, Union
+
+VARIANTS = ("alsals", "adam_sls", "salsa")
+BACKENDS = ("auto", "reference", "foreach", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Global hyperparameters (weight_decay is per param group and lives there)."""
+
+    variant: str = "alsals"
+    init_step_size: float = 0.1
+    c: float = 0.5
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    smoothing: float = 0.99                     # beta3
+    growth: float = 1 / 0.999
+    backtrack: float = 0.9
+    max_trials: int = 100
+    line_search_every: Union[int, str] = 1      # k, or "auto" (SaLSA's rule)
+    weight_decay: float = 0.0                   # default for groups that do not set their own
+    max_grad_norm: Optional[float] = None
+    memory_efficient: bool = False
+
+    @property
+    def momentum_search(self) -> bool:
+        """alsals searches along m_hat*p; adam_sls and salsa along g*p."""
+        return self.variant == "alsals"
+
+    @property
+    def update_is_trial_point(self) -> bool:
+        """alsals keeps the accepted trial point; the others re-step from w0 along m_hat*p."""
+        return self.variant == "alsals"
+
+
+VARIANT_DEFAULTS = {
+    "alsals": Hyper(),
+    "adam_sls": Hyper(variant="adam_sls", c=0.1, smoothing=0.0, growth=2 ** (1 / 500)),
+    "salsa": Hyper(variant="salsa", c=0.3, smoothing=0.99, growth=2 ** (1 / 500),
+                   line_search_every="auto"),
+}
+
+
+def _require(ok: bool, name: str, value, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"ALSALS: {name}={value!r} is invalid; accepted: {accepted}")
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_weight_decay(wd) -> None:
+    _require(_real(wd) and wd >= 0, "weight_decay", wd, "a finite float >= 0")
+
+
+def make_hyper(variant: str, **overrides) -> Hyper:
+    """The variant's defaults with the explicit (non-None) arguments applied, validated."""
+    _require(variant in VARIANTS, "variant", variant, " | ".join(VARIANTS))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in fields(Hyper)} - {"variant"}
+    unknown = set(given) - known
+    if unknown:
+        raise TypeError(f"ALSALS: unknown argument(s) {sorted(unknown)}")
+    if "betas" in given:
+        b = given["betas"]
+        _require(isinstance(b, (tuple, list)) and len(b) == 2 and all(_real(x) and 0 <= x < 1 for x in b),
+                 "betas", b, "a pair (beta1, beta2) with 0 <= beta < 1")
+        given["betas"] = (float(b[0]), float(b[1]))
+    h = replace(VARIANT_DEFAULTS[variant], **given)
+    _require(_real(h.init_step_size) and h.init_step_size > 0, "init_step_size", h.init_step_size,
+             "a finite float > 0")
+    _require(_real(h.c) and 0 < h.c < 1, "c", h.c, "0 < c < 1")
+    _require(_real(h.eps) and h.eps > 0, "eps", h.eps, "a finite float > 0")
+    _require(_real(h.smoothing) and 0 <= h.smoothing < 1, "smoothing", h.smoothing, "0 <= smoothing < 1")
+    _require(_real(h.growth) and h.growth >= 1, "growth", h.growth, "a finite float >= 1")
+    _require(_real(h.backtrack) and 0 < h.backtrack < 1, "backtrack", h.backtrack, "0 < backtrack < 1")
+    _require(isinstance(h.max_trials, int) and not isinstance(h.max_trials, bool) and h.max_trials >= 1,
+             "max_trials", h.max_trials, "an int >= 1")
+    k = h.line_search_every
+    _require(k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+             "line_search_every", k, 'an int >= 1 or "auto"')
+    validate_weight_decay(h.weight_decay)
+    _require(h.max_grad_norm is None or (_real(h.max_grad_norm) and h.max_grad_norm > 0),
+             "max_grad_norm", h.max_grad_norm, "None or a finite float > 0")
+    _require(isinstance(h.memory_efficient, bool), "memory_efficient", h.memory_efficient, "True or False")
+    return h
