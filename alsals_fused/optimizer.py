@@ -98,7 +98,7 @@ class ALSALS(torch.optim.Optimizer):
                  weight_decay: Optional[float] = None, max_grad_norm: Optional[float] = None,
                  memory_efficient: Optional[bool] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None, sharded: bool = False):
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -106,8 +106,14 @@ class ALSALS(torch.optim.Optimizer):
                            memory_efficient=memory_efficient)
         if backend not in BACKENDS:
             raise ValueError(f"ALSALS: backend={backend!r} is invalid; accepted: {' | '.join(BACKENDS)}")
+        if sharded and process_group is None:
+            raise ValueError("ALSALS: sharded=True needs process_group= (the group the shards span)")
         self.hyper: Hyper = hyper
         self.backend_name = backend
+        # Section 6: losses are averaged over process_group before any decision, so every rank
+        # takes the same eta; with sharded parameters (FSDP) the local sums are added as well.
+        self.process_group = process_group
+        self.sharded = bool(sharded)
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
         if isinstance(buffers, torch.nn.Module):
@@ -241,6 +247,20 @@ class ALSALS(torch.optim.Optimizer):
             self._h, self._s = self._h.to(device), self._s.to(device)
             self._pending_skips = self._pending_skips.to(device)
 
+    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+        if self.process_group is None:
+            return value
+        import torch.distributed as dist
+        value = value.clone()                               # may alias the loss returned to the user
+        dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
+        return value / dist.get_world_size(self.process_group)
+
+    def _sum_over_shards(self, value: Tensor) -> Tensor:
+        if self.sharded:
+            import torch.distributed as dist
+            dist.all_reduce(value, group=self.process_group)
+        return value
+
     def _read(self, verdict: Tensor) -> List[float]:
         """The one device-to-host read of a trial."""
         self.reads += 1
@@ -271,7 +291,7 @@ class ALSALS(torch.optim.Optimizer):
         rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
         device, work = self._buckets()
         self._device_state(device)
-        loss0 = loss.detach().reshape(()).to(device=device, dtype=torch.float64)
+        loss0 = self._mean_over_ranks(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
 
         t = self.t + 1
         searching = self._searches_at(t)
@@ -283,7 +303,7 @@ class ALSALS(torch.optim.Optimizer):
                          momentum_search=hyper.momentum_search)
 
         # Non-finite pre-pass and clipping coefficient, all on the device.
-        sumsq = torch.stack([backend.grad_sumsq(b) for backend, b in work]).sum()
+        sumsq = self._sum_over_shards(torch.stack([backend.grad_sumsq(b) for backend, b in work]).sum())
         finite = torch.isfinite(loss0) & torch.isfinite(sumsq)
         scale = torch.ones((), dtype=torch.float64, device=device)
         if hyper.max_grad_norm is not None:   # as clip_grad_norm_: max_norm / (norm + 1e-6), <= 1
@@ -305,7 +325,7 @@ class ALSALS(torch.optim.Optimizer):
             return loss.detach()
 
         # Slope, its smoothing and the non-descent fallback (device).
-        total = torch.stack(dots).sum(dim=0)
+        total = self._sum_over_shards(torch.stack(dots).sum(dim=0))
         slope, slope_grad = total[0], total[1]
         b3 = hyper.smoothing
         s_new = b3 * self._s + (1 - b3) * slope
@@ -335,7 +355,8 @@ class ALSALS(torch.optim.Optimizer):
                 with torch.no_grad():
                     loss_try = _as_loss(closure(), "trial forward")
                 trials += 1
-                loss_try = loss_try.detach().reshape(()).to(device=device, dtype=torch.float64)
+                loss_try = self._mean_over_ranks(
+                    loss_try.detach().reshape(()).to(device=device, dtype=torch.float64))
                 diff = loss0 - loss_try
                 h_new = b3 * self._h + (1 - b3) * diff
                 smoothed_ok = h_new >= hyper.c * eta * s_new
