@@ -274,7 +274,6 @@ class ALSALS(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: C901  (one algorithm, kept in one place on purpose)
         if closure is None or not callable(closure):
             raise TypeError(CLOSURE_HELP)
-        hyper = self.hyper
         rng_before = _RngState(self._param_devices())
         with torch.enable_grad():
             loss = _as_loss(closure(), "gradient forward")
