@@ -19,7 +19,8 @@ Deviations from the specification, and why:
   at once on a searching step (whose first trial forward is then wasted), or at the next searching
   step after non-searching ones.  t is corrected then, so up to ``L - 1`` non-searching steps after
   such a skip use a bias correction one step ahead (no extra sync on the fast path).
-- A gradient norm that overflows the accumulation (|g| around 1e154 in fp64) counts as non-finite.
+- A sum of squared gradients that overflows its fp32 accumulation (|g| around 1e19; fp64 for fp64
+  params) counts as non-finite, as a non-finite gradient does.
 """
 from __future__ import annotations
 

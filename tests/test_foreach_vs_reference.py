@@ -115,11 +115,11 @@ def test_step_pass_agrees(dtype, momentum_search, searching, scale):
     d_fe = fe.step_pass(fe_b, hp, ctrl(scale), searching=searching, write_backup=searching)
     assert_buckets_close(ref_b, fe_b)
     if searching:
-        torch.testing.assert_close(d_ref, d_fe, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(d_ref, d_fe, rtol=1e-6, atol=1e-12)  # foreach sums in fp32
         assert d_ref[1] > 0
     else:
         assert d_ref is None and d_fe is None
-    torch.testing.assert_close(ref.grad_sumsq(ref_b), fe.grad_sumsq(fe_b), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ref.grad_sumsq(ref_b), fe.grad_sumsq(fe_b), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach"])

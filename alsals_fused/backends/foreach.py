@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .base import FALLBACK, GRAD_SCALE, SKIP, Bucket, Dir, StepScalars
+from .base import Bucket, Dir, StepScalars
 from .reference import math_dtype
 
 def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
@@ -27,17 +27,21 @@ def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
     return out
 
 
-def _scaled_grads(bucket: Bucket, ctrl: Tensor, mt: torch.dtype) -> List[Tensor]:
+def _scaled_grads(bucket: Bucket, scale: float, mt: torch.dtype) -> List[Tensor]:
     grads = _in_math_dtype(bucket.grads, mt)
-    # The clip coefficient stays a device tensor: multiplying by it needs no host read.
-    return torch._foreach_mul(grads, ctrl[GRAD_SCALE].to(mt))
+    # g * 1.0 == g exactly, so the multiply is only worth a pass when clipping bites.
+    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
 
 
-def _direction(direction: Dir, g: List[Tensor], m: List[Tensor], v: List[Tensor],
-               hp: StepScalars) -> List[Tensor]:
+def _denominators(v: List[Tensor], hp: StepScalars) -> List[Tensor]:
     denom = torch._foreach_div(v, hp.bias_correction2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, hp.eps)                       # 1/p; eps outside the sqrt
+    return denom
+
+
+def _direction(direction: Dir, g: List[Tensor], m: List[Tensor], denom: List[Tensor],
+               hp: StepScalars) -> List[Tensor]:
     if direction is Dir.MOMENTUM:
         d = torch._foreach_div(m, hp.bias_correction1)       # m_hat
         torch._foreach_div_(d, denom)                        # m_hat * p
@@ -45,22 +49,31 @@ def _direction(direction: Dir, g: List[Tensor], m: List[Tensor], v: List[Tensor]
     return torch._foreach_div(g, denom)                      # g * p
 
 
-def _candidate(w0: List[Tensor], eta: float, d: List[Tensor], wds: List[float]) -> List[Tensor]:
-    """w0 - eta*(d + wd*w0), op for op as the reference computes it."""
+def _decay_step(w0: List[Tensor], eta: float, d: List[Tensor], wds: List[float]) -> List[Tensor]:
+    """eta*(d + wd*w0), op for op as the reference computes it."""
     if any(wds):
         step = torch._foreach_mul(w0, wds)
         torch._foreach_add_(step, d)
+        torch._foreach_mul_(step, eta)
+        return step
+    return torch._foreach_mul(d, eta)
+
+
+def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: List[Tensor],
+                     wds: List[float]) -> None:
+    """params = w0 - eta*(d + wd*w0); in place when w0 *is* params (fp32/fp64, no backup read)."""
+    step = _decay_step(w0, eta, d, wds)
+    if w0[0] is params[0]:
+        torch._foreach_sub_(params, step)
     else:
-        step = d
-    step = torch._foreach_mul(step, eta)
-    return torch._foreach_sub(w0, step)
+        torch._foreach_copy_(params, torch._foreach_sub(w0, step))
 
 
-def _flat_sum(tensors: List[Tensor]) -> Tensor:
-    """One fp64 sum over all elements of all tensors (a single reduction launch)."""
+def _flat_sum(tensors: List[Tensor], device: torch.device) -> Tensor:
+    """One sum over all elements of all tensors (a single reduction launch), as float64."""
     if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.cat([t.reshape(-1) for t in tensors]).sum(dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.cat([t.reshape(-1) for t in tensors]).sum().to(torch.float64)
 
 
 class ForeachBackend:
@@ -70,16 +83,18 @@ class ForeachBackend:
         return True
 
     def grad_sumsq(self, bucket: Bucket) -> Tensor:
-        norms = torch._foreach_norm(_in_math_dtype(bucket.grads, torch.float64))
-        return torch.stack(norms).square().sum()
+        if not bucket.grads:
+            return torch.zeros((), dtype=torch.float64, device=bucket.device)
+        norms = torch._foreach_norm(bucket.grads, 2, dtype=math_dtype(bucket.dtype))
+        return torch.stack(norms).to(torch.float64).square().sum()
 
     def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
                   write_backup: bool) -> Optional[Tensor]:
-        dots = torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
-        if bool(ctrl[SKIP]) or not bucket.params:
-            return dots
+        scale, skip, _ = ctrl.tolist()
+        if skip or not bucket.params:
+            return torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
         mt = math_dtype(bucket.dtype)
-        g = _scaled_grads(bucket, ctrl, mt)
+        g = _scaled_grads(bucket, scale, mt)
         m, v = bucket.exp_avgs, bucket.exp_avg_sqs
         torch._foreach_mul_(m, hp.beta1)
         torch._foreach_add_(m, g, alpha=1 - hp.beta1)
@@ -87,45 +102,43 @@ class ForeachBackend:
         torch._foreach_addcmul_(v, g, g, value=1 - hp.beta2)
         if write_backup:
             torch._foreach_copy_(bucket.backups, bucket.params)
+        denom = _denominators(v, hp)
         direction = hp.nominal_search if searching else Dir.MOMENTUM
-        d = _direction(direction, g, m, v, hp)
+        d = _direction(direction, g, m, denom, hp)
+        dots = None
         if searching:
-            dots[0] = _flat_sum(torch._foreach_mul(g, d)).to(bucket.device)
-            d_grad = d if direction is Dir.GRAD else _direction(Dir.GRAD, g, m, v, hp)
-            dots[1] = _flat_sum(torch._foreach_mul(g, d_grad)).to(bucket.device)
-        w0 = _in_math_dtype(bucket.params, mt)
-        torch._foreach_copy_(bucket.params, _candidate(w0, hp.eta, d, bucket.weight_decays))
+            d_grad = d if direction is Dir.GRAD else _direction(Dir.GRAD, g, m, denom, hp)
+            dots = torch.stack([_flat_sum(torch._foreach_mul(g, d), bucket.device),
+                                _flat_sum(torch._foreach_mul(g, d_grad), bucket.device)])
+        _write_candidate(bucket.params, _in_math_dtype(bucket.params, mt), hp.eta, d,
+                         bucket.weight_decays)
         return dots
 
     def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        fallback = bool(ctrl[FALLBACK])
-        if bool(ctrl[SKIP]) or (only_if_fallback and not fallback) or not bucket.params:
+        scale, skip, fallback = ctrl.tolist()
+        if skip or (only_if_fallback and not fallback) or not bucket.params:
             return
         mt = math_dtype(bucket.dtype)
-        src_dir, dst_dir = hp.resolve(src_dir, fallback), hp.resolve(dst_dir, fallback)
+        src_dir, dst_dir = hp.resolve(src_dir, bool(fallback)), hp.resolve(dst_dir, bool(fallback))
         uses_grad = dst_dir is Dir.GRAD or (not from_backup and src_dir is Dir.GRAD)
-        g = _scaled_grads(bucket, ctrl, mt) if uses_grad else None
-        m, v, wds = bucket.exp_avgs, bucket.exp_avg_sqs, bucket.weight_decays
-        d_dst = _direction(dst_dir, g, m, v, hp)
+        g = _scaled_grads(bucket, scale, mt) if uses_grad else None
+        m, wds = bucket.exp_avgs, bucket.weight_decays
+        denom = _denominators(bucket.exp_avg_sqs, hp)
+        d_dst = _direction(dst_dir, g, m, denom, hp)
         if from_backup:
-            w0 = _in_math_dtype(bucket.backups, mt)
-            torch._foreach_copy_(bucket.params, _candidate(w0, dst_eta, d_dst, wds))
+            _write_candidate(bucket.params, _in_math_dtype(bucket.backups, mt), dst_eta, d_dst, wds)
             return
-        # memory_efficient (fp32/fp64 only, so params are already in the math dtype).
+        # memory_efficient (fp32/fp64 only, so params are already in the math dtype): no copy of
+        # w0 exists; recover it as (w + src_eta*d_src) / (1 - src_eta*wd).
         w = bucket.params
-        d_src = d_dst if src_dir is dst_dir else _direction(src_dir, g, m, v, hp)
+        d_src = d_dst if src_dir is dst_dir else _direction(src_dir, g, m, denom, hp)
         w0 = torch._foreach_mul(d_src, src_eta)
-        torch._foreach_add_(w0, w)                              # w + src_eta*d_src
+        torch._foreach_add_(w0, w)
         if any(wds):
             torch._foreach_div_(w0, [1 - src_eta * wd for wd in wds])
-        if src_dir is dst_dir:
-            delta = torch._foreach_mul(w0, wds) if any(wds) else None
-            if delta is not None:
-                torch._foreach_add_(delta, d_dst)
-            else:
-                delta = d_dst
-            torch._foreach_sub_(w, torch._foreach_mul(delta, dst_eta - src_eta))
+        if src_dir is dst_dir:        # the specification's in-place move: w -= (dst - src)*(d + wd*w0)
+            torch._foreach_sub_(w, _decay_step(w0, dst_eta - src_eta, d_dst, wds))
         else:
-            torch._foreach_copy_(w, _candidate(w0, dst_eta, d_dst, wds))
+            torch._foreach_copy_(w, torch._foreach_sub(w0, _decay_step(w0, dst_eta, d_dst, wds)))

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import FALLBACK, GRAD_SCALE, SKIP, Bucket, Dir, StepScalars
+from .base import Bucket, Dir, StepScalars
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,17 +38,19 @@ class ReferenceBackend:
         return w0 - eta * (d + wd * w0)                          # cand(eta) = w0 - eta*(d + wd*w0)
 
     def grad_sumsq(self, bucket: Bucket) -> Tensor:
+        # Per-tensor sums of squares in the math type (as the fused kernels accumulate), added
+        # in fp64; an overflow to inf counts as a non-finite gradient.
         total = torch.zeros((), dtype=torch.float64, device=bucket.device)
         for g in bucket.grads:
-            total += g.double().square().sum()
+            total += g.to(math_dtype(g.dtype)).square().sum().double()
         return total
 
     def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
                   write_backup: bool) -> Optional[Tensor]:
         dots = torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
-        if bool(ctrl[SKIP]):                                     # non-finite loss or gradient
+        scale, skip, _ = ctrl.tolist()
+        if skip:                                                 # non-finite loss or gradient
             return dots
-        scale = float(ctrl[GRAD_SCALE])
         direction = hp.nominal_search if searching else Dir.MOMENTUM
         for i, w in enumerate(bucket.params):
             mt = math_dtype(w.dtype)
@@ -70,11 +72,10 @@ class ReferenceBackend:
     def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        fallback = bool(ctrl[FALLBACK])
-        if bool(ctrl[SKIP]) or (only_if_fallback and not fallback):
+        scale, skip, fallback = ctrl.tolist()
+        if skip or (only_if_fallback and not fallback):
             return
-        scale = float(ctrl[GRAD_SCALE])
-        src_dir, dst_dir = hp.resolve(src_dir, fallback), hp.resolve(dst_dir, fallback)
+        src_dir, dst_dir = hp.resolve(src_dir, bool(fallback)), hp.resolve(dst_dir, bool(fallback))
         for i, w in enumerate(bucket.params):
             mt = math_dtype(w.dtype)
             g = bucket.grads[i].to(mt) * scale
