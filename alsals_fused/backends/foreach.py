@@ -5,8 +5,8 @@ no per-tensor Python loop on the hot path; each op below covers every tensor of 
 applies the same element-wise operations in the same order as the reference, so on CPU it agrees
 with it to the last bit except for the order of the fp64 slope sums.
 
-Like the reference it reads the skip and fallback flags of ``ctrl`` on the host: free on CPU; on
-CUDA that is one small sync per pass, which the fused backends avoid.
+Like the reference it reads ``ctrl`` (clip scale, skip and fallback flags) on the host, once per
+pass: free on CPU; on CUDA that is one small sync per pass, which the fused backends avoid.
 """
 from __future__ import annotations
 
