@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# CI step for the C++/CUDA extension (no GPU needed): run from the repository root.
+#   1. a venv with a CUDA build of torch (torch==2.14.1 + ninja, setuptools, wheel, numpy); reused if present
+#   2. build alsals_fused._C for sm_80 and sm_90 (clean build, MAX_JOBS=2, -Xptxas -v)
+#   3. import it with that venv's python and check every op is registered under torch.ops.alsals_fused
+#   4. print registers / spills per kernel and architecture (from ptxas)
+#   5. configure, build and run the host-only ctests (math header; kernels under host emulation)
+# Exits non-zero on any failure; prints the time of each step.
+# Knobs: ALSALS_CUDA_VENV (default .venv-cuda, gitignored), PYTHON (default python3), CUDA_HOME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+step() { echo; echo "=== cuda_build [$(( $(date +%s) - t0 ))s] $*"; }
+
+VENV=${ALSALS_CUDA_VENV:-.venv-cuda}
+PYTHON=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+mkdir -p build
+LOG=build/cuda_build.log
+
+step "1. venv $VENV with torch==2.14.1 (CUDA build)"
+venv_ok() {
+  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<'EOF' 2>/dev/null
+import torch, ninja, setuptools, wheel, numpy  # noqa: F401
+assert torch.__version__.split("+")[0] == "2.14.1" and torch.version.cuda, torch.__version__
+EOF
+}
+if venv_ok; then
+  echo "reusing $VENV"
+else
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet torch==2.14.1 ninja setuptools wheel numpy
+  venv_ok || { echo "the venv has no CUDA build of torch 2.14.1"; exit 1; }
+fi
+"$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+nvcc --version | tail -1
+
+step "2. build alsals_fused._C for sm_80 and sm_90"
+rm -rf build/temp.* build/lib.* alsals_fused/_C*.so
+b0=$(date +%s)
+set +e
+TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 ALSALS_FUSED_PTXAS_VERBOSE=1 CFLAGS="${CFLAGS:-} -g0" \
+  "$VENV/bin/python" setup.py build_ext --inplace > "$LOG" 2>&1
+rc=$?
+set -e
+if [ "$rc" -ne 0 ] || ! ls alsals_fused/_C*.so > /dev/null 2>&1; then
+  grep -v -E "^ptxas info|bytes stack frame" "$LOG" | tail -60
+  echo "extension build failed (exit $rc); full log in $LOG"
+  exit 1
+fi
+echo "built $(ls alsals_fused/_C*.so) in $(( $(date +%s) - b0 ))s"
+
+step "3. import and op registration"
+"$VENV/bin/python" - <<'EOF'
+import warnings
+import torch
+import alsals_fused._C as C
+from alsals_fused.backends import cuda_backend
+
+expected = ["grad_sumsq", "step_pass", "move_pass"]
+assert sorted(C.registered_ops()) == sorted(expected), C.registered_ops()
+for op in expected:
+    packet = getattr(torch.ops.alsals_fused, op)           # raises if not registered
+    schema = packet.default._schema
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"alsals_fused::{op}", "CUDA"), op
+    print("registered:", schema)
+assert cuda_backend.load_extension() is C
+reason = cuda_backend.unavailable_reason(torch.device("cpu"))
+assert reason and "CUDA" in reason, reason
+print("backend='cuda' on cpu:", reason)
+EOF
+
+step "4. registers and spills per kernel (ptxas)"
+"$VENV/bin/python" - "$LOG" <<'EOF'
+import re, subprocess, sys
+rows, cur = [], None
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+    if m:
+        cur = {"name": m.group(1), "arch": m.group(2)}
+        continue
+    if cur is None:
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        cur["stack"], cur["spill_st"], cur["spill_ld"] = m.groups()
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        cur["regs"] = m.group(1)
+        rows.append(cur)
+        cur = None
+if not rows:
+    sys.exit("no ptxas resource lines in the build log")
+try:  # demangle when binutils' c++filt is there
+    names = subprocess.run(["c++filt"], input="\n".join(r["name"] for r in rows), capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+except (OSError, subprocess.CalledProcessError):
+    names = [r["name"] for r in rows]
+spilled = False
+print(f"{'arch':6} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}  kernel")
+for r, full in sorted(zip(rows, names), key=lambda x: (x[0]["arch"], x[1])):
+    short = full.replace("alsals::(anonymous namespace)::", "").replace("alsals::", "")
+    short = re.sub(r"\(.*\)$", "", short).removeprefix("void ")
+    print(f"{r['arch']:6} {r['regs']:>4} {r.get('stack', '?'):>5} {r.get('spill_st', '?'):>8} "
+          f"{r.get('spill_ld', '?'):>8}  {short}")
+    spilled |= r.get("spill_st", "0") != "0" or r.get("spill_ld", "0") != "0"
+archs = sorted({r["arch"] for r in rows})
+assert archs == ["sm_80", "sm_90"], archs
+print("spills: " + ("SOME (see above)" if spilled else "none"))
+EOF
+
+step "5. host-only ctest (math header, emulated kernels)"
+cmake -S . -B build/ctest -DALSALS_BUILD_EXTENSION=OFF > build/ctest_configure.log 2>&1 \
+  || { cat build/ctest_configure.log; exit 1; }
+cmake --build build/ctest -j 2 > build/ctest_build.log 2>&1 || { cat build/ctest_build.log; exit 1; }
+ctest --test-dir build/ctest --output-on-failure
+
+step "done: cuda_build.sh took $(( $(date +%s) - t0 ))s"
