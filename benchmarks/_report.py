@@ -1,0 +1,146 @@
+"""Benchmark rows -> markdown tables and the target ratios (used by conftest, gpu_suite, plot).
+
+A row is a dict: ``test``, ``group``, ``stats`` ({min, median, mean, stddev, rounds} in seconds, or
+None), and the row's extra_info (``row``, ``set``, ``family``, ``kind``, ``params``, ``gbps``, ...).
+Rows come from ``$ALSALS_BENCH_JSONL`` files or from pytest-benchmark's ``--benchmark-json``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterable, List, Optional
+
+BACKENDS = ("reference", "foreach", "triton", "cuda")
+
+
+def load_rows(path: str) -> List[dict]:
+    """Rows from a JSONL file of rows, a suite results JSON, or a pytest-benchmark JSON."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(doc, dict) and "rows" in doc:
+        return doc["rows"]
+    if isinstance(doc, dict) and "benchmarks" in doc:   # pytest-benchmark
+        keys = ("min", "median", "mean", "stddev", "rounds")
+        return [{"test": b["name"], "group": b.get("group"),
+                 "stats": {k: b["stats"][k] for k in keys}, **b.get("extra_info", {})}
+                for b in doc["benchmarks"]]
+    raise ValueError(f"{path}: not a rows file")
+
+
+def _median(row: Optional[dict]) -> Optional[float]:
+    return row["stats"]["median"] if row and row.get("stats") else None
+
+
+def _fmt(x, spec: str = ".3g", none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.4g}"
+
+
+def markdown_tables(rows: Iterable[dict]) -> str:
+    groups: Dict[str, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("group") or "?", []).append(r)
+    out = []
+    for group, rs in groups.items():
+        if rs[0].get("kind") == "e2e":
+            adam = next((r for r in rs if r["row"].startswith("adam")), None)
+            base = adam.get("tokens_per_s") if adam else None
+            out += [f"\n**{group}** ({rs[0].get('params', 0):,} params, "
+                    f"{rs[0].get('tokens_per_step')} tokens/step, {rs[0].get('steps')} timed steps)\n",
+                    "| run | tokens/s | x Adam | forwards/step | peak mem GiB | state B/param | final loss | backend |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for r in rs:
+                tps = r.get("tokens_per_s")
+                rel = tps / base if (tps and base) else None
+                mem = r.get("peak_mem_bytes")
+                out.append(f"| {r['row']} | {_fmt(tps, '.1f')} | {_fmt(rel, '.3f')} | "
+                           f"{_fmt(r.get('forwards_per_step'))} | "
+                           f"{_fmt(mem / 2**30 if mem else None, '.2f', 'n/a (CPU)')} | "
+                           f"{_fmt(r.get('state_bytes_per_param'))} | {_fmt(r.get('final_loss'))} | "
+                           f"{'+'.join(r.get('backend') or ['torch'])} |")
+            continue
+        first = rs[0]
+        out += [f"\n**{group}** ({first.get('params', 0):,} params in {first.get('tensors')} tensors)\n",
+                "| row | median ms | min ms | rounds | B/param | GB/s | of copy | reads/step | "
+                "syncs/step | state B/param |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            s = r.get("stats") or {}
+            frac = r.get("frac_copy")
+            out.append(f"| {r['row']} | {_ms(s.get('median'))} | {_ms(s.get('min'))} | "
+                       f"{s.get('rounds', '-')} | {r.get('bytes_per_param', '-')} | "
+                       f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(frac * 100 if frac else None, '.0f')}{'%' if frac else ''} | "
+                       f"{_fmt(r.get('reads_per_step'))} | {_fmt(r.get('syncs_per_step'), '.3g', 'n/a')} | "
+                       f"{_fmt(r.get('state_bytes_per_param'))} |")
+    return "\n".join(out)
+
+
+def targets(rows: Iterable[dict]) -> List[dict]:
+    """The project's goals as ratios within one run (goals, not assertions)."""
+    rows = [r for r in rows if r.get("stats") or r.get("kind") == "e2e"]
+    micro = {(r["set"], r["row"]): r for r in rows if r.get("kind") == "micro"}
+    out: List[dict] = []
+
+    def add(name, label, value, goal, ok, detail=""):
+        out.append({"target": name, "set": label, "value": value, "goal": goal,
+                    "met": None if value is None or ok is None else bool(ok), "detail": detail})
+
+    for label in sorted({r["set"] for r in micro.values() if r.get("family") == "gpt2"}):
+        adam = micro.get((label, "adam-fused")) or micro.get((label, "adam-foreach"))
+        salsa = micro.get((label, "salsa-pkg"))
+        for b in BACKENDS:
+            sp = micro.get((label, f"alsals-{b}-step_pass"))
+            if sp and sp.get("frac_copy") is not None:
+                add(f"{b}: step pass / copy bandwidth", label, sp["frac_copy"], ">= 0.85",
+                    sp["frac_copy"] >= 0.85, f"{sp['gbps']} vs {sp['copy_gbps']} GB/s")
+            acc = _median(micro.get((label, f"alsals-{b}-accepted")))
+            if acc and adam:
+                ratio = acc / _median(adam)
+                add(f"{b}: accepted-step work / torch {adam['row']}", label, ratio, "<= 1.3",
+                    ratio <= 1.3)
+            full = _median(micro.get((label, f"alsals-{b}-opt.step")))
+            if full and salsa:
+                ratio = _median(salsa) / full
+                add(f"{b}: speedup of opt.step over the SaLSA package", label, ratio, ">= 10",
+                    ratio >= 10)
+    # Informational: per-step overhead of foreach against the reference loop (small GPT sets).
+    for (label, row), r in sorted(micro.items()):
+        if row == "alsals-foreach-opt.step" and (label, "alsals-reference-opt.step") in micro:
+            ref = _median(micro[(label, "alsals-reference-opt.step")])
+            add("foreach / reference opt.step time", label, _median(r) / ref, "(info)", None,
+                f"{_median(r) * 1e3:.3g} ms vs {ref * 1e3:.3g} ms")
+    e2e = {(r["set"], r["row"]): r for r in rows if r.get("kind") == "e2e"}
+    for label in sorted({s for s, _ in e2e}):
+        adam = e2e.get((label, "adam-fused")) or e2e.get((label, "adam-foreach"))
+        if not adam or not adam.get("tokens_per_s"):
+            continue
+        for run, goal in (("alsals-auto", 0.93), ("alsals-every1", None)):
+            r = e2e.get((label, run))
+            if r and r.get("tokens_per_s"):
+                ratio = r["tokens_per_s"] / adam["tokens_per_s"]
+                add(f"end to end tokens/s: {run} / {adam['row']}", label, ratio,
+                    f">= {goal}" if goal else "(info)", ratio >= goal if goal else None,
+                    f"{r.get('forwards_per_step')} forwards/step")
+    return out
+
+
+def markdown_targets(ts: List[dict]) -> str:
+    if not ts:
+        return "\n(no target ratios: the rows they need did not run)"
+    lines = ["\n**Targets** (ratios within this run; goals, not assertions)\n",
+             "| target | set | value | goal | met | detail |", "|---|---|---|---|---|---|"]
+    for t in ts:
+        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['set']} | {_fmt(t['value'], '.3f')} | {t['goal']} | "
+                     f"{met} | {t['detail']} |")
+    return "\n".join(lines)

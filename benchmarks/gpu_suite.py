@@ -1,0 +1,460 @@
+"""One-call verification on a GPU machine: build, every test, every benchmark, a results file.
+
+    bash benchmarks/run_gpu_suite.sh            # <= 9 minutes: writes benchmarks/results/
+    bash benchmarks/run_gpu_suite.sh --quick    # <= 4 minutes (no 1.5B set, fewer rounds/steps)
+    bash benchmarks/run_gpu_suite.sh --dry-run  # CPU, tiny sizes, results to a temp dir
+
+Made for a machine with torch/triton preinstalled and no internet.  Phases, in order of value:
+env -> wheels (pip install --no-index from --wheels DIR, default ./.whl, if present) -> build (the
+CUDA extension: JIT on first use with ALSALS_FUSED_JIT=1, or --build pip) -> tests (pytest tests)
+-> micro benchmarks on the GPT-2-small set -> end-to-end training -> the other parameter sets ->
+plot.  Each phase runs in a child process under a timeout taken from what is left of the budget
+(later phases keep a reserve); a phase that runs out of time is killed and recorded as cut.
+Results (``YYYY-MM-DD-<gpu>.json`` and ``.md``, ``.png``) are rewritten after every phase, so a
+failure or a kill later still leaves what was measured.  The markdown summary is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import _report  # noqa: E402
+
+# (name, max seconds full/quick/dry, minimum seconds: what earlier phases leave for it)
+PHASES = [
+    ("env", (60, 45, 60), 15),
+    ("wheels", (60, 30, 30), 5),
+    ("build", (180, 110, 60), 20),
+    ("tests", (170, 70, 90), 40),
+    ("bench-gpt2", (100, 45, 45), 30),
+    ("e2e", (70, 35, 45), 20),
+    ("bench-rest", (130, 40, 45), 20),
+    ("plot", (30, 20, 30), 5),
+]
+TOTAL = {"full": 540, "quick": 240, "dry-run": 330}
+SAFETY_S = 20   # interpreter start, final writes and print
+
+ENV_SCRIPT = r"""
+import json, os, platform, subprocess, sys
+info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+try:
+    import torch
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1),
+                    capability=f"{p.major}.{p.minor}", gpus=torch.cuda.device_count())
+except Exception as exc:
+    info["torch_error"] = repr(exc)
+for mod in ("triton", "pytest", "pytest_benchmark", "matplotlib", "numpy", "salsa"):
+    try:
+        m = __import__(mod)
+        info[mod] = getattr(m, "__version__", "installed")
+    except Exception as exc:
+        info[mod] = None
+for name, cmd in (("nvcc", ["nvcc", "--version"]),
+                  ("nvidia_smi", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"])):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+        info[name] = out.splitlines()[-1] if out else None
+    except Exception:
+        info[name] = None
+print("ALSALS_ENV=" + json.dumps(info))
+"""
+
+# Import every backend on the device (this is what builds the CUDA extension with
+# ALSALS_FUSED_JIT=1) and take two ALSALS steps with each available one (compiles the kernels).
+BUILD_SCRIPT = r"""
+import json, time, traceback, torch
+from alsals_fused import ALSALS
+from alsals_fused.backends import available_backends
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+t0 = time.time()
+reasons = available_backends(dev)
+out = {"device": dev, "backends": reasons, "import_s": round(time.time() - t0, 1), "smoke": {}}
+for name, reason in reasons.items():
+    if reason is not None or (dev == "cpu" and name in ("triton", "cuda")):
+        continue
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 8).to(dev)
+        x, y = torch.randn(32, 64, device=dev), torch.randn(32, 8, device=dev)
+        opt = ALSALS(model.parameters(), backend=name, init_step_size=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        out["smoke"][name] = f"ok: 2 steps, {opt.counters['trials']} trials"
+    except Exception as exc:
+        traceback.print_exc()
+        out["smoke"][name] = f"error: {exc!r}"[:300]
+out["seconds"] = round(time.time() - t0, 1)
+print("ALSALS_BACKENDS=" + json.dumps(out))
+"""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+class Suite:
+    def __init__(self, args):
+        self.args = args
+        self.mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
+        self.col = {"full": 0, "quick": 1, "dry-run": 2}[self.mode]
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + (args.budget or TOTAL[self.mode]) - SAFETY_S
+        if args.out:
+            self.out = os.path.abspath(args.out)
+        elif args.dry_run:
+            self.out = tempfile.mkdtemp(prefix="alsals-gpu-suite-dry-run-")
+        else:
+            self.out = os.path.join(HERE, "results")
+        os.makedirs(self.out, exist_ok=True)
+        self.raw = os.path.join(self.out, "raw")   # logs and row files (git-ignored)
+        shutil.rmtree(self.raw, ignore_errors=True)  # the previous run's
+        os.makedirs(self.raw)
+        self.jsonl = os.path.join(self.raw, "rows.jsonl")
+        self.site = os.path.join(self.raw, "site")                      # --wheels install target
+        self.stem: Optional[str] = None
+        self.jit = True    # off after a build that was cut: a half-built extension holds a lock
+        self.current: Optional[str] = None   # the phase running now
+        self.child: Optional[subprocess.Popen] = None
+        self.doc = {
+            "suite": {"mode": self.mode, "started": _now(), "budget_s": args.budget or TOTAL[self.mode],
+                      "args": sys.argv[1:], "raw_logs": self.raw},
+            "git": self._git(), "env": {}, "backends": {}, "phases": [], "cuts": [], "tests": {},
+            "rows": [], "targets": [],
+        }
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        print(f"[gpu-suite {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def _git(self) -> dict:
+        def git(*a):
+            try:
+                return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
+                                      timeout=10).stdout.strip()
+            except Exception:
+                return None
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+    def child_env(self, **extra) -> dict:
+        env = dict(os.environ)
+        paths = [REPO] + ([self.site] if os.path.isdir(self.site) else [])
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"      # child logs survive a kill
+        env["ALSALS_FUSED_JIT"] = "1" if self.jit else "0"
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, "build", "torch_extensions"))
+        if self.mode == "dry-run":
+            env.setdefault("ALSALS_BENCH_DEVICE", "cpu")
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, name: str, cmd: List[str], timeout: float, **env) -> dict:
+        """Run cmd (log to raw/<name>.log); kill its process group at the timeout."""
+        path = os.path.join(self.raw, f"{name}.log")
+        start = time.monotonic()
+        with open(path, "w") as logf:
+            self.child = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
+                                          env=self.child_env(**env), start_new_session=True)
+            try:
+                rc = self.child.wait(timeout=max(1.0, timeout))
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                self.kill_child()
+                rc, timed_out = None, True
+            except BaseException:      # SIGTERM/Ctrl-C of the suite: take the child down too
+                self.kill_child()
+                raise
+            finally:
+                self.child = None
+        with open(path, errors="replace") as f:
+            text = f.read()
+        return {"rc": rc, "timed_out": timed_out, "seconds": round(time.monotonic() - start, 1),
+                "log": path, "text": text}
+
+    def kill_child(self) -> None:
+        proc = self.child
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)    # the group of the child this suite started
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    @staticmethod
+    def tail(text: str, n: int = 12) -> str:
+        return "\n".join(text.rstrip().splitlines()[-n:])
+
+    # -- results ----------------------------------------------------------------------------------
+    def paths(self):
+        if self.stem is None:
+            gpu = self.doc["env"].get("gpu")
+            name = "cpu-dry-run" if self.mode == "dry-run" else slug(gpu or "unknown-gpu")
+            self.stem = f"{_dt.date.today().isoformat()}-{name}" + ("-quick" if self.mode == "quick" else "")
+        base = os.path.join(self.out, self.stem)
+        return base + ".json", base + ".md", base + ".png"
+
+    def save(self) -> None:
+        if os.path.exists(self.jsonl):
+            self.doc["rows"] = _report.load_rows(self.jsonl)
+        self.doc["targets"] = _report.targets(self.doc["rows"])
+        self.doc["suite"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.doc["suite"]["updated"] = _now()
+        js, md, _ = self.paths()
+        with open(js + ".tmp", "w") as f:
+            json.dump(self.doc, f, indent=1, default=str)
+        os.replace(js + ".tmp", js)
+        with open(md, "w") as f:
+            f.write(self.markdown())
+
+    def markdown(self) -> str:
+        d, env = self.doc, self.doc["env"]
+        _, _, png = self.paths()
+        lines = [f"# ALSALS GPU suite: {env.get('gpu') or ('CPU dry run' if self.mode == 'dry-run' else 'unknown GPU')}",
+                 "",
+                 f"mode {self.mode}; started {d['suite']['started']}; elapsed {d['suite'].get('elapsed_s')} s "
+                 f"of {d['suite']['budget_s']} s; commit {str(d['git'].get('commit'))[:12]}"
+                 f"{' (dirty tree)' if d['git'].get('dirty') else ''}",
+                 f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
+                 f"python {env.get('python')}, nvcc: {env.get('nvcc')}, driver: {env.get('nvidia_smi')}",
+                 "", "| phase | status | seconds | timeout s | note |", "|---|---|---|---|---|"]
+        for p in d["phases"]:
+            lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', '-')} | "
+                         f"{p.get('timeout_s', '-')} | {p.get('note', '')} |")
+        if d["cuts"]:
+            lines += ["", "**Cut or skipped:**"] + [f"- {c}" for c in d["cuts"]]
+        b = d["backends"]
+        if b:
+            lines += ["", f"**Backends on {b.get('device')}:** " + "; ".join(
+                f"{k}: {'available' if v is None else v}" for k, v in b.get("backends", {}).items())]
+            if b.get("smoke"):
+                lines.append("Smoke steps: " + "; ".join(f"{k}: {v}" for k, v in b["smoke"].items()))
+        t = d["tests"]
+        if t:
+            lines += ["", f"**Tests:** {t.get('summary', '?')}"]
+            lines += [f"- {x}" for x in t.get("failed", [])[:30]]
+        if d["rows"]:
+            lines += ["", "## Benchmarks", _report.markdown_tables(d["rows"])]
+        lines.append(_report.markdown_targets(d["targets"]))
+        if os.path.exists(png):
+            lines += ["", f"Plot: {os.path.basename(png)}"]
+        return "\n".join(lines) + "\n"
+
+    # -- phases -----------------------------------------------------------------------------------
+    def phase_env(self, timeout):
+        r = self.run("env", [sys.executable, "-c", ENV_SCRIPT], timeout)
+        m = re.search(r"^ALSALS_ENV=(.*)$", r["text"], re.M)
+        if m:
+            self.doc["env"] = json.loads(m.group(1))
+            self.stem = None   # name the files after the GPU now known
+        if self.mode != "dry-run" and not self.doc["env"].get("cuda"):
+            r["note"] = "no CUDA device visible: GPU rows will be skipped (use --dry-run on CPU)"
+        return r
+
+    def phase_wheels(self, timeout):
+        wheels = self.args.wheels
+        found = sorted(f for f in os.listdir(wheels) if f.endswith(".whl")) if wheels and os.path.isdir(wheels) else []
+        if not found:
+            return {"status": "skipped", "note": f"no wheels in {wheels!r}"}
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", self.site,
+               *[os.path.join(wheels, f) for f in found]]
+        r = self.run("wheels", cmd, timeout)
+        r["note"] = f"{', '.join(found)} -> {self.site}"
+        return r
+
+    def phase_build(self, timeout):
+        start = time.monotonic()
+        if self.args.build == "pip":
+            r = self.run("build-pip", [sys.executable, "-m", "pip", "install", "--no-build-isolation",
+                                       "--no-deps", "--no-index", "-e", "."], timeout)
+            if r["timed_out"] or r["rc"]:
+                return r
+            timeout -= time.monotonic() - start
+        r = self.run("build", [sys.executable, "-c", BUILD_SCRIPT], timeout, ALSALS_FUSED_JIT_VERBOSE=1)
+        if r["timed_out"]:
+            self.jit = False
+            self.doc["cuts"].append("build: cut, so later phases run with ALSALS_FUSED_JIT=0 "
+                                    "(cuda rows skip unless the extension was already built)")
+        m = re.search(r"^ALSALS_BACKENDS=(.*)$", r["text"], re.M)
+        if m:
+            self.doc["backends"] = json.loads(m.group(1))
+            b = self.doc["backends"]["backends"]
+            r["note"] = ", ".join(f"{k}: {'ok' if v is None else 'unavailable'}" for k, v in b.items())
+        return r
+
+    def phase_tests(self, timeout):
+        cmd = [sys.executable, "-m", "pytest", "tests", "-v", "-rfE", "-p", "no:cacheprovider"]
+        if self.mode == "quick":
+            cmd += ["-m", "not slow"]
+            self.doc["cuts"].append("tests: --quick runs -m 'not slow'")
+        r = self.run("tests", cmd, timeout)
+        text = r["text"]
+        outcomes = re.findall(r"^\S+::\S+.*? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text, re.M)
+        summary = re.findall(r"^=+ (.*? in [\d.]+s.*?) =+$", text, re.M)
+        failed = re.findall(r"^(?:FAILED|ERROR) (.*)$", text, re.M)
+        if not failed:   # cut before the short summary: take them from the -v lines
+            failed = re.findall(r"^(\S+::\S+).*? (?:FAILED|ERROR)\b", text, re.M)
+        counts = {k.lower(): outcomes.count(k) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR") if outcomes.count(k)}
+        self.doc["tests"] = {
+            "summary": summary[-1] if summary else
+            f"stopped at the timeout after {r['seconds']} s: {counts} (from the -v lines)" if r["timed_out"] else
+            f"no summary line (rc {r['rc']}); see {r['log']}",
+            "counts": counts, "failed": failed, "rc": r["rc"], "tail": self.tail(text, 40)}
+        r["note"] = self.doc["tests"]["summary"]
+        return r
+
+    def _bench(self, name, timeout, sets, marker):
+        # Without a GPU outside a dry run (a mistake, noted by the env phase), stay at CPU sizes.
+        size = "tiny" if self.mode == "dry-run" else ("full" if self.doc["env"].get("cuda") else "small")
+        extra = {"ALSALS_BENCH_SIZE": size, "ALSALS_BENCH_JSONL": self.jsonl, "ALSALS_BENCH_SETS": sets}
+        if self.mode == "quick":
+            extra.update(ALSALS_BENCH_ROW_S="0.15", ALSALS_BENCH_E2E_STEPS="20")
+        before = len(_report.load_rows(self.jsonl)) if os.path.exists(self.jsonl) else 0
+        cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-rfEs",
+               "-p", "no:cacheprovider", "-m", marker,
+               f"--benchmark-json={os.path.join(self.raw, name + '.json')}"]
+        r = self.run(name, cmd, timeout, **extra)
+        after = len(_report.load_rows(self.jsonl)) if os.path.exists(self.jsonl) else 0
+        failures = re.findall(r"^(?:FAILED|ERROR) (.*)$", r["text"], re.M)
+        skips = re.findall(r"^SKIPPED \[(\d+)\] \S+: (.*)$", r["text"], re.M)
+        r["note"] = f"{after - before} rows" + (f"; {len(failures)} failed" if failures else "")
+        r["failed"] = failures
+        r["skips"] = [f"{n} x {why}" for n, why in skips]
+        return r
+
+    def phase_bench_gpt2(self, timeout):
+        return self._bench("bench-gpt2", timeout, "gpt2", "micro")
+
+    def phase_e2e(self, timeout):
+        return self._bench("e2e", timeout, "", "e2e")
+
+    def phase_bench_rest(self, timeout):
+        families = ["gpt2-mini", "many-small"]
+        if self.mode == "full":
+            families.append("gpt2-xl")
+        elif self.mode == "quick":
+            self.doc["cuts"].append("bench-rest: --quick leaves out the 1.5B (gpt2-xl) set")
+        return self._bench("bench-rest", timeout, ",".join(families), "micro")
+
+    def phase_plot(self, timeout):
+        import plot_results
+        _, _, png = self.paths()
+        self.save()
+        plot_results.plot(self.doc["rows"], png, f"ALSALS step time: {self.doc['env'].get('gpu') or 'CPU dry run'}")
+        return {"status": "ok", "note": os.path.basename(png)}
+
+    # -- driver -----------------------------------------------------------------------------------
+    def main(self) -> int:
+        self.log(f"mode {self.mode}; results in {self.out}; logs in {self.raw}")
+        for i, (name, budgets, own_min) in enumerate(PHASES):
+            # Up to the phase's budget, leaving later phases their minimum; but never less than
+            # this phase's own minimum while time is left (a tight budget squeezes, not skips).
+            reserve = sum(r for _, _, r in PHASES[i + 1:])
+            left = self.deadline - time.monotonic()
+            timeout = min(budgets[self.col], left, max(left - reserve, own_min))
+            entry = {"name": name, "timeout_s": round(timeout, 1)}
+            if timeout < 5:
+                entry.update(status="skipped", note=f"out of time ({left:.0f} s left)")
+                self.doc["cuts"].append(f"{name}: not run, out of time")
+            else:
+                self.log(f"phase {name} (timeout {timeout:.0f} s)")
+                self.current, start = name, time.monotonic()
+                try:
+                    r = getattr(self, "phase_" + name.replace("-", "_"))(timeout)
+                except Exception as exc:   # a bug in a phase must not lose the others' results
+                    r = {"status": "error", "note": f"suite error: {exc!r}"[:300]}
+                status = r.get("status") or ("cut" if r.get("timed_out") else
+                                             "ok" if r.get("rc") == 0 else f"failed (rc {r.get('rc')})")
+                entry.update(status=status, seconds=round(time.monotonic() - start, 1),
+                             note=r.get("note", ""))
+                for k in ("failed", "skips", "log"):
+                    if r.get(k):
+                        entry[k] = r[k]
+                if r.get("timed_out"):
+                    self.doc["cuts"].append(f"{name}: killed at its {timeout:.0f} s timeout; "
+                                            "rows/tests finished before that are kept")
+                if "text" in r:
+                    print(self.tail(r["text"], 6), flush=True)
+                self.current = None
+            self.doc["phases"].append(entry)
+            self.log(f"phase {name}: {entry['status']} {entry.get('note', '')}")
+            self.save()
+        return 0
+
+    def finish(self) -> None:
+        self.kill_child()
+        if self.current:
+            self.doc["cuts"].append(f"{self.current}: interrupted (the suite was stopped during it)")
+        self.doc["suite"]["finished"] = _now()
+        try:
+            self.save()
+        except Exception as exc:
+            print(f"gpu-suite: could not write results: {exc!r}", file=sys.stderr, flush=True)
+        js, md, png = self.paths()
+        print("\n" + self.markdown(), flush=True)
+        self.log(f"wrote {js}, {md}" + (f", {png}" if os.path.exists(png) else ""))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="finish within 4 minutes")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU rehearsal at tiny sizes; results go to a temp dir (or --out)")
+    ap.add_argument("--out", help="results directory (default benchmarks/results; temp dir for --dry-run)")
+    ap.add_argument("--wheels", default=os.environ.get("ALSALS_SUITE_WHEELS") or os.path.join(REPO, ".whl"),
+                    help="directory of wheels (e.g. salsa-optimizer) to pip install --no-index if "
+                         "present (default $ALSALS_SUITE_WHEELS, else ./.whl)")
+    ap.add_argument("--build", choices=("jit", "pip"), default="jit",
+                    help="jit: ALSALS_FUSED_JIT=1 builds the extension on first use; "
+                         "pip: pip install --no-build-isolation -e . first")
+    ap.add_argument("--budget", type=float, help="total seconds (default 540, --quick 240)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    try:
+        sys.stdout.reconfigure(line_buffering=True)   # progress visible without PYTHONUNBUFFERED
+    except AttributeError:
+        pass
+    suite = Suite(parse_args(argv))
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return suite.main()
+    finally:
+        suite.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Optimizer-step microbenchmarks on parameter sets shaped like real models.
+
+Gradients are fixed random tensors, so a row times optimizer work only (no forward/backward).
+Groups (compare rows within one):
+
+``step <set>``  copy | torch Adam for-loop, foreach, fused | per ALSALS backend: ``accepted``
+                (the optimizer work of a step whose first trial is accepted: grad_sumsq pre-pass,
+                step pass with its candidate and slope sums, the slope finisher, the fallback check,
+                and one ``.tolist()`` standing for the decision read) and ``opt.step`` (the whole
+                driver with a trivial closure: no model, first trial accepted) | the salsa-optimizer
+                package's step doing the same (installed only)
+``pass <set>``  copy | per backend: ``step_pass``, ``backtrack`` (one move_pass: an extra trial),
+                ``grad_sumsq``
+
+extra_info carries GB/s from ALGORITHM.md section 7's byte counts (``_benchlib.BYTES_PER_PARAM``)
+against the copy of the same run, host reads/syncs per step and optimizer-state bytes per param.
+"""
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+import _benchlib as lib
+from alsals_fused import ALSALS
+from alsals_fused.backends import available_backends, get_backend
+from alsals_fused.backends.base import FALLBACK, Bucket, Dir, StepScalars
+
+BACKENDS = ("reference", "foreach", "triton", "cuda")
+ADAM = {"adam-forloop": {"foreach": False}, "adam-foreach": {"foreach": True},
+        "adam-fused": {"fused": True}}
+PASSES = ("step_pass", "backtrack", "grad_sumsq")
+SMOKE_PATHS = {"copy", "adam-foreach", "adam-fused", "salsa-pkg", "alsals-reference-accepted",
+               "alsals-foreach-accepted", "alsals-foreach-opt.step", "alsals-foreach-step_pass",
+               "alsals-foreach-backtrack"}
+BIG_LOSS = 1e6   # the trivial closure's gradient-forward loss; trials return 0: always accepted
+ETA = 1e-4
+
+try:
+    from salsa.SaLSA import SaLSA
+    SALSA_MISSING = None
+except ImportError as exc:
+    SaLSA = None
+    SALSA_MISSING = f"salsa-optimizer is not installed ({exc}); pip install salsa-optimizer==0.1.0"
+
+
+def _backend_skip(name: str):
+    reason = available_backends(lib.DEVICE)[name]
+    if reason is None and lib.DEVICE.type == "cpu" and name in ("triton", "cuda"):
+        reason = "fused backends are benchmarked on a GPU only (Triton's CPU interpreter is far too slow to time)"
+    return reason
+
+
+def _cases():
+    skips = {b: _backend_skip(b) for b in BACKENDS}
+    cases = []
+    for spec in lib.set_specs():
+        step_paths = ["copy", *ADAM, *(f"alsals-{b}-{k}" for b in BACKENDS for k in ("accepted", "opt.step")),
+                      "salsa-pkg"]
+        pass_paths = ["copy", *(f"alsals-{b}-{k}" for b in BACKENDS for k in PASSES)]
+        for group, paths in (("step", step_paths), ("pass", pass_paths)):
+            for path in paths:
+                marks = [pytest.mark.micro]
+                if spec.family == "gpt2" and path in SMOKE_PATHS:
+                    marks.append(pytest.mark.smoke)
+                backend = path.split("-")[1] if path.startswith("alsals-") else None
+                reason = skips.get(backend) if backend else None
+                if path == "salsa-pkg":
+                    reason = SALSA_MISSING or (
+                        "not run at 1.5B parameters (it deep-copies every parameter each step; "
+                        "kept out of the time budget)" if spec.family == "gpt2-xl" else None)
+                if reason:
+                    marks.append(pytest.mark.skip(reason=reason))
+                cases.append(pytest.param(spec, group, path, marks=marks, id=f"{spec.label}/{group}/{path}"))
+    return cases
+
+
+def _hp(eta: float = ETA, t: int = 100) -> StepScalars:
+    b1, b2 = 0.9, 0.999
+    return StepScalars(eta=eta, beta1=b1, beta2=b2, eps=1e-8, bias_correction1=1 - b1 ** t,
+                       bias_correction2=1 - b2 ** t, momentum_search=True)
+
+
+def _bucket(ps: lib.ParamSet) -> Bucket:
+    """The driver's bucket for these params: fp32 moments and w0 backups, no weight decay."""
+    b = Bucket(device=lib.DEVICE, dtype=torch.float32)
+    for p in ps.params:
+        w = p.detach()
+        b.params.append(w)
+        b.grads.append(p.grad)
+        b.exp_avgs.append(torch.zeros_like(w))
+        b.exp_avg_sqs.append(torch.zeros_like(w))
+        b.backups.append(torch.empty_like(w))
+        b.weight_decays.append(0.0)
+    return b
+
+
+def _ctrl() -> torch.Tensor:
+    return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32, device=lib.DEVICE)
+
+
+def _accepted_work(backend, bucket: Bucket, hp: StepScalars, s: torch.Tensor):
+    """What ALSALS's optimizer does on a step whose first trial is accepted, minus the forwards."""
+    sumsq = backend.grad_sumsq(bucket)
+    finite = torch.isfinite(sumsq)
+    one = torch.ones((), dtype=torch.float64, device=lib.DEVICE)
+    ctrl = torch.stack([one, (~finite).to(torch.float64), torch.zeros_like(one)]).to(torch.float32)
+    dots = backend.step_pass(bucket, hp, ctrl, searching=True, write_backup=True)
+    s_new = 0.99 * s + 0.01 * dots[0]
+    ctrl[FALLBACK] = (s_new <= 0).to(torch.float32)
+    backend.move_pass(bucket, hp, ctrl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
+                      dst_dir=Dir.SEARCH, from_backup=True, only_if_fallback=True)
+    return torch.stack([finite.to(torch.float64), s_new, dots[0], dots[1]]).tolist()
+
+
+def _trivial_closure(z: torch.Tensor):
+    """A model-free closure: the gradient forward returns BIG_LOSS, trial forwards 0 (accepted)."""
+    def closure():
+        return (z * 0.0).sum() + (BIG_LOSS if torch.is_grad_enabled() else 0.0)
+    return closure
+
+
+@pytest.mark.parametrize("spec,group,path", _cases())
+def test_micro(bench, spec, group, path):
+    ps = lib.param_set(spec)
+    bench.group = f"{group} {spec.label}"
+    info = {"row": path, "set": spec.label, "family": spec.family, "kind": "micro",
+            "params": spec.numel, "tensors": len(spec.shapes)}
+    bench.extra_info.update(info)
+    runner = _RUNNERS[path.rsplit("-", 1)[-1] if path.startswith("alsals-") else path]
+    error = None
+    try:
+        with torch.no_grad():
+            bench.extra_info.update(runner(bench, ps, path))
+    except Exception:
+        # Fail with the traceback as text: an exception object kept by pytest would keep this
+        # row's tensors alive (an out-of-memory row at 1.5B would then sink the rows after it).
+        error = traceback.format_exc()
+    lib.free_memory()
+    if error:
+        pytest.fail(error, pytrace=False)
+
+
+def _median(bench):
+    s = lib.stats_of(bench)
+    return s["median"] if s else None
+
+
+def _run_copy(bench, ps, path):
+    src, dst = lib.copy_buffers(ps.numel)
+    lib.run_rows(bench, lambda: dst.copy_(src))
+    t = _median(bench)
+    extra = {"bytes_per_param": lib.BYTES_PER_PARAM["copy"], "bytes_kind": "copy"}
+    if t:
+        gbps = lib.record_copy(ps.spec.label, ps.numel, t)
+        extra.update(gbps=round(gbps, 2), copy_gbps=round(gbps, 2), frac_copy=1.0)
+    return extra
+
+
+def _run_adam(bench, ps, path):
+    try:
+        opt = torch.optim.Adam(ps.params, lr=ETA, **ADAM[path])
+        opt.step()
+    except (RuntimeError, ValueError) as exc:   # e.g. fused unsupported on this device/dtype
+        pytest.skip(f"torch.optim.Adam({ADAM[path]}) cannot run here: {exc}")
+    lib.run_rows(bench, opt.step)
+    extra = lib.bandwidth_info(ps.spec, "adam", _median(bench))
+    with torch.enable_grad():
+        extra["syncs_per_step"] = lib.count_syncs(opt.step, 3)
+    extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
+    return extra
+
+
+def _backend(path):
+    return get_backend(path.split("-")[1], lib.DEVICE)
+
+
+def _prepared_bucket(backend, ps):
+    """A bucket whose moments and backups hold a few steps of history (not zeros)."""
+    bucket, hp = _bucket(ps), _hp()
+    for _ in range(2):
+        backend.step_pass(bucket, hp, _ctrl(), searching=True, write_backup=True)
+    return bucket, hp
+
+
+def _run_accepted(bench, ps, path):
+    backend = _backend(path)
+    bucket, hp = _prepared_bucket(backend, ps)
+    s = torch.zeros((), dtype=torch.float64, device=lib.DEVICE)
+    work = lambda: _accepted_work(backend, bucket, hp, s)  # noqa: E731
+    lib.run_rows(bench, work)
+    extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+    extra["syncs_per_step"] = lib.count_syncs(work, 3)
+    extra["state_bytes_per_param"] = round(
+        lib.tensor_bytes([bucket.exp_avgs, bucket.exp_avg_sqs, bucket.backups]) / ps.numel, 3)
+    return extra
+
+
+def _run_opt_step(bench, ps, path):
+    backend = path.split("-")[1]
+    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
+    opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
+    closure = _trivial_closure(z)
+    step = lambda: opt.step(closure)  # noqa: E731
+    with torch.enable_grad():
+        lib.run_rows(bench, step)
+        last = opt.last_step
+        assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
+        extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+        extra["reads_per_step"] = opt.reads / opt.counters["steps"]
+        extra["syncs_per_step"] = lib.count_syncs(step, 3)
+    extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
+    extra["resolved_backend"] = sorted({b.name for b in getattr(opt, "_resolved", {}).values()})
+    return extra
+
+
+def _run_salsa(bench, ps, path):
+    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
+    opt = SaLSA([*ps.params, z], init_step_size=ETA, speed_up=False)
+
+    def closure(backwards=False):
+        loss = (z * 0.0).sum() + (BIG_LOSS if backwards else 0.0)
+        if backwards:
+            loss.backward()
+        return loss
+
+    def step():
+        opt.step_size = ETA   # its step size grows 1.1x per accepted search: keep it bounded
+        opt.step(closure)
+
+    with torch.enable_grad():
+        lib.run_rows(bench, step)
+        extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+        extra["syncs_per_step"] = lib.count_syncs(step, 3)
+    # m, v as its state; it also deep-copies every parameter each searching step (4 B/param more).
+    extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
+    return extra
+
+
+def _run_step_pass(bench, ps, path):
+    backend = _backend(path)
+    bucket, hp = _prepared_bucket(backend, ps)
+    ctrl = _ctrl()
+    lib.run_rows(bench, lambda: backend.step_pass(bucket, hp, ctrl, searching=True, write_backup=True))
+    return lib.bandwidth_info(ps.spec, "step_pass", _median(bench))
+
+
+def _run_backtrack(bench, ps, path):
+    backend = _backend(path)
+    bucket, hp = _prepared_bucket(backend, ps)
+    ctrl = _ctrl()
+    lib.run_rows(bench, lambda: backend.move_pass(
+        bucket, hp, ctrl, src_eta=hp.eta, src_dir=Dir.SEARCH, dst_eta=hp.eta * 0.9,
+        dst_dir=Dir.SEARCH, from_backup=True))
+    return lib.bandwidth_info(ps.spec, "backtrack", _median(bench))
+
+
+def _run_grad_sumsq(bench, ps, path):
+    backend = _backend(path)
+    bucket = _bucket(ps)
+    lib.run_rows(bench, lambda: backend.grad_sumsq(bucket))
+    return lib.bandwidth_info(ps.spec, "grad_sumsq", _median(bench))
+
+
+_RUNNERS = {"copy": _run_copy, **{k: _run_adam for k in ADAM}, "salsa-pkg": _run_salsa,
+            "accepted": _run_accepted, "opt.step": _run_opt_step, "step_pass": _run_step_pass,
+            "backtrack": _run_backtrack, "grad_sumsq": _run_grad_sumsq}
