@@ -69,11 +69,14 @@ def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: List
         torch._foreach_copy_(params, torch._foreach_sub(w0, step))
 
 
-def _flat_sum(tensors: List[Tensor], device: torch.device) -> Tensor:
-    """One sum over all elements of all tensors (a single reduction launch), as float64."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.cat([t.reshape(-1) for t in tensors]).sum().to(torch.float64)
+def _dot_in_place(g: List[Tensor], d: List[Tensor]) -> Tensor:
+    """sum(g*d) over the bucket as float64, overwriting ``d`` with g*d (it is not needed after).
+
+    torch has no _foreach_sum: each tensor is summed on its own (fp32, torch's cascade sum) and
+    the partial sums are added in fp64; reusing ``d`` avoids a bucket-sized temporary.
+    """
+    torch._foreach_mul_(d, g)
+    return torch.stack([t.sum() for t in d]).to(torch.float64).sum()
 
 
 class ForeachBackend:
@@ -105,14 +108,14 @@ class ForeachBackend:
         denom = _denominators(v, hp)
         direction = hp.nominal_search if searching else Dir.MOMENTUM
         d = _direction(direction, g, m, denom, hp)
-        dots = None
-        if searching:
-            d_grad = d if direction is Dir.GRAD else _direction(Dir.GRAD, g, m, denom, hp)
-            dots = torch.stack([_flat_sum(torch._foreach_mul(g, d), bucket.device),
-                                _flat_sum(torch._foreach_mul(g, d_grad), bucket.device)])
         _write_candidate(bucket.params, _in_math_dtype(bucket.params, mt), hp.eta, d,
                          bucket.weight_decays)
-        return dots
+        if not searching:
+            return None
+        # The slopes: sum(g*d_nominal) and sum(g*g*p) (the same sum when d_nominal is g*p).
+        if direction is Dir.GRAD:
+            return _dot_in_place(g, d).repeat(2)
+        return torch.stack([_dot_in_place(g, d), _dot_in_place(g, _direction(Dir.GRAD, g, m, denom, hp))])
 
     def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
