@@ -17,13 +17,20 @@ Deviations from the specification, and why:
   clipping) sets a device flag, and then no pass writes anything, so params, m and v are untouched
   (the whole update is skipped, not element by element).  The host learns of it at the next read:
   at once on a searching step (whose first trial forward is then wasted), or at the next searching
-  step after non-searching ones.  t is corrected then, so up to ``L - 1`` non-searching steps after
-  such a skip use a bias correction one step ahead (no extra sync on the fast path).
-- A sum of squared gradients that overflows its fp32 accumulation (|g| around 1e19; fp64 for fp64
-  params) counts as non-finite, as a non-finite gradient does.
+  step after non-searching ones, and corrects t then (no extra sync on the fast path).  Until
+  then the skipped step counts as a step for the bias corrections and the search schedule
+  (including the searching step that absorbs it).  ``line_search_every=k`` therefore searches
+  when k steps have passed since the last search, which is t = 1, k+1, 2k+1, ... when nothing is
+  skipped and never searches twice in a row after a correction.
+- A gradient whose square overflows fp32 (|g| above about 1.8e19) counts as non-finite, as a
+  non-finite gradient does: v could not absorb it.  On the reference and foreach backends so does
+  a per-tensor sum of squares that overflows fp32.
+- memory_efficient with weight decay recovers w0 by dividing by (1 - eta*wd); a step whose
+  eta*wd reaches 0.5 raises ValueError instead of amplifying rounding (or dividing by zero).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -49,7 +56,7 @@ CLOSURE_HELP = (
 class StepInfo:
     """Telemetry of the last step (``opt.last_step``)."""
 
-    eta: float                              # step size the step took (or last tried, if rejected)
+    eta: float                              # step size after the step (rejected: last tried * backtrack)
     trials: int                             # trial forwards run (0 if the step did not search)
     accepted: bool                          # params moved to an accepted point (see skipped)
     searched: bool
@@ -157,8 +164,8 @@ class ALSALS(torch.optim.Optimizer):
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
         k = self.hyper.line_search_every
-        if k != "auto":
-            return (t - 1) % k == 0
+        if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: see the docstring)
+            return self._last_search_t == 0 or t - self._last_search_t >= k
         if t <= 10 or self._fast is None:
             return True
         return t - self._last_search_t >= self._auto_interval()
@@ -275,7 +282,8 @@ class ALSALS(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: C901  (one algorithm, kept in one place on purpose)
         if closure is None or not callable(closure):
             raise TypeError(CLOSURE_HELP)
-        rng_before = _RngState(self._param_devices())
+        searching = self._searches_at(self.t + 1)
+        rng_before = _RngState(self._param_devices()) if searching else None
         with torch.enable_grad():
             loss = _as_loss(closure(), "gradient forward")
         if not loss.requires_grad:
@@ -283,20 +291,20 @@ class ALSALS(torch.optim.Optimizer):
                                "from the parameters with autograd enabled")
         loss.backward()
         with torch.no_grad():
-            return self._update(closure, loss, rng_before)
+            return self._update(closure, loss, searching, rng_before)
 
-    def _update(self, closure, loss: Tensor, rng_before: _RngState) -> Tensor:
+    def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> Tensor:
         """Everything after the gradient: moments, candidate, line search (under no_grad)."""
         hyper = self.hyper
-        rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
         device, work = self._buckets()
         self._device_state(device)
         loss0 = self._mean_over_ranks(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
 
         t = self.t + 1
-        searching = self._searches_at(t)
         eta_before = self.eta
         eta = eta_before * hyper.growth if searching else eta_before
+        if hyper.memory_efficient:
+            self._check_in_place_recovery(eta, work)
         beta1, beta2 = hyper.betas
         hp = StepScalars(eta=eta, beta1=beta1, beta2=beta2, eps=hyper.eps,
                          bias_correction1=1 - beta1 ** t, bias_correction2=1 - beta2 ** t,
@@ -324,6 +332,7 @@ class ALSALS(torch.optim.Optimizer):
                                       loss=loss.detach(), loss_trial=None, slope=None)
             return loss.detach()
 
+        rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
         # Slope, its smoothing and the non-descent fallback (device).
         total = self._sum_over_shards(torch.stack(dots).sum(dim=0))
         slope, slope_grad = total[0], total[1]
@@ -333,23 +342,25 @@ class ALSALS(torch.optim.Optimizer):
         ctrl[FALLBACK] = fallback.to(torch.float32)
         slope_used = torch.where(fallback, slope_grad, slope)
         from_backup = not hyper.memory_efficient
-        if hyper.momentum_search:   # the step pass wrote the candidate along m_hat*p
-            for backend, b in work:
-                backend.move_pass(b, hp, ctrl, src_eta=eta, src_dir=Dir.MOMENTUM, dst_eta=eta,
-                                  dst_dir=Dir.SEARCH, from_backup=from_backup, only_if_fallback=True)
 
         def move(src_eta: float, dst_eta: float, dst_dir: Dir = Dir.SEARCH) -> None:
             for backend, b in work:
                 backend.move_pass(b, hp, ctrl, src_eta=src_eta, src_dir=Dir.SEARCH,
                                   dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup)
 
-        self._snapshot_buffers()
         eta_at_params = eta            # params are at cand(eta_at_params) along SEARCH
-        accepted = skipped = used_fallback = False
+        accepted = skipped = used_fallback = snapshotted = False
         trials = 0
         loss0_host = loss_try_host = slope_host = math.nan
         h_new = None
         try:
+            if hyper.momentum_search:   # the step pass wrote the candidate along m_hat*p
+                for backend, b in work:
+                    backend.move_pass(b, hp, ctrl, src_eta=eta, src_dir=Dir.MOMENTUM, dst_eta=eta,
+                                      dst_dir=Dir.SEARCH, from_backup=from_backup,
+                                      only_if_fallback=True)
+            self._snapshot_buffers()
+            snapshotted = True
             while True:
                 rng_before.restore()                       # same dropout masks as L0
                 with torch.no_grad():
@@ -388,10 +399,11 @@ class ALSALS(torch.optim.Optimizer):
             self._sync_lr()
             raise
         finally:
+            self.counters["trials"] += trials
             rng_after.restore()
-            self._restore_buffers()
+            if snapshotted:
+                self._restore_buffers()
 
-        self.counters["trials"] += trials
         if not skipped:
             self.counters["searches"] += 1
             self.counters["fallbacks"] += used_fallback
@@ -411,6 +423,13 @@ class ALSALS(torch.optim.Optimizer):
                                   loss=loss0_host, loss_trial=loss_try_host, slope=slope_host,
                                   skipped=skipped, fallback=used_fallback)
         return loss.detach()
+
+    def _check_in_place_recovery(self, eta: float, work) -> None:
+        wd = max((max(b.weight_decays) for _, b in work if b.weight_decays), default=0.0)
+        if eta * wd >= 0.5:
+            raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
+                             f"(1 - eta*weight_decay), and eta*weight_decay = {eta * wd:.3g} is too "
+                             "large for that; lower weight_decay or use memory_efficient=False")
 
     def _absorb_skips(self, n: int) -> None:
         """Steps the device skipped for a non-finite loss/gradient: they count for nothing."""
@@ -443,6 +462,7 @@ class ALSALS(torch.optim.Optimizer):
             "s": None if self._s is None else self._s.clone(),
             "pending_skips": None if self._pending_skips is None else self._pending_skips.clone(),
             "variant": self.hyper.variant,
+            "hyper": dataclasses.asdict(self.hyper),
         }
         return sd
 
@@ -469,6 +489,10 @@ class ALSALS(torch.optim.Optimizer):
             p = index[i]
             self.state[p] = {n: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
                              for n, v in s.items()}
+        # As torch optimizers do, the saved hyperparameters win over the constructor's.
+        saved_hyper = dict(extra["hyper"])
+        saved_hyper["betas"] = tuple(saved_hyper["betas"])
+        self.hyper = Hyper(**saved_hyper)
         self.eta, self.t = float(extra["eta"]), int(extra["t"])
         self.counters = dict(extra["counters"])
         self._fast, self._slow = extra["fast"], extra["slow"]

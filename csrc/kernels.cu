@@ -120,7 +120,9 @@ __device__ __forceinline__ void block_sum(double (&acc)[WIDTH], double (&shared)
 template <typename P>
 struct VecOf { static constexpr int value = int(16 / sizeof(P)); };
 
-// ---- grad_sumsq: per-block sum of g*g in fp64 ---------------------------------------------
+// ---- grad_sumsq: per-block sum of g*g, squares in fp32, sums in fp64 --------------------------
+// Squaring in fp32 (as the step pass does for v) makes any |g| whose square overflows fp32 show
+// up as inf here, so the step is skipped before v could absorb an inf.
 template <typename P>
 struct SumsqOp {
   const P* g;
@@ -131,8 +133,8 @@ struct SumsqOp {
     load(r, g + i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const double x = double(to_float(r[k]));
-      acc += x * x;
+      const float x = to_float(r[k]);
+      acc += double(x * x);
     }
   }
 };

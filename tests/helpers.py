@@ -75,6 +75,7 @@ def assert_same_trajectory(a, b, *, rtol, atol, param_atol=None):
     for step in range(len(a["eta"])):
         assert abs(a["eta"][step] - b["eta"][step]) <= 1e-12 * abs(a["eta"][step]), f"eta at {step}"
         for key, tol in (("params", param_atol), ("m", None), ("v", None)):
+            assert len(a[key][step]) == len(b[key][step]), f"{key} at {step}: different tensor counts"
             for x, y in zip(a[key][step], b[key][step]):
                 torch.testing.assert_close(x, y, rtol=rtol, atol=atol if tol is None else tol,
                                            msg=lambda s: f"{key} at step {step}: {s}")

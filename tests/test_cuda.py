@@ -136,7 +136,7 @@ def test_grad_sumsq(cuda, dtype, misaligned):
     got = cuda.grad_sumsq(b)
     want = ReferenceBackend().grad_sumsq(b)
     assert got.dtype == torch.float64 and got.shape == () and got.device == b.device
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the reference sums in fp32 per tensor
     assert torch.equal(cuda.grad_sumsq(b), got)  # deterministic
 
 
@@ -232,7 +232,7 @@ def test_many_tensors_several_launches(cuda):
     want = ReferenceBackend().step_pass(r, hp, ctrl, searching=True, write_backup=True)
     assert_bucket_close(b, r)
     torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(cuda.grad_sumsq(b), ReferenceBackend().grad_sumsq(r), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cuda.grad_sumsq(b), ReferenceBackend().grad_sumsq(r), rtol=1e-6, atol=0)
 
 
 # -- move pass ----------------------------------------------------------------------------------

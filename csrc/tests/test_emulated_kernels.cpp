@@ -347,8 +347,8 @@ static void test_dtype(const char* name) {
     sum_partials(partials, blocks, 1, nullptr, &got);
     for (size_t i = 0; i < a.numel.size(); ++i)
       for (int64_t j = 0; j < a.numel[i]; ++j) {
-        const double x = to_float(a.g[i][j + off]);
-        want += x * x;
+        const float x = to_float(a.g[i][j + off]);
+        want += double(x * x);
       }
     EXPECT(std::fabs(got - want) <= 1e-12 * want, "%s grad_sumsq %.17g vs %.17g", name, got, want);
   }
