@@ -79,6 +79,32 @@ def _dot_in_place(g: List[Tensor], d: List[Tensor]) -> Tensor:
     return torch.stack([t.sum() for t in d]).to(torch.float64).sum()
 
 
+# On CPU a foreach op is a C++ loop over the tensors, and each op here leaves a temporary the size
+# of its inputs: over a whole bucket those are tens of MB, allocated and page-faulted every pass.
+# Sub-groups of about this many elements keep the temporaries cache-sized and reused.
+CPU_GROUP_NUMEL = 1 << 18
+
+
+def _groups(bucket: Bucket) -> List[Bucket]:
+    """The bucket itself on a GPU (one launch per op); cache-sized sub-buckets on CPU."""
+    if bucket.device.type != "cpu":
+        return [bucket]
+    groups, start, size = [], 0, 0
+    for i, p in enumerate(bucket.params):
+        if size and size + p.numel() > CPU_GROUP_NUMEL:
+            groups.append(_slice(bucket, start, i))
+            start, size = i, 0
+        size += p.numel()
+    groups.append(_slice(bucket, start, len(bucket.params)))
+    return groups
+
+
+def _slice(b: Bucket, lo: int, hi: int) -> Bucket:
+    return Bucket(device=b.device, dtype=b.dtype, params=b.params[lo:hi], grads=b.grads[lo:hi],
+                  exp_avgs=b.exp_avgs[lo:hi], exp_avg_sqs=b.exp_avg_sqs[lo:hi],
+                  backups=b.backups[lo:hi], weight_decays=b.weight_decays[lo:hi])
+
+
 class ForeachBackend:
     name = "foreach"
 
@@ -96,6 +122,11 @@ class ForeachBackend:
         scale, skip, _ = ctrl.tolist()
         if skip or not bucket.params:
             return torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
+        dots = [self._step_group(b, hp, scale, searching, write_backup) for b in _groups(bucket)]
+        return torch.stack(dots).sum(dim=0) if searching else None
+
+    def _step_group(self, bucket: Bucket, hp: StepScalars, scale: float, searching: bool,
+                    write_backup: bool) -> Optional[Tensor]:
         mt = math_dtype(bucket.dtype)
         g = _scaled_grads(bucket, scale, mt)
         m, v = bucket.exp_avgs, bucket.exp_avg_sqs
@@ -123,8 +154,13 @@ class ForeachBackend:
         scale, skip, fallback = ctrl.tolist()
         if skip or (only_if_fallback and not fallback) or not bucket.params:
             return
-        mt = math_dtype(bucket.dtype)
         src_dir, dst_dir = hp.resolve(src_dir, bool(fallback)), hp.resolve(dst_dir, bool(fallback))
+        for b in _groups(bucket):
+            self._move_group(b, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)
+
+    def _move_group(self, bucket: Bucket, hp: StepScalars, scale: float, src_eta: float,
+                    src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool) -> None:
+        mt = math_dtype(bucket.dtype)
         uses_grad = dst_dir is Dir.GRAD or (not from_backup and src_dir is Dir.GRAD)
         g = _scaled_grads(bucket, scale, mt) if uses_grad else None
         m, wds = bucket.exp_avgs, bucket.weight_decays
