@@ -29,7 +29,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from alsals_fused.models import ByteGPT, lm_loss
+from alsals_fused.models import GPTConfig as ModelConfig
 
 # -- bytes moved per fp32 parameter (ALGORITHM.md section 7) -----------------------------------
 BYTES_PER_PARAM = {
@@ -68,58 +70,29 @@ IS_CUDA = DEVICE.type == "cuda"
 # -- a GPT-2-shaped model (its parameter list is also the "gpt2" parameter sets) ---------------
 @dataclass(frozen=True)
 class GPTConfig:
+    """Compact spec of the package's own GPT (alsals_fused.models) at GPT-2's layout."""
     vocab: int
     ctx: int
     d: int
     layers: int
     heads: int
 
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.ln_1 = nn.LayerNorm(cfg.d)
-        self.c_attn = nn.Linear(cfg.d, 3 * cfg.d)
-        self.attn_proj = nn.Linear(cfg.d, cfg.d)
-        self.ln_2 = nn.LayerNorm(cfg.d)
-        self.c_fc = nn.Linear(cfg.d, 4 * cfg.d)
-        self.mlp_proj = nn.Linear(4 * cfg.d, cfg.d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab, context=self.ctx, n_layer=self.layers,
+                           n_head=self.heads, d_model=self.d, dropout=0.0, tie_weights=True)
 
 
 class GPT(nn.Module):
-    """GPT-2's parameter layout (wte, wpe, 12 tensors per block, ln_f; the head tied to wte)."""
+    """The demo's ByteGPT at these shapes: GPT-2's parameters (token and position tables, 12
+    tensors per block, the final LayerNorm; head tied to the token table).  Returns the loss."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab, cfg.d)
-        self.wpe = nn.Embedding(cfg.ctx, cfg.d)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.ln_f = nn.LayerNorm(cfg.d)
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() > 1:
-                nn.init.normal_(p, std=0.02)
+        self.net = ByteGPT(cfg.model_config())
 
     def forward(self, idx, targets):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
-        for block in self.h:
-            x = block(x)
-        logits = self.ln_f(x) @ self.wte.weight.t()
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return lm_loss(self.net(idx), targets)
 
 
 def gpt_shapes(cfg: GPTConfig) -> List[Tuple[int, ...]]:
