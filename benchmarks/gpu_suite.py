@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import re
@@ -313,12 +314,19 @@ class Suite:
 
     def phase_tests(self, timeout):
         cmd = [sys.executable, "-m", "pytest", "tests", "-v", "-rfE", "-p", "no:cacheprovider"]
+        if importlib.util.find_spec("xdist") is not None and self.mode != "dry-run":
+            # A cold Triton cache compiles every specialization at its first launch: spread the
+            # test files over a few workers (one GPU is plenty for these small tensors).
+            cmd += ["-n", "4"]
         if self.mode == "quick":
             cmd += ["-m", "not slow"]
             self.doc["cuts"].append("tests: --quick runs -m 'not slow'")
         r = self.run("tests", cmd, timeout)
         text = r["text"]
-        outcomes = re.findall(r"^\S+::\S+.*? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text, re.M)
+        status = r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
+        # "path::test PASSED [ 5%]", or under xdist "[gw0] [  5%] PASSED path::test"
+        outcomes = [a or b for a, b in re.findall(
+            rf"^(?:\S+::\S+.*? {status}\b|\[gw\d+\] \[\s*\d+%\] {status} \S+::)", text, re.M)]
         summary = re.findall(r"^=+ (.*? in [\d.]+s.*?) =+$", text, re.M)
         failed = re.findall(r"^(?:FAILED|ERROR) (.*)$", text, re.M)
         if not failed:   # cut before the short summary: take them from the -v lines

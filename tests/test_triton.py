@@ -26,7 +26,8 @@ from alsals_fused.backends import triton_backend as tb  # noqa: E402
 from alsals_fused.backends.base import FALLBACK, Bucket, Dir, StepScalars  # noqa: E402
 from alsals_fused.backends.reference import ReferenceBackend  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# With its index: tensors on "cuda" report "cuda:0", and torch.device("cuda") != "cuda:0".
+DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 if tb.unavailable_reason(DEVICE) is not None:
     pytest.skip(f"triton backend unavailable: {tb.unavailable_reason(DEVICE)}", allow_module_level=True)
 
@@ -144,7 +145,9 @@ class Pair:
         t = self.tri_backend.step_pass(self.tri, hp, ctrl, searching=searching, write_backup=wb)
         if searching:
             assert t.dtype == torch.float64 and t.shape == (2,) and t.device == DEVICE
-            torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-9)
+            # Relative to the slopes' magnitude (sum(g*g*p) ~ sum|g*d|): the momentum slope can
+            # cancel, and fp32 partial sums (with FMA on a GPU) err relative to sum|g*d|.
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()) + 1e-9)
         else:
             assert t is None and r is None
         if check:

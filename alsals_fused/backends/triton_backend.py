@@ -68,6 +68,17 @@ except ImportError as exc:  # triton missing (or too old): unavailable_reason sa
     _tk = None
     _IMPORT_ERROR = str(exc)
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: torch.device("cuda") != torch.device("cuda:0") as objects,
+    though a bucket built on the former holds tensors that report the latter."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a == b
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _CACHE_SIZE = 8   # tables kept per backend (several optimizers, or grads that move around)
 
@@ -189,7 +200,7 @@ class TritonBackend:
                       ("exp_avg_sq", bucket.exp_avg_sqs[i], torch.float32)]
             if bucket.backups:
                 others.append(("backup", bucket.backups[i], bucket.dtype))
-            if p.dtype != bucket.dtype or p.device != bucket.device:
+            if p.dtype != bucket.dtype or not _same_device(p.device, bucket.device):
                 raise ValueError(f"ALSALS triton backend: parameter {i} is {p.dtype} on {p.device}, "
                                  f"its bucket is {bucket.dtype} on {bucket.device}")
             if not _dense(p):
@@ -261,7 +272,7 @@ class TritonBackend:
 
     @staticmethod
     def _check_ctrl(ctrl: Tensor, device: torch.device) -> None:
-        if ctrl.dtype != torch.float32 or ctrl.numel() != CTRL_SIZE or ctrl.device != device \
+        if ctrl.dtype != torch.float32 or ctrl.numel() != CTRL_SIZE or not _same_device(ctrl.device, device) \
                 or not ctrl.is_contiguous():
             raise ValueError(f"ALSALS triton backend: ctrl must be a contiguous float32 tensor of "
                              f"{CTRL_SIZE} on {device}; got {ctrl.dtype} {tuple(ctrl.shape)} on "
