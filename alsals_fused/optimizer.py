@@ -59,7 +59,16 @@ from torch import Tensor
 
 from . import backends as _backends
 from .backends import decisions
-from .backends.base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, Verdict, VERDICT_SIZE, new_ctl
+from .backends.base import (
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    Verdict,
+    new_ctl,
+)
 from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
 
 CLOSURE_HELP = (
