@@ -202,7 +202,7 @@ class _BucketPlan:
         self.chunk = backend.chunk
         self.device = bucket.device
         self.dtype_name = _DTYPE_NAMES[bucket.dtype]
-        self.has_backups = bool(bucket.backups)
+        self.has_backups = bool(bucket.backups) or not bucket.params   # (nothing to back up)
         self.numels = [p.numel() for p in bucket.params]
         rows, self.others_aligned = [], []
         for i, p in enumerate(bucket.params):
