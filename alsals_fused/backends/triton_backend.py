@@ -96,6 +96,9 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
 _G = int(TableCol.G)
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_MISALIGNED = (15).__and__          # address -> nonzero unless 16-byte aligned
 _pack_d = struct.Struct("<d").pack
 _unpack_q = struct.Struct("<q").unpack
 
@@ -195,7 +198,8 @@ class _BucketPlan:
     """The device tables of one bucket (cached in ``bucket.cache``)."""
 
     __slots__ = ("dtype_name", "has_backups", "numels", "others_aligned", "aligned", "table",
-                 "sched", "n_fast", "n_prog", "grads_version", "chunk", "device")
+                 "sched", "n_fast", "n_prog", "grads_version", "chunk", "device", "contiguous",
+                 "all_aligned")
 
     def __init__(self, backend: "TritonBackend", bucket: Bucket):
         backend._validate(bucket)
@@ -204,6 +208,7 @@ class _BucketPlan:
         self.dtype_name = _DTYPE_NAMES[bucket.dtype]
         self.has_backups = bool(bucket.backups) or not bucket.params   # (nothing to back up)
         self.numels = [p.numel() for p in bucket.params]
+        self.contiguous = all(map(_is_contiguous, bucket.params))
         rows, self.others_aligned = [], []
         for i, p in enumerate(bucket.params):
             others = [p.data_ptr(), bucket.exp_avgs[i].data_ptr(), bucket.exp_avg_sqs[i].data_ptr()]
@@ -218,7 +223,8 @@ class _BucketPlan:
             row[TableCol.WD_BITS] = _bits(float(bucket.weight_decays[i]))
             rows.append(row)
         self.table = _HostTable(rows, bucket.device)
-        self.grads_version = bucket.grads_version
+        # built outside a pass (no grads yet): the first pass with grads fills the column
+        self.grads_version = bucket.grads_version if (bucket.grads or not bucket.params) else -1
         self.aligned = None
         self.sched = None
         self._schedule([r[TableCol.G] for r in rows])
@@ -244,20 +250,26 @@ class _BucketPlan:
         if self.device.type == "cuda":
             sched = sched.pin_memory().to(self.device, non_blocking=True)
         self.sched, self.n_fast, self.n_prog, self.aligned = sched, len(fast), len(pairs), aligned
+        self.all_aligned = all(aligned)
 
     def refresh_grads(self, backend: "TritonBackend", bucket: Bucket) -> None:
         """The driver bumped grads_version: rewrite the grad column (and the schedule if an
-        alignment changed); nothing else."""
+        alignment changed); nothing else.  Kept to a few C-level maps over the list (it may run
+        every step: with set_to_none the allocator can hand grads back at permuted addresses):
+        shape, dtype and device are the driver's check (autograd guarantees them for .grad);
+        the layout check here is one is_contiguous() per grad when every param is contiguous."""
         grads = bucket.grads
         if len(grads) != len(self.numels):
             raise ValueError(f"ALSALS triton backend: bucket has {len(self.numels)} params but "
-                             f"{len(grads)} grads")
-        for i, (p, g) in enumerate(zip(bucket.params, grads)):
-            backend._check_like(i, p, "grad", g, bucket.dtype)
-        ptrs = [g.data_ptr() for g in grads]
+                             f"{len(grads)} grads (grads are read during a pass only)")
+        if not (self.contiguous and all(map(_is_contiguous, grads))):
+            for i, (p, g) in enumerate(zip(bucket.params, grads)):
+                backend._check_like(i, p, "grad", g, bucket.dtype)
+        ptrs = list(map(_data_ptr, grads))
         self.table.set_column(_G, ptrs)
         self.table.upload()
-        self._schedule(ptrs)
+        if not (self.all_aligned and not any(map(_MISALIGNED, ptrs))):
+            self._schedule(ptrs)
         self.grads_version = bucket.grads_version
         backend.grad_refreshes += 1
 
