@@ -109,7 +109,7 @@ FINISH_SUM = 1       # the last program writes the fp64 sums to ``out`` (finish=
 FINISH_CTL = 2       # the last program runs the finisher into ctl (finish=True)
 
 # Launch configuration shared by the backend and the AOT tool; BLOCK * ITERS == CHUNK (base.py).
-# Chosen from the AOT compile's register counts (see aot.py's report, README/PR notes): 512
+# Chosen from the AOT compile's register counts (triton_kernels/NOTES.md): 512
 # elements x 4 warps = 4 fp32 (one 128-bit access) per thread per tensor and iteration keeps the
 # fp32 searching step kernel under 96 registers with no spills on sm_80/sm_90.
 BLOCK = 512
