@@ -124,7 +124,7 @@ def _changed(params, marks) -> Optional[bool]:
 
     A gradient set to None since is not a change (nothing can accumulate into it)."""
     if marks is None:
-        return any(p.grad is not None for p in params)
+        return True if any(p.grad is not None for p in params) else None
     any_grad = False
     for p, mark in zip(params, marks):
         g = p.grad
@@ -227,6 +227,15 @@ class UserGradientsMixin:
 
     def _check_grads_before_closure(self) -> None:
         """step(closure) runs backward: gradients written since zero_grad()/the last step would add up."""
+        from .accelerate import accumulation_steps, stepped_by_accelerate
+        n = accumulation_steps()
+        if n > 1 and stepped_by_accelerate():
+            raise RuntimeError(
+                f"ALSALS: accelerate accumulates gradients over {n} micro-batches and calls the "
+                "optimizer's step() only on a window's last one, so a closure given to step() "
+                "would see that micro-batch only. Run each micro-batch inside "
+                "alsals_fused.integrations.accelerate.micro_batch(accelerator, optimizer, trial) "
+                "and call optimizer.step() without a closure (README: accelerate).")
         changed = _changed(self._all_params(), getattr(self, "_grad_marks", None))
         if changed:
             raise RuntimeError(ACCUMULATED_BEFORE_STEP)
@@ -325,6 +334,7 @@ class _MicroBatchContext:
         if not isinstance(self.mb.loss, Tensor) or self.mb.loss.numel() != 1:
             raise TypeError("ALSALS.micro_batch: set mb.loss to this micro-batch's scalar loss "
                             "tensor (the one you ran backward on) inside the with block")
+        self.mb.loss = self.mb.loss.detach()        # keep no graph alive until step()
         self.window.parts.append(self.mb)
         return False
 
