@@ -35,6 +35,7 @@ from torch import Tensor
 # Param-group keys ALSALS reads.  "lr" and "betas" are mirrors (of eta and of the global betas);
 # "param_names" is torch's (named_parameters); anything else would be silently ignored.
 GROUP_KEYS = ("params", "weight_decay", "betas", "param_names")
+MARKED = 8          # gradients watched for a backward outside step() (see _all_params)
 
 FIX_HINT = (
     "ALSALS picks the step size itself (param_groups[i]['lr'] is a read-only mirror of eta); "
@@ -257,7 +258,17 @@ class UserGradientsMixin:
         raise exc
 
     def _all_params(self) -> List[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        """The parameters whose gradients are watched: a fixed sample of at most MARKED of them
+        (first, last and evenly between), so the check costs a few microseconds whatever the
+        model's size; a backward outside step() writes (nearly) every parameter's gradient."""
+        key = (getattr(self, "_groups_version", None), len(self.param_groups))
+        cached = getattr(self, "_marked", None)
+        if cached is None or cached[0] != key:
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+            n = len(params)
+            picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
+            cached = self._marked = (key, [params[i] for i in picks])
+        return cached[1]
 
     def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
         """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
