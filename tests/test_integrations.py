@@ -384,7 +384,7 @@ def test_lightning_trials_do_not_log_and_batchnorm_sees_one_forward(tmp_path):
 
 def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):
     module = _lightning_module()
-    trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2)
+    trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, gradient_clip_val=0.5)
     trainer.fit(module, _loader(n=64, batch=16))
     opt = trainer.optimizers[0]
     assert opt.t == 2 and module.backwards == 4
@@ -446,6 +446,23 @@ def test_hf_trainer_clips_before_the_search_and_accepts_a_passed_optimizer(tmp_p
     assert isinstance(trainer.lr_scheduler, EtaSchedule)
     m = torch.cat([s["exp_avg"].reshape(-1) for s in opt.state.values()])
     assert (m / 0.1).norm().item() == pytest.approx(1e-3, rel=1e-3), "the search used the clipped gradient"
+
+
+def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):
+    from alsals_fused.integrations.accelerate import unwrap
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    model, dataset, args = _hf_setup(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    first = ALSALSTrainer(model=model, args=args, train_dataset=dataset)
+    first.train()
+    opt = unwrap(first.optimizer)
+    eta, t = opt.eta, opt.t
+    model2, dataset, args2 = _hf_setup(tmp_path, max_steps=3, save_strategy="no")
+    second = ALSALSTrainer(model=model2, args=args2, train_dataset=dataset)
+    second.train(resume_from_checkpoint=True)
+    opt2 = unwrap(second.optimizer)
+    assert t == 2 and opt2.t == 3 and opt2.counters["steps"] == 3
+    logged = [h["learning_rate"] for h in second.state.log_history if h.get("step") == 3 and "learning_rate" in h]
+    assert logged == [opt2.eta] and eta > 0
 
 
 def test_plain_hf_trainer_with_alsals_explains_the_adapter(tmp_path):
