@@ -3,8 +3,6 @@
 Every framework test uses the real package (lightning, transformers, accelerate: the `test`
 extra installs them) on CPU with tiny models built from configs and in-memory data.
 """
-import io
-import math
 import warnings
 
 import pytest
@@ -502,6 +500,7 @@ def test_accelerate_step_closure_and_the_loss(fresh_accelerate):
 
 def test_accelerate_accumulate_sees_every_micro_batch(fresh_accelerate):
     from accelerate import Accelerator
+
     from alsals_fused.integrations.accelerate import micro_batch
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny()

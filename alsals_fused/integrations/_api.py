@@ -199,7 +199,8 @@ class UserGradientsMixin:
                                for (d, t), n in self.chosen_backends.items())
             parts.append(f"chosen=[{chosen}]")
         if self._buffer_module is not None or self._buffers:
-            parts.append("buffers=" + ("module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"))
+            kept = "module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"
+            parts.append(f"buffers={kept}")
         sizes = [len(g["params"]) for g in self.param_groups]
         parts.append(f"groups={len(sizes)} ({sum(sizes)} params)")
         parts.append(f"eta={self.eta:.4g}, t={self.t}")
