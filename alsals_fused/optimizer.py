@@ -462,8 +462,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         rng_before = _RngState(self._param_devices()) if searching else None
         with torch.enable_grad():
             loss = _as_loss(closure(), "gradient forward")
-        if not loss.requires_grad:
-            self._explain_closure_loss(loss)             # integ: raises, saying why
+        self._check_closure_result(loss)                 # integ: no backward in the closure
         try:
             loss.backward()
         except RuntimeError as exc:

@@ -165,7 +165,7 @@ def test_forgotten_zero_grad_warns_once():
         opt.step(lambda: mse(model, x, y))
 
 
-@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("retain", [False, True, "attached"])
 def test_closure_that_runs_backward_gets_a_clear_error(retain):
     model = tiny()
     x, y = data()
@@ -174,8 +174,8 @@ def test_closure_that_runs_backward_gets_a_clear_error(retain):
     def lbfgs_closure():
         opt.zero_grad()
         loss = mse(model, x, y)
-        loss.backward(retain_graph=retain)
-        return loss if not retain else loss.detach()
+        loss.backward(retain_graph=bool(retain))
+        return loss.detach() if retain is True else loss
 
     with pytest.raises(RuntimeError, match="(?s)ran backward itself.*micro_batch"):
         opt.step(lbfgs_closure)

@@ -245,10 +245,13 @@ class UserGradientsMixin:
             self._warned_stale = True
             warnings.warn(STALE_GRADS_WARNING, stacklevel=4)
 
-    def _explain_closure_loss(self, loss: Tensor) -> None:
-        """The closure's loss does not require grad: did the closure run backward itself?"""
+    def _check_closure_result(self, loss: Tensor) -> None:
+        """Before step()'s backward: did the closure run backward itself (gradients written since
+        the check at the start of step), or build a loss without autograd?"""
         if _changed(self._all_params(), getattr(self, "_grad_marks", None)):
             raise RuntimeError(CLOSURE_RAN_BACKWARD)
+        if loss.requires_grad:
+            return
         raise RuntimeError("ALSALS: the loss does not require grad; the closure must build it from "
                            "the parameters with autograd enabled. " + USER_GRADIENTS_HELP)
 
