@@ -12,7 +12,7 @@ from setuptools import setup
 
 # triton_kernels/ ships inside our package: a top-level "triton_kernels" would shadow the module
 # of that name that the Triton project publishes.
-PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.triton_kernels"]
+PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.integrations", "alsals_fused.triton_kernels"]
 PACKAGE_DIR = {"alsals_fused.triton_kernels": "triton_kernels"}
 
 
@@ -54,7 +54,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46", "accelerate>=1.0"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

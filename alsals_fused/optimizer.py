@@ -70,6 +70,7 @@ from .backends.base import (
     new_ctl,
 )
 from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
+from .integrations._api import UserGradientsMixin, with_load_state_dict_hooks
 
 CLOSURE_HELP = (
     "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
@@ -89,7 +90,7 @@ class StepInfo:
     trials: int                             # trial forwards run (0 if the step did not search)
     accepted: bool                          # params moved to an accepted point (see skipped)
     searched: bool
-    loss: Union[float, Tensor]              # L0; a device tensor on steps that did not search
+    loss: Union[float, Tensor]              # L0, detached: a 0-dim tensor on every step (integ: no read)
     loss_trial: Optional[float]             # the last trial's loss; None if not searched
     slope: Optional[float]                  # the unsmoothed slope the test used; None if not searched
     skipped: bool = False                   # non-finite loss/gradient detected by this step's read
@@ -195,7 +196,7 @@ class _Search:
         self.loss0 = self.loss_try = self.slope = math.nan
 
 
-class ALSALS(torch.optim.Optimizer):
+class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     """Automated Large Scale ADAM Line Search.
 
     ``loss = opt.step(closure)``: the closure returns the mini-batch loss and must not call
@@ -211,7 +212,8 @@ class ALSALS(torch.optim.Optimizer):
                  weight_decay: Optional[float] = None, max_grad_norm: Optional[float] = None,
                  memory_efficient: Optional[bool] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
-                 backend: str = "auto", process_group=None, sharded: bool = False):
+                 backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
+        self._reject_adamw_arguments(lr)                 # integ: lr= points to init_step_size
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -230,7 +232,10 @@ class ALSALS(torch.optim.Optimizer):
         self._plan: Optional[_Plan] = None
         self._groups_version = 0                   # add_param_group / load_state_dict
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
-        super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
+        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly, see _api).
+        super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay,
+                                  "betas": hyper.betas})
+        self._keep_buffer_module(buffers)                # integ: buffers=model follows the model
         if isinstance(buffers, torch.nn.Module):
             buffers = buffers.buffers()
         self._buffers: List[Tensor] = list(buffers) if buffers is not None else []
@@ -259,6 +264,7 @@ class ALSALS(torch.optim.Optimizer):
 
     # -- construction checks --------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        self._check_group_keys(param_group)              # integ: unknown keys would be no-ops
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_weight_decay(group["weight_decay"])
@@ -446,18 +452,23 @@ class ALSALS(torch.optim.Optimizer):
 
     # -- the step (section 1) -------------------------------------------------------------------
     def step(self, closure=None):
-        if closure is None or not callable(closure):
+        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
+        if closure is None or self._is_framework_closure(closure):
+            return self._step_user_gradients(closure)   # integ: gradients already in p.grad
+        if not callable(closure):
             raise TypeError(CLOSURE_HELP)
+        self._check_grads_before_closure()               # integ: backward since zero_grad()?
         searching = self._searches_at(self.t + 1)
         rng_before = _RngState(self._param_devices()) if searching else None
         with torch.enable_grad():
             loss = _as_loss(closure(), "gradient forward")
-        if not loss.requires_grad:
-            raise RuntimeError("ALSALS: the loss does not require grad; the closure must build it "
-                               "from the parameters with autograd enabled")
-        loss.backward()
+        self._check_closure_result(loss)                 # integ: no backward in the closure
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            self._explain_backward_error(exc)            # integ: a closure that ran backward
         with torch.no_grad():
-            return self._update(closure, loss, searching, rng_before)
+            return self._finish_step(self._update(closure, loss, searching, rng_before))
 
     def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> Tensor:
         """Everything after the gradient: moments, candidate, line search (under no_grad)."""
@@ -626,10 +637,8 @@ class ALSALS(torch.optim.Optimizer):
         self.counters["steps"] -= n
 
     def _snapshot_buffers(self) -> None:
-        if not self._buffers:
+        if not self._current_buffers():                  # integ: re-read buffers=model each step
             return
-        if len(self._buffer_snapshot) != len(self._buffers):
-            self._buffer_snapshot = [torch.empty_like(b) for b in self._buffers]
         for dst, src in zip(self._buffer_snapshot, self._buffers):
             dst.copy_(src)
 
@@ -703,3 +712,7 @@ class ALSALS(torch.optim.Optimizer):
                 ctl[slot] = torch.as_tensor(value, dtype=torch.float64).to(device).reshape(())
         self._ctl = ctl
         self._verdict = self._verdict_host = None
+
+
+# integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers.
+ALSALS.load_state_dict = with_load_state_dict_hooks(ALSALS.load_state_dict)
