@@ -39,8 +39,10 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends
+from . import checkpoint as _checkpoint
+from . import distributed as _dist
 from .backends.base import CTRL_SIZE, FALLBACK, GRAD_SCALE, SKIP, Bucket, Dir, StepScalars
-from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
+from .config import BACKENDS, ETA_MAX, ETA_MIN, Hyper, make_hyper, validate_weight_decay
 
 CLOSURE_HELP = (
     "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
@@ -124,6 +126,7 @@ class ALSALS(torch.optim.Optimizer):
         self.sharded = bool(sharded)
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
+        self._check_distributed_params()
         if isinstance(buffers, torch.nn.Module):
             buffers = buffers.buffers()
         self._buffers: List[Tensor] = list(buffers) if buffers is not None else []
@@ -161,6 +164,14 @@ class ALSALS(torch.optim.Optimizer):
                 raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
                                  f"only (in-place trial moves would drift in {p.dtype}); got {p.dtype}")
 
+    def _check_distributed_params(self) -> None:
+        """FSDP2 (DTensor) parameters on several ranks: losses must be averaged over a group."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.process_group is None and _dist.needs_process_group(params):
+            raise ValueError("ALSALS: DTensor (FSDP2) parameters span several ranks; pass "
+                             "process_group= (the data-parallel group the losses are averaged "
+                             "over, e.g. torch.distributed.group.WORLD)")
+
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
         k = self.hyper.line_search_every
@@ -192,8 +203,10 @@ class ALSALS(torch.optim.Optimizer):
                              if p.device.type == "cuda"}))
 
     def _buckets(self) -> Tuple[torch.device, List[Tuple[object, Bucket]]]:
-        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
+        buckets: Dict[tuple, Bucket] = {}
+        shard_keys: List[object] = []
         keep_backup = not self.hyper.memory_efficient
+        self._check_state_shapes()          # before any pass: no backend may half-update
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
@@ -206,24 +219,23 @@ class ALSALS(torch.optim.Optimizer):
                     raise RuntimeError(f"ALSALS: a gradient of shape {tuple(g.shape)}, {g.dtype} on "
                                        f"{g.device} does not match its parameter ({tuple(p.shape)}, "
                                        f"{p.dtype} on {p.device})")
-                state = self.state[p]
-                if not state:
-                    moment = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
-                key = (p.device, p.dtype)
+                state = self._init_state(p)
+                shard = _dist.shard_key(p, self.sharded)
+                key = (p.device, p.dtype, shard)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
-                b.params.append(p)
-                b.grads.append(g)
-                b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                    shard_keys.append(shard)
+                pl = _dist.local(p)                # FSDP2: the passes run on the local shards
+                b.params.append(pl)
+                b.grads.append(_dist.local(g))
+                b.exp_avgs.append(_dist.local(state["exp_avg"]))
+                b.exp_avg_sqs.append(_dist.local(state["exp_avg_sq"]))
                 b.weight_decays.append(float(group["weight_decay"]))
                 if keep_backup:
                     w0 = self._backups.get(p)
-                    if w0 is None or w0.shape != p.shape or w0.dtype != p.dtype or w0.device != p.device:
-                        w0 = self._backups[p] = torch.empty_like(p)
+                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device:
+                        w0 = self._backups[p] = torch.empty_like(pl)
                     b.backups.append(w0)
         if not buckets:
             raise RuntimeError("ALSALS: no parameter has a gradient after backward(); does the loss "
@@ -234,7 +246,50 @@ class ALSALS(torch.optim.Optimizer):
                              f"device, so all parameters with gradients must share a device; found "
                              f"{sorted(str(d) for d in devices)}")
         device = next(iter(devices))
+        self._shard_keys = shard_keys
         return device, [(self._backend_for(b), b) for b in buckets.values()]
+
+    def _init_state(self, p: Tensor) -> dict:
+        """m and v of ``p``, created at zero (DTensors sharded like ``p`` under FSDP2)."""
+        state = self.state[p]
+        if not state:
+            moment = _checkpoint.moment_dtype(p.dtype)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+        return state
+
+    def _init_state_without_closure(self) -> bool:
+        """``step()`` without a closure on a fresh optimizer whose gradients are all zero.
+
+        This is how ``torch.distributed.checkpoint.state_dict`` (get/set_optimizer_state_dict)
+        initialises an optimizer's state before loading into it: it creates m and v (zero) for
+        every parameter with a gradient and changes nothing else (no parameter moves, t, eta and
+        the counters stay).  Any other ``step()`` without a closure raises TypeError.
+        """
+        if self.state:
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or any(bool(_dist.local(g).any()) for g in grads):
+            return False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._init_state(p)
+        return True
+
+    def _check_state_shapes(self) -> None:
+        """A parameter replaced by one of another shape/dtype since its state was made."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or p.grad is None:
+                    continue
+                m = state["exp_avg"]
+                if m.shape != p.shape or m.device != p.device or m.dtype != _checkpoint.moment_dtype(p.dtype):
+                    raise RuntimeError(f"ALSALS: a parameter of shape {tuple(p.shape)} ({p.dtype} on "
+                                       f"{p.device}) has optimizer state of shape {tuple(m.shape)} "
+                                       f"({m.dtype} on {m.device}): was the parameter replaced? "
+                                       "Nothing was changed.")
 
     def _backend_for(self, b: Bucket):
         key = (b.device, b.dtype)
@@ -256,18 +311,12 @@ class ALSALS(torch.optim.Optimizer):
             self._pending_skips = self._pending_skips.to(device)
 
     def _mean_over_ranks(self, value: Tensor) -> Tensor:
-        if self.process_group is None:
-            return value
-        import torch.distributed as dist
-        value = value.clone()                               # may alias the loss returned to the user
-        dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
-        return value / dist.get_world_size(self.process_group)
+        """Losses: averaged over the data-parallel group (section 6; distributed.py)."""
+        return _dist.mean_over(value, self.process_group)
 
-    def _sum_over_shards(self, value: Tensor) -> Tensor:
-        if self.sharded:
-            import torch.distributed as dist
-            dist.all_reduce(value, group=self.process_group)
-        return value
+    def _sum_over_shards(self, partials: List[Tensor]) -> Tensor:
+        """Per-bucket partial sums, added over each bucket's shard group only (distributed.py)."""
+        return _dist.sum_partials(partials, self._shard_keys, self.process_group)
 
     def _read(self, verdict: Tensor) -> List[float]:
         """The one device-to-host read of a trial."""
@@ -280,6 +329,8 @@ class ALSALS(torch.optim.Optimizer):
 
     # -- the step (section 1) -------------------------------------------------------------------
     def step(self, closure=None):  # noqa: C901  (one algorithm, kept in one place on purpose)
+        if closure is None and self._init_state_without_closure():
+            return None
         if closure is None or not callable(closure):
             raise TypeError(CLOSURE_HELP)
         searching = self._searches_at(self.t + 1)
@@ -302,7 +353,7 @@ class ALSALS(torch.optim.Optimizer):
 
         t = self.t + 1
         eta_before = self.eta
-        eta = eta_before * hyper.growth if searching else eta_before
+        eta = min(eta_before * hyper.growth, ETA_MAX) if searching else eta_before
         if hyper.memory_efficient:
             self._check_in_place_recovery(eta, work)
         beta1, beta2 = hyper.betas
@@ -311,7 +362,7 @@ class ALSALS(torch.optim.Optimizer):
                          momentum_search=hyper.momentum_search)
 
         # Non-finite pre-pass and clipping coefficient, all on the device.
-        sumsq = self._sum_over_shards(torch.stack([backend.grad_sumsq(b) for backend, b in work]).sum())
+        sumsq = self._sum_over_shards([backend.grad_sumsq(b) for backend, b in work])
         finite = torch.isfinite(loss0) & torch.isfinite(sumsq)
         scale = torch.ones((), dtype=torch.float64, device=device)
         if hyper.max_grad_norm is not None:   # as clip_grad_norm_: max_norm / (norm + 1e-6), <= 1
@@ -322,19 +373,22 @@ class ALSALS(torch.optim.Optimizer):
         assert ctrl.numel() == CTRL_SIZE
         self._pending_skips += skip
 
-        write_backup = searching and not hyper.memory_efficient
+        guarded = self._overflow_guarded(work)
+        write_backup = (searching or bool(guarded)) and not hyper.memory_efficient
         dots = [backend.step_pass(b, hp, ctrl, searching=searching, write_backup=write_backup)
                 for backend, b in work]
         self.t = t
         self.counters["steps"] += 1
         if not searching:
+            if guarded:
+                self._undo_if_non_finite(work, guarded, hp, ctrl, eta, Dir.MOMENTUM)
             self.last_step = StepInfo(eta=eta, trials=0, accepted=True, searched=False,
                                       loss=loss.detach(), loss_trial=None, slope=None)
             return loss.detach()
 
         rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
         # Slope, its smoothing and the non-descent fallback (device).
-        total = self._sum_over_shards(torch.stack(dots).sum(dim=0))
+        total = self._sum_over_shards(dots)
         slope, slope_grad = total[0], total[1]
         b3 = hyper.smoothing
         s_new = b3 * self._s + (1 - b3) * slope
@@ -368,6 +422,9 @@ class ALSALS(torch.optim.Optimizer):
                 trials += 1
                 loss_try = self._mean_over_ranks(
                     loss_try.detach().reshape(()).to(device=device, dtype=torch.float64))
+                if guarded:               # a candidate that overflowed counts as a non-finite trial
+                    loss_try = torch.where(self._non_finite_params(work, guarded) > 0,
+                                           torch.full_like(loss_try, math.nan), loss_try)
                 diff = loss0 - loss_try
                 h_new = b3 * self._h + (1 - b3) * diff
                 smoothed_ok = h_new >= hyper.c * eta * s_new
@@ -388,9 +445,10 @@ class ALSALS(torch.optim.Optimizer):
                 if ok:
                     accepted = True
                     break
-                eta *= hyper.backtrack
-                if trials == hyper.max_trials:
+                if trials == hyper.max_trials or eta * hyper.backtrack < ETA_MIN:
+                    eta = max(eta * hyper.backtrack, ETA_MIN)   # config.ETA_MIN: end the search
                     break
+                eta *= hyper.backtrack
                 move(eta_at_params, eta)
                 eta_at_params = eta
         except BaseException:
@@ -413,6 +471,8 @@ class ALSALS(torch.optim.Optimizer):
                     self._s.copy_(s_new)
                 if not hyper.update_is_trial_point and not used_fallback:
                     move(eta, eta, Dir.UPDATE)   # adam_sls/salsa: update from w0 along m_hat*p
+                    if guarded:
+                        self._undo_if_non_finite(work, guarded, hp, ctrl, eta, Dir.UPDATE)
             else:
                 self.counters["rejected"] += 1
                 move(eta_at_params, 0.0)
@@ -423,6 +483,36 @@ class ALSALS(torch.optim.Optimizer):
                                   loss=loss0_host, loss_trial=loss_try_host, slope=slope_host,
                                   skipped=skipped, fallback=used_fallback)
         return loss.detach()
+
+    # -- no step leaves a non-finite parameter (issue 10) ----------------------------------------
+    # fp16 candidates overflow at eta*|d| > 65504 even where the step size is representable.  For
+    # fp16 buckets the driver keeps a w0 backup on non-searching steps too, checks the written
+    # candidate on the device (no host read) and restores w0 when any element is not finite; on
+    # searching steps such a candidate counts as a non-finite trial.  Other dtypes cannot overflow
+    # inside config.ETA_MAX, so they pay nothing.
+    @staticmethod
+    def _overflow_guarded(work) -> List[int]:
+        return [i for i, (_, b) in enumerate(work) if b.dtype == torch.float16 and b.params]
+
+    def _non_finite_params(self, work, guarded: List[int]) -> Tensor:
+        partials = []
+        for i in guarded:
+            params = [w for w in work[i][1].params if w.numel()]
+            if not params:
+                partials.append(torch.zeros((), dtype=torch.float64, device=work[i][1].device))
+                continue
+            norms = torch.stack(torch._foreach_norm(params, math.inf)).double()
+            partials.append((~torch.isfinite(norms)).sum(dtype=torch.float64))
+        keys = [self._shard_keys[i] for i in guarded]
+        return _dist.sum_partials(partials, keys, self.process_group)
+
+    def _undo_if_non_finite(self, work, guarded, hp, ctrl, eta, direction) -> None:
+        """Back to w0 (device-side decision) when a written candidate is not finite."""
+        ctrl[FALLBACK] = (self._non_finite_params(work, guarded) > 0).to(ctrl.dtype)
+        for backend, b in work:
+            backend.move_pass(b, hp, ctrl, src_eta=eta, src_dir=direction, dst_eta=0.0,
+                              dst_dir=direction, from_backup=True, only_if_fallback=True)
+        ctrl[FALLBACK] = 0
 
     def _check_in_place_recovery(self, eta: float, work) -> None:
         wd = max((max(b.weight_decays) for _, b in work if b.weight_decays), default=0.0)
@@ -451,56 +541,42 @@ class ALSALS(torch.optim.Optimizer):
             dst.copy_(src)
 
     # -- state_dict (section 5): everything needed to continue bit-identically ------------------
+    # The format (versioned) and its validation live in checkpoint.py.  The host state is stored
+    # in param_groups[0] so that torch.distributed.checkpoint's helpers, which keep only "state"
+    # and "param_groups", carry it.
+    def _host_state(self) -> dict:
+        return _checkpoint.host_state(
+            hyper=self.hyper, eta=self.eta, t=self.t, counters=self.counters, fast=self._fast,
+            slow=self._slow, last_search_t=self._last_search_t,
+            h=0.0 if self._h is None else float(self._h), s=0.0 if self._s is None else float(self._s),
+            pending_skips=0 if self._pending_skips is None else int(self._pending_skips))
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["state"] = {k: {n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()}
                        for k, s in sd["state"].items()}
-        sd["alsals"] = {
-            "eta": self.eta, "t": self.t, "counters": dict(self.counters),
-            "fast": self._fast, "slow": self._slow, "last_search_t": self._last_search_t,
-            "h": None if self._h is None else self._h.clone(),
-            "s": None if self._s is None else self._s.clone(),
-            "pending_skips": None if self._pending_skips is None else self._pending_skips.clone(),
-            "variant": self.hyper.variant,
-            "hyper": dataclasses.asdict(self.hyper),
-        }
-        return sd
+        return _checkpoint.attach(sd, self._host_state())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch's loader casts state to the parameter dtype (fp32 moments of bf16 params would
-        # become bf16), so the per-parameter state is mapped here, keeping its dtype.
-        extra = state_dict.get("alsals")
-        if extra is None:
-            raise ValueError("ALSALS.load_state_dict: this state_dict was not saved by ALSALS")
-        if extra.get("variant") != self.hyper.variant:
-            raise ValueError(f"ALSALS.load_state_dict: saved with variant={extra.get('variant')!r}, "
-                             f"this optimizer has variant={self.hyper.variant!r}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("ALSALS.load_state_dict: the number of parameter groups differs")
-        index: Dict[int, Tensor] = {}
-        for saved, group in zip(saved_groups, self.param_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("ALSALS.load_state_dict: a parameter group has a different size")
-            index.update(zip(saved["params"], group["params"]))
-            group["weight_decay"] = saved["weight_decay"]
+        """Validate everything first (checkpoint.validate), then apply; on any error (a
+        CheckpointError, a ValueError naming what is wrong) the optimizer is unchanged.  As torch
+        optimizers do, the saved hyperparameters win over the constructor's."""
+        self._apply_checkpoint(_checkpoint.validate(self, state_dict))
+
+    def _apply_checkpoint(self, plan) -> None:
+        device = next((_dist.local(p).device for g in self.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        scalars = [torch.tensor(float(plan.host[k]), dtype=torch.float64, device=device)
+                   for k in ("h", "s", "pending_skips")]        # allocated before any assignment
+        for group, wd in zip(self.param_groups, plan.weight_decays):
+            group["weight_decay"] = wd
         self.state.clear()
-        for i, s in state_dict["state"].items():
-            p = index[i]
-            self.state[p] = {n: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
-                             for n, v in s.items()}
-        # As torch optimizers do, the saved hyperparameters win over the constructor's.
-        saved_hyper = dict(extra["hyper"])
-        saved_hyper["betas"] = tuple(saved_hyper["betas"])
-        self.hyper = Hyper(**saved_hyper)
-        self.eta, self.t = float(extra["eta"]), int(extra["t"])
-        self.counters = dict(extra["counters"])
-        self._fast, self._slow = extra["fast"], extra["slow"]
-        self._last_search_t = int(extra["last_search_t"])
-        self._h, self._s = extra["h"], extra["s"]
-        self._pending_skips = extra["pending_skips"]
-        for name in ("_h", "_s", "_pending_skips"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.clone())
+        self.state.update(plan.state)
+        self.hyper = plan.hyper
+        host = plan.host
+        self.eta, self.t = host["eta"], host["t"]
+        self.counters = dict(host["counters"])
+        self._fast, self._slow = host["fast"], host["slow"]
+        self._last_search_t = host["last_search_t"]
+        self._h, self._s, self._pending_skips = scalars
         self._sync_lr()
