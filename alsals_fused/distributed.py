@@ -90,14 +90,13 @@ def sum_partials(partials: Sequence[Tensor], keys: Sequence[Optional[Hashable]],
     collective per key (keys in order of first appearance, the same on every rank).
     """
     by_key: dict = {}
-    for value, key in zip(partials, keys):
-        by_key[key] = value if key not in by_key else by_key[key] + value
+    for value, key in zip(partials, keys):     # a copy: a backend may reuse its output buffer
+        by_key[key] = value.clone() if key not in by_key else by_key[key] + value
     total = None
     for key, value in by_key.items():
         if key is BY_PROCESS_GROUP:
-            value = all_reduce_sum(value.clone(), process_group)
+            value = all_reduce_sum(value, process_group)
         elif key is not None:
-            value = value.clone()
             for group in key.groups():
                 value = all_reduce_sum(value, group)
         total = value if total is None else total + value
