@@ -46,10 +46,16 @@ Deviations from the specification, and why:
   equality guard (a trial loss equal to L0, compared as float64 of the losses as the closure
   returned them, is accepted) in the smoothed and in the fallback's plain test, inside the
   verdict; a rejected step returns eta to its pre-step value (no growth), on the host.
+- Step sizes stay in [config.ETA_MIN, config.ETA_MAX] = [1e-30, 1e30]: the constructor and
+  load_state_dict refuse others, growth stops at ETA_MAX and a search ends (rejected) rather
+  than backtrack below ETA_MIN.  fp16 candidates that overflow are never kept: a non-searching
+  step returns to w0 (m, v, t keep the update, as after a rejected search) and a searching
+  step treats the trial as non-finite (issue 10; ``_undo_if_non_finite``).
+- ``step()`` without a closure on a fresh optimizer with all-zero gradients only creates the
+  moments (what torch.distributed.checkpoint's helpers do); see ``_init_state_without_closure``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
