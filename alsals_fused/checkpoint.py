@@ -43,6 +43,10 @@ from .config import Hyper, make_hyper, validate_search_range, validate_weight_de
 
 FORMAT_VERSION = 2
 HOST_KEY = "alsals"                     # key of the host state inside param_groups[0]
+# The live param_groups[0] holds this under HOST_KEY (state_dict() replaces it with the host
+# state): torch.distributed.checkpoint's flatten_optimizer_state_dict=True restores only the
+# group keys that the live groups have.
+HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
 HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
@@ -122,7 +126,7 @@ def _float(value, name: str) -> float:
 def _host_of(state_dict: dict) -> Dict[str, Any]:
     groups = state_dict["param_groups"]
     host = groups[0].get(HOST_KEY) if groups and isinstance(groups[0], dict) else None
-    if host is None:
+    if host is None or host == HOST_PLACEHOLDER:
         host = state_dict.get("alsals")                # format 1: top level
         if host is None:
             _fail("this state_dict was not saved by ALSALS (no host state in param_groups[0]"

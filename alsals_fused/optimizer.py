@@ -261,6 +261,7 @@ class ALSALS(torch.optim.Optimizer):
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
         self._check_distributed_params()
+        self._reserve_host_state_key()
         if isinstance(buffers, torch.nn.Module):
             buffers = buffers.buffers()
         self._buffers: List[Tensor] = list(buffers) if buffers is not None else []
@@ -302,6 +303,11 @@ class ALSALS(torch.optim.Optimizer):
         if self.hyper.memory_efficient and dtype not in (torch.float32, torch.float64):
             raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
                              f"only (in-place trial moves would drift in {dtype}); got {dtype}")
+
+    def _reserve_host_state_key(self) -> None:
+        """param_groups[0]["alsals"] exists (a placeholder; state_dict() writes the host state
+        there): DCP's flatten_optimizer_state_dict=True keeps only the group keys a live group has."""
+        self.param_groups[0].setdefault(_checkpoint.HOST_KEY, _checkpoint.HOST_PLACEHOLDER)
 
     def _check_distributed_params(self) -> None:
         """FSDP2 (DTensor) parameters on several ranks: losses must be averaged over a group."""

@@ -130,11 +130,19 @@ def _host(opt):
     return (opt.eta, opt.t, dict(opt.counters), opt._fast, opt._slow, opt._last_search_t)
 
 
-def _checkpoint_resume(kind, world, rank, path):
+def _checkpoint_resume(kind, world, rank, path, flatten=False):
     """Save after 6 steps with torch.distributed.checkpoint, go on 6; a fresh model/optimizer
-    (other init) loads the checkpoint and goes on the same 6 steps: bit-identical."""
+    (other init) loads the checkpoint and goes on the same 6 steps: bit-identical.  ``flatten``:
+    StateDictOptions(flatten_optimizer_state_dict=True) (param-group keys stored per parameter)."""
+    import functools
+
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import get_state_dict as _get
+    from torch.distributed.checkpoint.state_dict import set_state_dict as _set
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    get_state_dict = functools.partial(_get, options=options)
+    set_state_dict = functools.partial(_set, options=options)
     model, opt = _build(kind, world, variant="salsa")       # "auto" schedule: host state matters
     _train(model, opt, rank, 0, 6)
     msd, osd = get_state_dict(model, opt)
@@ -201,6 +209,7 @@ def _main_2(rank, world, port, out_dir):
     ckpt = os.path.join(out_dir, "dcp")
     res["dcp_ddp"] = _checkpoint_resume("ddp", world, rank, ckpt + "_ddp")
     res["dcp_fsdp"] = _checkpoint_resume("fsdp", world, rank, ckpt + "_fsdp")
+    res["dcp_fsdp_flat"] = _checkpoint_resume("fsdp", world, rank, ckpt + "_fsdp_flat", flatten=True)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     _raising_trial("fsdp", world, rank, 1, out_dir)        # exits the process
@@ -279,7 +288,7 @@ def test_two_ranks_fsdp2_ddp_checkpoints_and_a_raising_closure(tmp_path):
         assert a["trials"] == b["trials"]
         for x, y in zip(a["params"], b["params"]):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    for kind in ("dcp_ddp", "dcp_fsdp"):
+    for kind in ("dcp_ddp", "dcp_fsdp", "dcp_fsdp_flat"):
         for r in ranks:
             assert r[kind]["same_params"], f"{kind}: the resumed run differs"
             assert r[kind]["got_host"] == r[kind]["want_host"], kind
