@@ -224,6 +224,12 @@ def _main_4(rank, world, port, out_dir):
     _raising_trial("ddp", world, rank, 2, out_dir)
 
 
+def _main_1(rank, world, port, out_dir):
+    _init(rank, world, port)
+    torch.save({"fsdp": _run("fsdp", world, rank)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def _single_process(world, steps=STEPS, **kw):
     model = _model()
     opt = ALSALS(model.parameters(), backend="foreach", **{**OPT_KW, **kw})
@@ -299,6 +305,12 @@ def test_four_ranks_fsdp2_hsdp_ddp_and_a_raising_closure(tmp_path):
     _spawn(_main_4, 4, str(tmp_path))
     _check_world(str(tmp_path), 4, ["ddp", "fsdp", "hsdp"])
     _check_raising(str(tmp_path), 4, 2)
+
+
+def test_one_rank_fsdp2_matches_one_process(tmp_path):
+    """The first report: FSDP2 failed even with one rank (DTensor ops in the driver)."""
+    _spawn(_main_1, 1, str(tmp_path))
+    _check_world(str(tmp_path), 1, ["fsdp"])
 
 
 def test_sharded_needs_a_group():
