@@ -142,7 +142,13 @@ def corrupt_growth(sd):
     host_of(sd)["hyper"]["growth"] = 1e300
 
 
+def corrupt_host_dropped(sd):
+    sd["param_groups"][0].pop("alsals", None)            # e.g. torch.optim.Optimizer.state_dict
+    sd.pop("alsals", None)
+
+
 CORRUPTIONS = {
+    "host state dropped": (corrupt_host_dropped, "not saved by ALSALS"),
     "unknown parameter index": (corrupt_unknown_index, "12345"),
     "missing h": (corrupt_missing_h, "'h'"),
     "missing fast": (corrupt_missing_fast, "'fast'"),
