@@ -195,7 +195,9 @@ ALSALS_HD void finish_grad(double* ctl, double sumsq, double loss0, double max_g
   const bool finite = finite64(loss0) && finite64(sumsq);
   double scale = 1.0;
   if (finite && max_grad_norm >= 0.0) {
-    const double coef = max_grad_norm / add_rn(sqrt(sumsq), 1e-6);
+    // max_grad_norm / (sqrt(sumsq) + 1e-6) as torch evaluates it in decisions.py
+    // (float / Tensor is Tensor.reciprocal() * float), so both give the same bits.
+    const double coef = mul_rn(1.0 / add_rn(sqrt(sumsq), 1e-6), max_grad_norm);
     scale = coef < 1.0 ? coef : 1.0;
   }
   const double skip = finite ? 0.0 : 1.0;

@@ -31,6 +31,7 @@ is missing and ``ALSALS_FUSED_JIT=1``, it is compiled on first use with
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import importlib
 import importlib.util
@@ -372,12 +373,17 @@ class _Table:
         self.grads_version = bucket.grads_version
         if not self.usable:
             return
-        for i, (g, p) in enumerate(zip(bucket.grads, bucket.params)):
-            if g.dtype != bucket.dtype or g.numel() != p.numel() or not _same_layout(g, p):
-                self.usable = False
-                self.why_not = f"grad {i} has strides {g.stride()}, its param {p.stride()}"
-                return
-        ptrs = torch.tensor([g.data_ptr() if g.numel() else 0 for g in bucket.grads], dtype=torch.int64)
+        grads = bucket.grads   # shape, dtype and device checked by the driver when they moved
+        if len(grads) != len(bucket.params):
+            self.usable, self.why_not = False, "the gradients no longer match the parameters"
+            return
+        if not all(map(Tensor.is_contiguous, grads)):   # fast path: contiguous grads (the common case)
+            for i, (g, p) in enumerate(zip(grads, bucket.params)):
+                if g.numel() != p.numel() or not _same_layout(g, p):
+                    self.usable = False
+                    self.why_not = f"grad {i} has strides {g.stride()}, its param {p.stride()}"
+                    return
+        ptrs = torch.frombuffer(array.array("q", map(Tensor.data_ptr, grads)), dtype=torch.int64)
         self.table[:, TableCol.G].copy_(_pinned(ptrs), non_blocking=True)
 
 

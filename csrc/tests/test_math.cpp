@@ -196,7 +196,7 @@ static void test_decisions() {
         ctl[Ctl::H] = 0.5;
         finish_grad(ctl, sumsq, l0, mgn);
         const bool finite = std::isfinite(l0) && std::isfinite(sumsq);
-        const double scale = finite && mgn >= 0 ? std::min(1.0, mgn / (std::sqrt(sumsq) + 1e-6)) : 1.0;
+        const double scale = finite && mgn >= 0 ? std::min(1.0, (1.0 / (std::sqrt(sumsq) + 1e-6)) * mgn) : 1.0;
         EXPECT(same64(ctl[Ctl::SCALE], scale), "finish_grad SCALE %g (sumsq %g, L0 %g, mgn %g)", ctl[Ctl::SCALE],
                sumsq, l0, mgn);
         EXPECT(ctl[Ctl::SKIP] == (finite ? 0.0 : 1.0) && ctl[Ctl::PENDING] == (finite ? 2.0 : 3.0), "SKIP/PENDING");
