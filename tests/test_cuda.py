@@ -29,8 +29,20 @@ import pytest
 import torch
 
 from alsals_fused.backends import cuda_backend
-from alsals_fused.backends.base import (CHUNK, CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, Ctl,
-                                        DecisionScalars, Dir, StepScalars, TableCol, Verdict, new_ctl)
+from alsals_fused.backends.base import (
+    CHUNK,
+    CTL_SIZE,
+    TABLE_COLS,
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    TableCol,
+    Verdict,
+    new_ctl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_SMALL = cuda_backend._gpt2_like_numels(148)
@@ -189,8 +201,9 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
     numels = [1 + (i * 37) % 300 for i in range(tensors)]
     b = cpu_bucket([(n,) for n in numels])
     backend = recording_backend()
-    ctl, loss0, out = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64), torch.empty(VERDICT_SIZE, dtype=torch.float64)
-    for step in range(3):
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    out = torch.empty(VERDICT_SIZE, dtype=torch.float64)
+    for _ in range(3):
         backend._ops.calls.clear()
         backend.grad_pass([b], ctl, loss0, hp())
         backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
@@ -287,7 +300,8 @@ def test_kernel_sources_use_the_generated_names():
     """No literal ctl/verdict/table indices or chunk sizes in the C++: they come from the header."""
     for name in ("kernels.cu", "alsals_ops.cpp", "alsals_math.h", "passes.h"):
         src = (ROOT / "csrc" / name).read_text()
-        assert not re.search(r"ctl\[\d", src) and not re.search(r"out\[\d", src.replace("out[0]", "").replace("out[1]", "")), name
+        no_sums = src.replace("out[0]", "").replace("out[1]", "")   # the finish=False sums
+        assert not re.search(r"ctl\[\d", src) and not re.search(r"out\[\d", no_sums), name
         assert "4096" not in src and "8192" not in src, name
         assert "<torch" not in src or name == "alsals_ops.cpp", f"{name} includes torch headers"
     assert '#include "alsals_layout.h"' in (ROOT / "csrc" / "alsals_math.h").read_text()
@@ -544,19 +558,19 @@ def ctl_of(scale=1.0, skip=0.0, fallback=0.0, s=-0.02, h=0.01, pending=0.0) -> t
 
 def assert_bucket_close(a: Bucket, b: Bucket, *, backups=True, param_tol=None):
     tol = param_tol or TOL[a.dtype]
-    for i, (x, y) in enumerate(zip(a.params, b.params)):
-        torch.testing.assert_close(x.float(), y.float(), **tol, msg=lambda s: f"param {i}: {s}")
+    for i, (x, y) in enumerate(zip(a.params, b.params, strict=True)):
+        torch.testing.assert_close(x.float(), y.float(), **tol, msg=lambda s, i=i: f"param {i}: {s}")
     for name in ("exp_avgs", "exp_avg_sqs"):
-        for i, (x, y) in enumerate(zip(getattr(a, name), getattr(b, name))):
-            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda s: f"{name} {i}: {s}")
+        for i, (x, y) in enumerate(zip(getattr(a, name), getattr(b, name), strict=True)):
+            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda s, i=i, name=name: f"{name} {i}: {s}")
     if backups:
-        for x, y in zip(a.backups, b.backups):
+        for x, y in zip(a.backups, b.backups, strict=True):
             assert torch.equal(x, y)
 
 
 def assert_bucket_equal(a: Bucket, b: Bucket):
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "backups"):
-        for x, y in zip(getattr(a, name), getattr(b, name)):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
             assert torch.equal(x, y), name
 
 
@@ -746,7 +760,7 @@ def test_in_place_restore_recovers_w0(be):
         eta *= 0.9
     be.move_pass([b], hp, ctl, src_eta=eta, src_dir=Dir.UPDATE, dst_eta=0.0, dst_dir=Dir.UPDATE,
                    from_backup=False)
-    for p, q in zip(b.params, w0):
+    for p, q in zip(b.params, w0, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
@@ -855,7 +869,7 @@ def run_trajectory(backend, *, dtype=torch.float32, steps=24, variant="alsals", 
     for k in range(steps):
         x, y = data[k % len(data)]
 
-        def closure():
+        def closure(x=x, y=y):
             return torch.nn.functional.mse_loss(model(x).float(), y)
 
         opt.zero_grad(set_to_none=True)
@@ -879,7 +893,7 @@ def test_trajectory_matches_reference(be, variant, memory_efficient, wd, max_gra
     assert a["trials"] == b["trials"] and a["accepted"] == b["accepted"]
     assert a["eta"] == pytest.approx(b["eta"], rel=1e-12)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
-    for x, y in zip(a["params"], b["params"]):
+    for x, y in zip(a["params"], b["params"], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 

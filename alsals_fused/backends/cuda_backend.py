@@ -44,8 +44,19 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import (CHUNK, CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, Ctl, DecisionScalars, Dir,
-                   StepScalars, TableCol, Verdict)
+from .base import (
+    CHUNK,
+    CTL_SIZE,
+    TABLE_COLS,
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    TableCol,
+    Verdict,
+)
 
 OPS = ("grad_pass", "step_pass", "move_pass", "verdict")
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in an environment with a CUDA "
@@ -293,7 +304,7 @@ def _dense(t: Tensor) -> bool:
     if t.numel() <= 1 or t.is_contiguous():
         return True
     expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
         if stride != expected:
             return False
         expected *= size
@@ -303,7 +314,9 @@ def _dense(t: Tensor) -> bool:
 def _same_layout(x: Tensor, ref: Tensor) -> bool:
     if x.numel() <= 1 or (x.is_contiguous() and ref.is_contiguous()):
         return True
-    strides = lambda t: tuple(st for s, st in zip(t.shape, t.stride()) if s != 1)  # noqa: E731
+    def strides(t: Tensor) -> tuple:
+        return tuple(st for s, st in zip(t.shape, t.stride(), strict=True) if s != 1)
+
     return _dense(x) and _dense(ref) and x.shape == ref.shape and strides(x) == strides(ref)
 
 
@@ -378,7 +391,7 @@ class _Table:
             self.usable, self.why_not = False, "the gradients no longer match the parameters"
             return
         if not all(map(Tensor.is_contiguous, grads)):   # fast path: contiguous grads (the common case)
-            for i, (g, p) in enumerate(zip(grads, bucket.params)):
+            for i, (g, p) in enumerate(zip(grads, bucket.params, strict=True)):
                 if g.numel() != p.numel() or not _same_layout(g, p):
                     self.usable = False
                     self.why_not = f"grad {i} has strides {g.stride()}, its param {p.stride()}"
