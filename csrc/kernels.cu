@@ -282,9 +282,13 @@ template <typename P>
 __global__ void __launch_bounds__(kThreads) step_pass_kernel(const StepArgs a) {
   __shared__ float shared[2][kWarps];
   const double* ctl = a.p.ctl;
-  if (ctl[Ctl::SKIP] != 0.0) {  // non-finite loss or gradient: write nothing (zero sums)
-    if (a.searching && !a.p.finish && a.p.program_base == 0 && blockIdx.x == 0 && threadIdx.x == 0)
-      a.p.out[0] = a.p.out[1] = 0.0;
+  if (ctl[Ctl::SKIP] != 0.0) {  // non-finite loss or gradient: no parameter or moment is written
+    // The sums are zero; as in the reference, the finisher still runs on them (SLOPE = 0,
+    // S_NEW = beta3*S, FALLBACK = 0), written by one thread of the pass's first program.
+    if (a.searching && a.p.program_base == 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+      if (a.p.finish) finish_step(a.p.ctl, 0.0, 0.0, a.smoothing);
+      else a.p.out[0] = a.p.out[1] = 0.0;
+    }
     return;
   }
   const Chunk c = find_chunk(a.p);

@@ -422,15 +422,18 @@ static void test_step_and_moves(const char* name) {
           }
         }
     }
-    // Skip: nothing written, ctl untouched; finish=false: zero sums.
+    // Skip: no parameter or moment written; the finisher runs on zero sums (as the reference
+    // does); finish=false: zero sums.
     HostBucket<P> a(sizes, off, 5), before = a;
     double ctl[CTL_SIZE], ctl0[CTL_SIZE];
     fresh_ctl(ctl, 1.0, 1.0);
     std::memcpy(ctl0, ctl, sizeof(ctl));
     Scratch s(a.programs() + 64);
-    emulated_step(a, step_args(true, Dir::MOMENTUM, true), ctl, s, true, 0);
+    emulated_step(a, step_args(true, Dir::MOMENTUM, true), ctl, s, true, 3);
     expect_equal(a, before, "skipped step wrote something");
-    for (int k = 0; k < CTL_SIZE; ++k) EXPECT(same(ctl[k], ctl0[k]), "skipped step wrote ctl[%d]", k);
+    finish_step(ctl0, 0.0, 0.0, step_args(true, Dir::MOMENTUM, true).smoothing);
+    for (int k = 0; k < CTL_SIZE; ++k) EXPECT(same(ctl[k], ctl0[k]), "skipped step: ctl[%d]", k);
+    EXPECT(ctl[Ctl::FALLBACK] == 0.0 && ctl[Ctl::SLOPE] == 0.0, "skipped step: no fallback, zero slope");
     emulated_step(a, step_args(true, Dir::MOMENTUM, true), ctl, s, false, 0);
     EXPECT(s.out[0] == 0.0 && s.out[1] == 0.0, "skipped step, finish=false: sums %g %g", s.out[0], s.out[1]);
     expect_equal(a, before, "skipped step wrote something");
