@@ -122,11 +122,9 @@ class Harness:
     """Parameters at the given shapes and a quadratic loss; the closure and backward are timed
     (to be subtracted) and paused in the counter; trial losses follow ``self.plan``."""
 
-    def __init__(self, backend: str, tensors: int, counter_box: list, **kw):
+    def __init__(self, backend: str, shapes: List[tuple], counter_box: list, **kw):
         gen = torch.Generator().manual_seed(0)
-        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)
-                       for s in gpt2_shapes(**SETS[tensors])]
-        assert len(self.params) == tensors
+        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
         self.opt = ALSALS(self.params, backend=backend, **kw)
         self.box = counter_box                  # [OpCounter or None], shared with the stubs
         self.plan: List[bool] = []
@@ -274,28 +272,48 @@ def cuda_row(tensors: int) -> Dict:
 
 # -- rows --------------------------------------------------------------------------------------
 
-def measure(backend: str, tensors: int, steps: int) -> Dict:
-    box = COUNTER                               # shared with the launch stubs
+def op_counts(backend: str, shapes: List[tuple], **kw) -> Dict:
+    """Device operations of a searching step (first trial accepted), of an extra trial and of a
+    non-searching step, with the counted op names (no timing: usable from tests)."""
     hbox: list = [None]
-    row: Dict = {"backend": backend, "tensors": tensors}
     with backward_excluded(hbox):
-        h = hbox[0] = Harness(backend, tensors, box, line_search_every=1)
+        h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=1, **kw)
         for _ in range(3):
             h.step([True])
         one = count(h, [True])
         two = count(h, [False, True])
         assert h.opt.last_step.trials == 2, h.opt.last_step
-        row["ops_searching_step"] = one.total
-        row["ops_extra_trial"] = two.total - one.total
-        row["host_us_searching_step"] = round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
-        h = hbox[0] = Harness(backend, tensors, box, line_search_every=10 ** 9)
+        h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=10 ** 9, **kw)
         for _ in range(3):
             h.step([True])
         assert not h.opt.last_step.searched
         zero = count(h, [])
-        row["ops_nonsearching_step"] = zero.total
-        row["host_us_nonsearching_step"] = round(statistics.median(h.step() for _ in range(steps)) * 1e6, 1)
-    row["detail"] = {"searching": dict(one.names), "nonsearching": dict(zero.names)}
+    return {"ops_searching_step": one.total, "ops_extra_trial": two.total - one.total,
+            "ops_nonsearching_step": zero.total,
+            "detail": {"searching": dict(one.names), "extra_trial": dict(two.names - one.names),
+                       "nonsearching": dict(zero.names)}}
+
+
+def host_times(backend: str, shapes: List[tuple], steps: int) -> Dict:
+    """Median host microseconds per searching and per non-searching step."""
+    hbox: list = [None]
+    out = {}
+    with backward_excluded(hbox):
+        for key, every in (("host_us_searching_step", 1), ("host_us_nonsearching_step", 10 ** 9)):
+            h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=every)
+            for _ in range(3):
+                h.step([True])
+            out[key] = round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
+    return out
+
+
+def measure(backend: str, tensors: int, steps: int) -> Dict:
+    shapes = gpt2_shapes(**SETS[tensors])
+    row: Dict = {"backend": backend, "tensors": tensors}
+    counts = op_counts(backend, shapes)
+    row.update(counts)
+    row.update(host_times(backend, shapes, steps))
+    row["detail"] = row.pop("detail")
     return row
 
 

@@ -52,7 +52,7 @@ def test_equality_guard_applies_to_the_fallbacks_plain_test(backend):
     opt = ALSALS([w], backend=backend, smoothing=0.0, init_step_size=0.01)
     for center in (-0.1, 0.2):
         opt.zero_grad()
-        opt.step(lambda: tiny_loss(w, center))
+        opt.step(lambda center=center: tiny_loss(w, center))
     info = opt.last_step
     assert info.fallback, "the second step must fall back"
     assert info.accepted and info.trials == 1 and info.loss_trial == info.loss
