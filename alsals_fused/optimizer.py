@@ -519,10 +519,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     # -- the step (section 1) -------------------------------------------------------------------
     def step(self, closure=None):
-        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
+        # DCP's state initialisation (get/set_optimizer_state_dict) zeroes lr around this call,
+        # so it is recognised before the lr mirror is checked.
         if closure is None and getattr(self, "_window", None) is None \
                 and self._init_state_without_closure():
-            return None                                  # DCP's state initialisation (ckpt)
+            return None
+        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
         if closure is None or self._is_framework_closure(closure):
             return self._step_user_gradients(closure)   # integ: gradients already in p.grad
         if not callable(closure):
