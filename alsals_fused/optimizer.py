@@ -372,7 +372,8 @@ class ALSALS(torch.optim.Optimizer):
                 h_new = b3 * self._h + (1 - b3) * diff
                 smoothed_ok = h_new >= hyper.c * eta * s_new
                 plain_ok = diff >= hyper.c * eta * slope_grad
-                accept = torch.where(fallback, plain_ok, smoothed_ok) & torch.isfinite(loss_try) & finite
+                accept = ((torch.where(fallback, plain_ok, smoothed_ok) | (loss_try == loss0))
+                          & torch.isfinite(loss_try) & finite)
                 verdict = torch.stack([accept.to(torch.float64), finite.to(torch.float64),
                                        fallback.to(torch.float64), loss0, loss_try, slope_used,
                                        self._pending_skips])
@@ -416,6 +417,7 @@ class ALSALS(torch.optim.Optimizer):
             else:
                 self.counters["rejected"] += 1
                 move(eta_at_params, 0.0)
+                eta = eta_before
             self.eta = eta
             self._after_search(self.t)
         self._sync_lr()
