@@ -5,7 +5,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
-VARIANTS = ("alsals", "adam_sls", "salsa")
+VARIANTS = ("alsals", "adam_sls", "salsa", "alsals_adapt")
+MOMENTUM_VARIANTS = ("alsals", "alsals_adapt")     # search along m_hat*p, keep the trial point
 BACKENDS = ("auto", "reference", "foreach", "triton", "cuda")
 
 
@@ -26,16 +27,20 @@ class Hyper:
     weight_decay: float = 0.0                   # default for groups that do not set their own
     max_grad_norm: Optional[float] = None
     memory_efficient: bool = False
+    # Host-side search adaptation (the "alsals_adapt" variant; neutral values for the others).
+    first_backtrack: Optional[float] = None     # backtrack until a search accepts (None: backtrack)
+    growth_boost: float = 1.0                   # growth *= this after a first-trial pass (1: off)
+    growth_max: float = 1 / 0.999               # cap of the boosted growth
 
     @property
     def momentum_search(self) -> bool:
-        """alsals searches along m_hat*p; adam_sls and salsa along g*p."""
-        return self.variant == "alsals"
+        """alsals (and alsals_adapt) search along m_hat*p; adam_sls and salsa along g*p."""
+        return self.variant in MOMENTUM_VARIANTS
 
     @property
     def update_is_trial_point(self) -> bool:
         """alsals keeps the accepted trial point; the others re-step from w0 along m_hat*p."""
-        return self.variant == "alsals"
+        return self.variant in MOMENTUM_VARIANTS
 
 
 VARIANT_DEFAULTS = {
@@ -43,6 +48,11 @@ VARIANT_DEFAULTS = {
     "adam_sls": Hyper(variant="adam_sls", c=0.1, smoothing=0.0, growth=2 ** (1 / 500)),
     "salsa": Hyper(variant="salsa", c=0.3, smoothing=0.99, growth=2 ** (1 / 500),
                    line_search_every="auto"),
+    # Not from a paper: ALSALS's direction and test with a search that keeps adapting (issue 11;
+    # benchmarks/quality/README.md has the evidence).  Provisional constants, set below.
+    "alsals_adapt": Hyper(variant="alsals_adapt", c=0.5, smoothing=0.9, growth=1.1, backtrack=0.8,
+                          line_search_every="auto", first_backtrack=0.3, growth_boost=1.0,
+                          growth_max=1.1),
 }
 
 
@@ -80,6 +90,10 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     _require(_real(h.smoothing) and 0 <= h.smoothing < 1, "smoothing", h.smoothing, "0 <= smoothing < 1")
     _require(_real(h.growth) and h.growth >= 1, "growth", h.growth, "a finite float >= 1")
     _require(_real(h.backtrack) and 0 < h.backtrack < 1, "backtrack", h.backtrack, "0 < backtrack < 1")
+    _require(h.first_backtrack is None or (_real(h.first_backtrack) and 0 < h.first_backtrack < 1),
+             "first_backtrack", h.first_backtrack, "None or 0 < first_backtrack < 1")
+    _require(_real(h.growth_boost) and h.growth_boost >= 1, "growth_boost", h.growth_boost, "a float >= 1")
+    _require(_real(h.growth_max) and h.growth_max >= 1, "growth_max", h.growth_max, "a float >= 1")
     _require(isinstance(h.max_trials, int) and not isinstance(h.max_trials, bool) and h.max_trials >= 1,
              "max_trials", h.max_trials, "an int >= 1")
     k = h.line_search_every
