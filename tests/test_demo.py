@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from alsals_fused import data, demo
-from alsals_fused.models import ByteGPT, GPTConfig, lm_loss
+from alsals_fused.examples import data, demo
+from alsals_fused.examples.models import ByteGPT, GPTConfig, lm_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
