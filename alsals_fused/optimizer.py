@@ -141,8 +141,6 @@ class ALSALS(torch.optim.Optimizer):
         self._fast: Optional[float] = None         # "auto" EMAs of eta (section 3)
         self._slow: Optional[float] = None
         self._last_search_t = 0
-        self._growth: Optional[float] = None       # adaptive growth (None: hyper.growth)
-        self._scale_found = False                  # a search has accepted (ends first_backtrack)
         # Device state, created on the parameters' device at the first step: h, s and the count of
         # non-finite steps the host has not seen yet.
         self._h: Optional[Tensor] = None
@@ -187,31 +185,6 @@ class ALSALS(torch.optim.Optimizer):
             self._fast = 0.9 * self._fast + 0.1 * self.eta
             self._slow = 0.99 * self._slow + 0.01 * self.eta
         self._last_search_t = t
-
-    # -- growth and backtracking of the search (host side; section 2 plus the adaptive variant) --
-    def _grown_eta(self, eta_before: float) -> float:
-        """The first trial's eta: eta * growth; "alsals_adapt" grows faster while first trials
-        keep passing (``_adapt_growth``)."""
-        return eta_before * (self._growth if self._growth is not None else self.hyper.growth)
-
-    def _backtrack_factor(self) -> float:
-        """Backtracking factor of the next trial: ``first_backtrack`` until a search has found
-        an acceptable scale (it brings init_step_size down in few trials), then ``backtrack``."""
-        fb = self.hyper.first_backtrack
-        return fb if (fb is not None and not self._scale_found) else self.hyper.backtrack
-
-    def _adapt_growth(self, accepted: bool, trials: int) -> None:
-        """After a search: a first trial that passed multiplies the next growth by
-        ``growth_boost`` (at most ``growth_max``); a backtrack or a rejection resets it."""
-        hyper = self.hyper
-        self._scale_found = self._scale_found or accepted
-        if hyper.growth_boost <= 1:
-            return
-        current = self._growth if self._growth is not None else hyper.growth
-        if accepted and trials == 1:
-            self._growth = min(hyper.growth_max, current * hyper.growth_boost)
-        else:
-            self._growth = hyper.growth
 
     # -- gathering the tensors ------------------------------------------------------------------
     def _param_devices(self) -> Tuple[int, ...]:
@@ -329,7 +302,7 @@ class ALSALS(torch.optim.Optimizer):
 
         t = self.t + 1
         eta_before = self.eta
-        eta = self._grown_eta(eta_before) if searching else eta_before
+        eta = eta_before * hyper.growth if searching else eta_before
         if hyper.memory_efficient:
             self._check_in_place_recovery(eta, work)
         beta1, beta2 = hyper.betas
@@ -399,8 +372,7 @@ class ALSALS(torch.optim.Optimizer):
                 h_new = b3 * self._h + (1 - b3) * diff
                 smoothed_ok = h_new >= hyper.c * eta * s_new
                 plain_ok = diff >= hyper.c * eta * slope_grad
-                accept = ((torch.where(fallback, plain_ok, smoothed_ok) | (loss_try == loss0))
-                          & torch.isfinite(loss_try) & finite)
+                accept = torch.where(fallback, plain_ok, smoothed_ok) & torch.isfinite(loss_try) & finite
                 verdict = torch.stack([accept.to(torch.float64), finite.to(torch.float64),
                                        fallback.to(torch.float64), loss0, loss_try, slope_used,
                                        self._pending_skips])
@@ -416,7 +388,7 @@ class ALSALS(torch.optim.Optimizer):
                 if ok:
                     accepted = True
                     break
-                eta *= self._backtrack_factor()
+                eta *= hyper.backtrack
                 if trials == hyper.max_trials:
                     break
                 move(eta_at_params, eta)
@@ -444,9 +416,7 @@ class ALSALS(torch.optim.Optimizer):
             else:
                 self.counters["rejected"] += 1
                 move(eta_at_params, 0.0)
-                eta = eta_before
             self.eta = eta
-            self._adapt_growth(accepted, trials)
             self._after_search(self.t)
         self._sync_lr()
         self.last_step = StepInfo(eta=eta, trials=trials, accepted=accepted, searched=True,
@@ -488,7 +458,6 @@ class ALSALS(torch.optim.Optimizer):
         sd["alsals"] = {
             "eta": self.eta, "t": self.t, "counters": dict(self.counters),
             "fast": self._fast, "slow": self._slow, "last_search_t": self._last_search_t,
-            "growth": self._growth, "scale_found": self._scale_found,
             "h": None if self._h is None else self._h.clone(),
             "s": None if self._s is None else self._s.clone(),
             "pending_skips": None if self._pending_skips is None else self._pending_skips.clone(),
@@ -528,8 +497,6 @@ class ALSALS(torch.optim.Optimizer):
         self.counters = dict(extra["counters"])
         self._fast, self._slow = extra["fast"], extra["slow"]
         self._last_search_t = int(extra["last_search_t"])
-        self._growth = extra.get("growth")
-        self._scale_found = bool(extra.get("scale_found", self.t > 0))
         self._h, self._s = extra["h"], extra["s"]
         self._pending_skips = extra["pending_skips"]
         for name in ("_h", "_s", "_pending_skips"):
