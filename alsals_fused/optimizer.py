@@ -248,6 +248,8 @@ class ALSALS(torch.optim.Optimizer):
         self._fast: Optional[float] = None         # "auto" EMAs of eta (section 3)
         self._slow: Optional[float] = None
         self._last_search_t = 0
+        self._growth: Optional[float] = None       # adapted growth (alsals_adapt; None: hyper.growth)
+        self._scale_found = False                  # a search has accepted (ends first_backtrack)
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
         # created at the first step.
@@ -480,8 +482,28 @@ class ALSALS(torch.optim.Optimizer):
             plan.release_grads()
 
     def _first_trial_eta(self, searching: bool) -> float:
-        """The step size of the step's candidate: eta*growth on a searching step (section 1)."""
-        return self.eta * self.hyper.growth if searching else self.eta
+        """The step size of the step's candidate: eta*growth on a searching step (section 1);
+        with ``growth_boost`` (alsals_adapt) the growth is the adapted one (``_adapt_growth``)."""
+        growth = self._growth if self._growth is not None else self.hyper.growth
+        return self.eta * growth if searching else self.eta
+
+    # -- quality helper's host-side search adaptation (issue 11; neutral for the paper variants) --
+    def _backtrack_factor(self) -> float:
+        """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
+        (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
+        fb = self.hyper.first_backtrack
+        return fb if (fb is not None and not self._scale_found) else self.hyper.backtrack
+
+    def _adapt_growth(self, accepted: bool, trials: int) -> None:
+        """After a search: a first trial that passed multiplies the next growth by
+        ``growth_boost`` (at most ``growth_max``); a backtrack or a rejection resets it."""
+        hyper = self.hyper
+        self._scale_found = self._scale_found or accepted
+        if hyper.growth_boost <= 1:
+            return
+        current = self._growth if self._growth is not None else hyper.growth
+        self._growth = min(hyper.growth_max, current * hyper.growth_boost) if (accepted and trials == 1) \
+            else hyper.growth
 
     def _eta_after_search(self, found: _Search, eta_before: float) -> float:
         """eta as a search leaves it: the accepted trial's, or (spec guard 2) the pre-step value."""
@@ -574,7 +596,7 @@ class ALSALS(torch.optim.Optimizer):
                 if v[Verdict.ACCEPT]:
                     found.accepted = True
                     break
-                found.eta *= hyper.backtrack
+                found.eta *= self._backtrack_factor()
                 if found.trials == hyper.max_trials:
                     break
                 self._move(plan, hp, found.eta_at_params, search_dir, found.eta, search_dir)
@@ -611,6 +633,7 @@ class ALSALS(torch.optim.Optimizer):
                 self.counters["rejected"] += 1
                 self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
             self.eta = self._eta_after_search(found, eta_before)
+            self._adapt_growth(found.accepted, found.trials)
             self._after_search(self.t)
         self._sync_lr()
         self.last_step = StepInfo(eta=self.eta, trials=found.trials, accepted=found.accepted,
@@ -646,6 +669,7 @@ class ALSALS(torch.optim.Optimizer):
         sd["alsals"] = {
             "eta": self.eta, "t": self.t, "counters": dict(self.counters),
             "fast": self._fast, "slow": self._slow, "last_search_t": self._last_search_t,
+            "growth": self._growth, "scale_found": self._scale_found,
             # h, s, pending skips: 0-dim float64 tensors (the persistent slots of ctl)
             "h": None if ctl is None else ctl[Ctl.H].clone(),
             "s": None if ctl is None else ctl[Ctl.S].clone(),
@@ -686,6 +710,8 @@ class ALSALS(torch.optim.Optimizer):
         self.counters = dict(extra["counters"])
         self._fast, self._slow = extra["fast"], extra["slow"]
         self._last_search_t = int(extra["last_search_t"])
+        self._growth = extra.get("growth")
+        self._scale_found = bool(extra.get("scale_found", self.t > 0))
         self._load_device_state(extra)
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
