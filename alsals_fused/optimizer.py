@@ -248,7 +248,7 @@ class ALSALS(torch.optim.Optimizer):
         self._fast: Optional[float] = None         # "auto" EMAs of eta (section 3)
         self._slow: Optional[float] = None
         self._last_search_t = 0
-        self._growth: Optional[float] = None       # adapted growth (alsals_adapt; None: hyper.growth)
+        self._growth: Optional[float] = None       # adapted growth (growth_boost; None: hyper.growth)
         self._scale_found = False                  # a search has accepted (ends first_backtrack)
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
@@ -483,7 +483,7 @@ class ALSALS(torch.optim.Optimizer):
 
     def _first_trial_eta(self, searching: bool) -> float:
         """The step size of the step's candidate: eta*growth on a searching step (section 1);
-        with ``growth_boost`` (alsals_adapt) the growth is the adapted one (``_adapt_growth``)."""
+        with ``growth_boost`` the growth is the adapted one (``_adapt_growth``)."""
         growth = self._growth if self._growth is not None else self.hyper.growth
         return self.eta * growth if searching else self.eta
 

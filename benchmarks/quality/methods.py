@@ -180,7 +180,7 @@ def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
                       lambda model, steps, seed, wl: SalsaPackageAdapter(model, seed)))
     for name, spec in (candidates or {}).items():
         spec = dict(spec)
-        variant = spec.pop("variant", "alsals_adapt")
+        variant = spec.pop("variant", "adaptive")
         every = spec.pop("line_search_every", "auto")
         out.append(_line_search(variant, every, spec, name=f"cand:{name}"))
     return out

@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality               # full: 5 workloads x 3 seeds (about 40-60 min, 2 cores)
     python -m benchmarks.quality --quick       # 1 seed, shorter budgets (a few minutes)
-    python -m benchmarks.quality --workloads cnn_bn,regression --methods adam@0.001,alsals_adapt/auto
+    python -m benchmarks.quality --workloads cnn_bn,regression --methods adam@0.001,adaptive/auto
     python -m benchmarks.quality --gpu         # GPT-2-small-shaped model on CUDA (one call, < 3 min)
 
 Offline: the data are generated from seeds or read from this machine's Python standard-library
@@ -192,10 +192,10 @@ def markdown(agg, meta) -> str:
     return "\n".join(lines)
 
 
-PLOTTED = ("adam@0.001", "adamw_cosine", "alsals/every", "alsals_adapt/auto", "alsals_adapt/every",
+PLOTTED = ("adam@0.001", "adamw_cosine", "alsals/every", "adaptive/auto", "adaptive/every",
            "adam_sls/every", "salsa/auto", "salsa_pkg")
 COLORS = {"adam@0.001": "tab:blue", "adamw_cosine": "tab:cyan", "alsals/every": "tab:red",
-          "alsals_adapt/auto": "black", "alsals_adapt/every": "tab:gray", "adam_sls/every": "tab:green",
+          "adaptive/auto": "black", "adaptive/every": "tab:gray", "adam_sls/every": "tab:green",
           "salsa/auto": "tab:orange", "salsa_pkg": "tab:purple", "best_adam": "tab:olive"}
 
 
@@ -253,7 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--candidates", default=None,
-                   help="JSON file {name: {Hyper field: value, ...}}: extra alsals_adapt rules to try")
+                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (base variant: "variant" key, default adaptive)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default benchmarks/quality/results)")
     p.add_argument("--tag", default=None, help="file name prefix for the outputs (default: none / 'quick')")
     p.add_argument("--no-plot", action="store_true")
