@@ -253,7 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--candidates", default=None,
-                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (base variant: "variant" key, default adaptive)")
+                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (key 'variant': the base variant, default adaptive)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default benchmarks/quality/results)")
     p.add_argument("--tag", default=None, help="file name prefix for the outputs (default: none / 'quick')")
     p.add_argument("--no-plot", action="store_true")
