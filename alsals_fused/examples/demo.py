@@ -1,4 +1,5 @@
-"""Demo: ALSALS against Adam and ADAM+SLS on a small byte-level GPT, on CPU, in a few minutes.
+"""Demo: the line search at work: the "adaptive" variant and the paper's ALSALS against Adam and
+ADAM+SLS on a small byte-level GPT, on CPU, in a few minutes.
 
     python -m alsals_fused.demo                 # defaults: about 1.5 minutes on a 2-core CPU
     python -m alsals_fused.demo --device cuda --bf16 --steps 1000
@@ -8,14 +9,16 @@ The text is the running Python's standard-library sources (``alsals_fused.exampl
 downloaded.  Every optimizer starts from the same initialization and sees the same batches and,
 because ALSALS leaves the generators where the gradient forward left them, the same dropout masks
 at every step.  Output: a progress line every few steps, a table, and in ``--out``
-``demo.png`` (loss and step size per step) and ``demo.json`` (config, table, per-step records).
+``demo.png`` (training loss per step and against forward passes, so the line search's extra
+forwards are visible, and the step size eta of each line search against Adam's lr) and
+``demo.json`` (config, table, per-step records).
 
 Results are deterministic given the seed, the device and the number of CPU threads (the thread
 count changes the order of floating-point reductions, and ADAM+SLS's step-size collapse is
 sensitive to it).
 
-``main(argv)`` returns the table rows as a dict keyed by optimizer name ("alsals", "adam",
-"adam_sls").
+``main(argv)`` returns the table rows as a dict keyed by optimizer name ("adaptive", "alsals",
+"adam", "adam_sls").
 """
 from __future__ import annotations
 
@@ -35,15 +38,15 @@ from .data import TextCorpus, fixed_starts, get_batch, load_corpus, random_start
 from .models import ByteGPT, GPTConfig, lm_loss
 from ..optimizer import ALSALS
 
-OPTIMIZERS = ("alsals", "adam", "adam_sls")
+OPTIMIZERS = ("adaptive", "alsals", "adam", "adam_sls")
 PNG_NAME = "demo.png"
 JSON_NAME = "demo.json"
 
-# Sized for about 1.5 minutes in all on a 2-core CPU (the limit is 3): a 2-layer, d=128 model on
-# 64-byte windows, 250 steps per optimizer, about 95 s of CPU time on one thread (measured: 300
-# steps took 112 s).  The line-search methods cost about 1.4-1.7x Adam per step on CPU, where a
-# no-grad forward is close to half of forward+backward at this size, plus the first step's
-# backtracking from eta = 0.1 (30-50 trial forwards).
+# Sized for about 2 minutes in all on a 2-core CPU (the limit is 3): a 2-layer, d=128 model on
+# 64-byte windows, 250 steps per optimizer (3 optimizers took about 95 s of CPU time on one
+# thread; "adaptive" adds about 30 s).  The every-step line searches cost about 1.4-1.7x Adam per
+# step on CPU, where a no-grad forward is close to half of forward+backward at this size, plus
+# the first step's backtracking from eta = 0.1 (30-50 trial forwards; "adaptive": a few).
 DEFAULTS = dict(steps=250, batch_size=32, context=64, n_layer=2, n_head=4, d_model=128,
                 dropout=0.1, train_bytes=2_000_000, heldout_bytes=200_000, eval_batches=8,
                 log_every=50, last_k=20)
@@ -53,7 +56,8 @@ TINY = dict(steps=5, batch_size=4, context=16, n_layer=1, n_head=2, d_model=32, 
 
 
 def _label(name: str, adam_lr: float) -> str:
-    return {"alsals": "ALSALS", "adam": f"Adam (lr={adam_lr:g})", "adam_sls": "ADAM+SLS"}[name]
+    return {"adaptive": "adaptive (auto)", "alsals": "ALSALS (paper)", "adam": f"Adam (lr={adam_lr:g})",
+            "adam_sls": "ADAM+SLS"}[name]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -242,24 +246,31 @@ def plot(records: Dict[str, List[dict]], labels: Dict[str, str], path: str, titl
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    fig = Figure(figsize=(17, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_eta = fig.subplots(1, 2)
-    colors = {"alsals": "tab:red", "adam": "tab:blue", "adam_sls": "tab:green"}
+    ax_loss, ax_fwd, ax_eta = fig.subplots(1, 3)
+    colors = {"adaptive": "black", "alsals": "tab:red", "adam": "tab:blue", "adam_sls": "tab:green"}
     for name, recs in records.items():
         steps = [r["step"] for r in recs]
         losses = [r["loss"] for r in recs]
         span = max(1, len(recs) // 30)
+        smooth = _smooth(losses, span)
+        forwards, total = [], 0
+        for r in recs:
+            total += r["forwards"]
+            forwards.append(total)
         ax_loss.plot(steps, losses, color=colors[name], alpha=0.25, linewidth=0.8)
-        ax_loss.plot(steps, _smooth(losses, span), color=colors[name], linewidth=1.8,
-                     label=labels[name])
+        ax_loss.plot(steps, smooth, color=colors[name], linewidth=1.8, label=labels[name])
+        ax_fwd.plot(forwards, smooth, color=colors[name], linewidth=1.8, label=labels[name])
         ax_eta.plot(steps, [r["step_size"] for r in recs], color=colors[name], linewidth=1.5,
                     label=labels[name])
     ax_loss.set(xlabel="step", ylabel="training loss (nats/byte)",
                 title="training loss (faint: per step; solid: moving average)")
+    ax_fwd.set(xlabel="forward passes (gradient forward + trial forwards)", ylabel="training loss",
+               title="training loss against cost (moving average)")
     ax_eta.set(xlabel="step", ylabel="step size", yscale="log",
-               title="step size (eta of the line search; Adam: its lr)")
-    for ax in (ax_loss, ax_eta):
+               title="step size: eta of each line search against Adam's lr")
+    for ax in (ax_loss, ax_fwd, ax_eta):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
