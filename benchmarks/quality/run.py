@@ -222,7 +222,9 @@ def plot(wl: str, rows: List[dict], agg, path: str) -> None:
             continue
         n = min(len(r["losses"]) for r in rs)
         loss = [sum(r["losses"][i] for r in rs) / len(rs) for i in range(n)]
-        eta = [math.exp(sum(math.log(max(r["etas"][i], 1e-300)) for r in rs) / len(rs)) for i in range(n)]
+        # Geometric mean over seeds; a zero lr (the end of the cosine schedule) is not drawn.
+        eta = [math.exp(sum(math.log(r["etas"][i]) for r in rs) / len(rs))
+               if all(r["etas"][i] > 0 for r in rs) else math.nan for i in range(n)]
         sm = _ema(loss, max(1, n // 25))
         color = COLORS.get(m, "tab:olive" if m == best else None)
         label = f"{m} (best Adam)" if m == best else m
@@ -236,6 +238,7 @@ def plot(wl: str, rows: List[dict], agg, path: str) -> None:
                 title="training loss per step")
     ax_fwd.set(xlabel="forward passes (gradient + trial forwards)", ylabel="training loss", yscale="log",
                title="training loss against cost")
+    ax_eta.set_ylim(1e-5, 1.0)
     ax_eta.set(xlabel="step", ylabel="step size (eta; Adam: lr)", yscale="log",
                title="eta against Adam's lr (dotted: Adam grid)")
     for ax in (ax_loss, ax_fwd, ax_eta):
@@ -259,11 +262,19 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--gpu", action="store_true", help="GPU mode (see gpu.py)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the PNGs of a results.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        prefix = os.path.basename(args.replot)[: -len("results.json")]
+        for wl in saved["summary"]:
+            plot(wl, saved["runs"], saved["summary"], os.path.join(os.path.dirname(args.replot), f"{prefix}{wl}.png"))
+        return saved
     if args.gpu:
         from .gpu import main as gpu_main
         return gpu_main(args)
