@@ -12,7 +12,6 @@ available when it was written): the first run's numbers are the first evidence.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -78,7 +77,7 @@ def main(args) -> dict:
                           wall_s=time.perf_counter() - t0, final_eta=etas[-1], losses=losses, etas=etas)
         print(f"{name:<16} final {rows[name]['final_train_loss']:.4f} fwd/step "
               f"{rows[name]['forwards_per_step']:.2f} {rows[name]['wall_s']:.1f}s", flush=True)
-        del model, opt
+        model = opt = None
         torch.cuda.empty_cache()
     ref = rows["adam@0.001"]["final_train_loss"]
     best = min(r["final_train_loss"] for n, r in rows.items() if n.startswith("adam@"))
