@@ -1,6 +1,8 @@
 """The quality harness's CI smoke subset (seconds) and the "adaptive" variant's host rules."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from alsals_fused import ALSALS
 from alsals_fused.config import VARIANT_DEFAULTS, VARIANTS, make_hyper
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # benchmarks/ is not installed; plain `pytest` runs from tests/
+    sys.path.insert(0, str(REPO))
 
 
 def test_harness_smoke(tmp_path):
