@@ -252,6 +252,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed and the shorter step budgets")
     p.add_argument("--seeds", type=int, default=None, help="seeds per workload (default 3; --quick 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="combine the runs of several results.json (e.g. one per seed) into --tag's tables")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
@@ -275,6 +278,8 @@ def main(argv=None) -> dict:
         for wl in saved["summary"]:
             plot(wl, saved["runs"], saved["summary"], os.path.join(os.path.dirname(args.replot), f"{prefix}{wl}.png"))
         return saved
+    if args.merge:
+        return _merge(args)
     if args.gpu:
         from .gpu import main as gpu_main
         return gpu_main(args)
@@ -286,9 +291,34 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads_before)
 
 
+def _merge(args) -> dict:
+    rows, metas = [], []
+    for path in args.merge:
+        with open(path) as f:
+            saved = json.load(f)
+        rows += saved["runs"]
+        metas.append(saved["meta"])
+    agg = aggregate(rows)
+    meta = dict(metas[0])
+    meta["seeds"] = sorted({r["seed"] for r in rows})
+    meta["total_s"] = sum(m["total_s"] for m in metas)
+    meta["mode"] = f"{metas[0]['mode']}, merged from {len(metas)} runs (total_s: their sum)"
+    prefix = (args.tag + "-") if args.tag else ""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, prefix + "results.md"), "w") as f:
+        f.write(markdown(agg, meta) + "\n")
+    with open(os.path.join(args.out, prefix + "results.json"), "w") as f:
+        json.dump(dict(meta=meta, summary=agg, runs=rows), f, allow_nan=True)
+    if not args.no_plot:
+        for wl in agg:
+            plot(wl, rows, agg, os.path.join(args.out, f"{prefix}{wl}.png"))
+    return dict(meta=meta, summary=agg, rows=rows)
+
+
 def _run(args) -> dict:
     t_start = time.perf_counter()
-    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     cands = None
     if args.candidates:
         with open(args.candidates) as f:
