@@ -9,7 +9,12 @@ Format (``FORMAT_VERSION = 2``)::
 
     HOST = {"format": 2, "variant": str, "hyper": {Hyper fields}, "eta": float, "t": int,
             "counters": {name: int}, "fast": float | None, "slow": float | None,
-            "last_search_t": int, "h": float, "s": float, "pending_skips": int}
+            "last_search_t": int, "h": float, "s": float, "pending_skips": int,
+            "growth": float | None, "scale_found": bool}       # the last two optional
+
+``growth`` and ``scale_found`` (the host state of the ``adaptive`` variant's search rules) and the
+Hyper fields added with that variant may be missing from older checkpoints: they then take their
+defaults (no adapted growth; a scale counts as found once t > 0; the variant's default Hyper).
 
 The host state lives inside ``param_groups[0]`` (not at the top level) because
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
@@ -39,7 +44,7 @@ from typing import Any, Dict, List
 import torch
 from torch import Tensor
 
-from .config import Hyper, make_hyper, validate_search_range, validate_weight_decay
+from .config import VARIANT_DEFAULTS, Hyper, make_hyper, validate_search_range, validate_weight_decay
 
 FORMAT_VERSION = 2
 HOST_KEY = "alsals"                     # key of the host state inside param_groups[0]
@@ -49,6 +54,7 @@ HOST_KEY = "alsals"                     # key of the host state inside param_gro
 HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
+LATER_HYPER_FIELDS = ("first_backtrack", "growth_boost", "growth_max")   # may be absent
 HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
              "pending_skips")
 
@@ -69,11 +75,13 @@ def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
 # -- writing ------------------------------------------------------------------------------------
 
 def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast, slow,
-               last_search_t: int, h: float, s: float, pending_skips: int) -> Dict[str, Any]:
+               last_search_t: int, h: float, s: float, pending_skips: int, growth,
+               scale_found: bool) -> Dict[str, Any]:
     return {"format": FORMAT_VERSION, "variant": hyper.variant, "hyper": dataclasses.asdict(hyper),
             "eta": float(eta), "t": int(t), "counters": {k: int(v) for k, v in counters.items()},
             "fast": fast, "slow": slow, "last_search_t": int(last_search_t), "h": float(h),
-            "s": float(s), "pending_skips": int(pending_skips)}
+            "s": float(s), "pending_skips": int(pending_skips), "growth": growth,
+            "scale_found": bool(scale_found)}
 
 
 def attach(state_dict: dict, host: Dict[str, Any]) -> dict:
@@ -151,6 +159,9 @@ def _check_hyper(saved, variant: str) -> Hyper:
     if not isinstance(saved, dict):
         _fail(f"hyper is a {type(saved).__name__}, not a dict")
     names = [f.name for f in dataclasses.fields(Hyper)]
+    if variant in VARIANT_DEFAULTS:    # fields added after format 1 take the variant's defaults
+        defaults = dataclasses.asdict(VARIANT_DEFAULTS[variant])
+        saved = {**{k: defaults[k] for k in LATER_HYPER_FIELDS if k not in saved}, **saved}
     missing = [n for n in names if n not in saved]
     unknown = sorted(set(saved) - set(names))
     if missing or unknown:
@@ -160,7 +171,7 @@ def _check_hyper(saved, variant: str) -> Hyper:
     given = {k: v for k, v in saved.items() if k != "variant"}
     if isinstance(given["betas"], list):
         given["betas"] = tuple(given["betas"])
-    optional_none = {"max_grad_norm"}
+    optional_none = {"max_grad_norm", "first_backtrack"}
     for k, v in given.items():
         if v is None and k not in optional_none:
             _fail(f"hyper[{k!r}]=None is invalid")
@@ -289,6 +300,15 @@ def validate(opt, state_dict) -> LoadPlan:
             _fail(f"pending_skips={pf!r} is invalid; expected an int >= 0")
         pending = int(pf)
     pending = _int(pending, "pending_skips")
+    growth = host.get("growth")
+    if growth is not None:
+        growth = _float(growth, "growth")
+        if growth < 1:
+            _fail(f"growth={growth!r} is invalid; expected None or a float >= 1")
+    scale_found = host.get("scale_found", t > 0)
+    if not isinstance(scale_found, bool):
+        _fail(f"scale_found={scale_found!r} is invalid; expected True or False")
     clean = {"eta": eta, "t": t, "counters": counters, "fast": fast, "slow": slow,
-             "last_search_t": last, "h": h, "s": s_, "pending_skips": pending}
+             "last_search_t": last, "h": h, "s": s_, "pending_skips": pending, "growth": growth,
+             "scale_found": scale_found}
     return LoadPlan(hyper=hyper, host=clean, weight_decays=weight_decays, state=new_state)

@@ -5,7 +5,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
-VARIANTS = ("alsals", "adam_sls", "salsa")
+VARIANTS = ("alsals", "adam_sls", "salsa", "adaptive")
+MOMENTUM_VARIANTS = ("alsals",)     # search along m_hat*p and keep the trial point
 BACKENDS = ("auto", "reference", "foreach", "triton", "cuda")
 
 
@@ -26,16 +27,20 @@ class Hyper:
     weight_decay: float = 0.0                   # default for groups that do not set their own
     max_grad_norm: Optional[float] = None
     memory_efficient: bool = False
+    # Host-side search adaptation (the "adaptive" variant; neutral values for the others).
+    first_backtrack: Optional[float] = None     # backtrack until a search accepts (None: backtrack)
+    growth_boost: float = 1.0                   # growth *= this after a first-trial pass (1: off)
+    growth_max: float = 1 / 0.999               # cap of the boosted growth
 
     @property
     def momentum_search(self) -> bool:
-        """alsals searches along m_hat*p; adam_sls and salsa along g*p."""
-        return self.variant == "alsals"
+        """alsals searches along m_hat*p; adam_sls, salsa and adaptive along g*p."""
+        return self.variant in MOMENTUM_VARIANTS
 
     @property
     def update_is_trial_point(self) -> bool:
         """alsals keeps the accepted trial point; the others re-step from w0 along m_hat*p."""
-        return self.variant == "alsals"
+        return self.variant in MOMENTUM_VARIANTS
 
 
 VARIANT_DEFAULTS = {
@@ -43,6 +48,12 @@ VARIANT_DEFAULTS = {
     "adam_sls": Hyper(variant="adam_sls", c=0.1, smoothing=0.0, growth=2 ** (1 / 500)),
     "salsa": Hyper(variant="salsa", c=0.3, smoothing=0.99, growth=2 ** (1 / 500),
                    line_search_every="auto"),
+    # Not from a paper (issue 11): SaLSA's search (along g*p, smoothed test, update along
+    # m_hat*p, "auto") with a growth of 1% per search, so eta follows the scale the loss allows
+    # through a run instead of staying near step 1's choice, and a first search that backtracks
+    # by 0.3 (init 0.1 reaches 1e-3 in 4 trials).  Evidence: benchmarks/quality/README.md.
+    "adaptive": Hyper(variant="adaptive", c=0.3, smoothing=0.99, growth=1.01, backtrack=0.9,
+                      line_search_every="auto", first_backtrack=0.3),
 }
 
 
@@ -80,6 +91,10 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     _require(_real(h.smoothing) and 0 <= h.smoothing < 1, "smoothing", h.smoothing, "0 <= smoothing < 1")
     _require(_real(h.growth) and h.growth >= 1, "growth", h.growth, "a finite float >= 1")
     _require(_real(h.backtrack) and 0 < h.backtrack < 1, "backtrack", h.backtrack, "0 < backtrack < 1")
+    _require(h.first_backtrack is None or (_real(h.first_backtrack) and 0 < h.first_backtrack < 1),
+             "first_backtrack", h.first_backtrack, "None or 0 < first_backtrack < 1")
+    _require(_real(h.growth_boost) and h.growth_boost >= 1, "growth_boost", h.growth_boost, "a float >= 1")
+    _require(_real(h.growth_max) and h.growth_max >= 1, "growth_max", h.growth_max, "a float >= 1")
     _require(isinstance(h.max_trials, int) and not isinstance(h.max_trials, bool) and h.max_trials >= 1,
              "max_trials", h.max_trials, "an int >= 1")
     k = h.line_search_every

@@ -284,6 +284,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._fast: Optional[float] = None         # "auto" EMAs of eta (section 3)
         self._slow: Optional[float] = None
         self._last_search_t = 0
+        self._growth: Optional[float] = None       # adapted growth (growth_boost; None: hyper.growth)
+        self._scale_found = False                  # a search has accepted (ends first_backtrack)
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
         # created at the first step.
@@ -563,8 +565,28 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             plan.release_grads()
 
     def _first_trial_eta(self, searching: bool) -> float:
-        """The step size of the step's candidate: eta*growth on a searching step (section 1)."""
-        return min(self.eta * self.hyper.growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
+        """The step size of the step's candidate: eta*growth on a searching step (section 1);
+        with ``growth_boost`` the growth is the adapted one (``_adapt_growth``)."""
+        growth = self._growth if self._growth is not None else self.hyper.growth
+        return min(self.eta * growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
+
+    # -- quality helper's host-side search adaptation (issue 11; neutral for the paper variants) --
+    def _backtrack_factor(self) -> float:
+        """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
+        (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
+        fb = self.hyper.first_backtrack
+        return fb if (fb is not None and not self._scale_found) else self.hyper.backtrack
+
+    def _adapt_growth(self, accepted: bool, trials: int) -> None:
+        """After a search: a first trial that passed multiplies the next growth by
+        ``growth_boost`` (at most ``growth_max``); a backtrack or a rejection resets it."""
+        hyper = self.hyper
+        self._scale_found = self._scale_found or accepted
+        if hyper.growth_boost <= 1:
+            return
+        current = self._growth if self._growth is not None else hyper.growth
+        self._growth = min(hyper.growth_max, current * hyper.growth_boost) if (accepted and trials == 1) \
+            else hyper.growth
 
     def _eta_after_search(self, found: _Search, eta_before: float) -> float:
         """eta as a search leaves it: the accepted trial's, or (spec guard 2) the pre-step value."""
@@ -661,7 +683,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 if v[Verdict.ACCEPT]:
                     found.accepted = True
                     break
-                found.eta *= hyper.backtrack
+                found.eta *= self._backtrack_factor()
                 if found.trials == hyper.max_trials or found.eta < ETA_MIN:   # config.ETA_MIN
                     break
                 self._move(plan, hp, found.eta_at_params, search_dir, found.eta, search_dir)
@@ -707,6 +729,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 self.counters["rejected"] += 1
                 self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
             self.eta = self._eta_after_search(found, eta_before)
+            self._adapt_growth(found.accepted, found.trials)
             self._after_search(self.t)
         self._sync_lr()
         self.last_step = StepInfo(eta=self.eta, trials=found.trials, accepted=found.accepted,
@@ -774,7 +797,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             hyper=self.hyper, eta=self.eta, t=self.t, counters=self.counters, fast=self._fast,
             slow=self._slow, last_search_t=self._last_search_t,
             h=0.0 if ctl is None else float(ctl[Ctl.H]), s=0.0 if ctl is None else float(ctl[Ctl.S]),
-            pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]))
+            pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]),
+            growth=self._growth, scale_found=self._scale_found)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -801,6 +825,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._fast, self._slow = host["fast"], host["slow"]
         self._last_search_t = host["last_search_t"]
         self._load_device_state(host)
+        self._growth = host["growth"]
+        self._scale_found = host["scale_found"]
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
         self._sync_lr()

@@ -30,8 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from alsals_fused.models import ByteGPT, lm_loss
-from alsals_fused.models import GPTConfig as ModelConfig
+from alsals_fused.examples.models import ByteGPT, lm_loss
+from alsals_fused.examples.models import GPTConfig as ModelConfig
 
 # -- bytes moved per fp32 parameter (ALGORITHM.md section 7) -----------------------------------
 BYTES_PER_PARAM = {
@@ -70,7 +70,7 @@ IS_CUDA = DEVICE.type == "cuda"
 # -- a GPT-2-shaped model (its parameter list is also the "gpt2" parameter sets) ---------------
 @dataclass(frozen=True)
 class GPTConfig:
-    """Compact spec of the package's own GPT (alsals_fused.models) at GPT-2's layout."""
+    """Compact spec of the package's own GPT (alsals_fused.examples.models) at GPT-2's layout."""
     vocab: int
     ctx: int
     d: int

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from alsals_fused import data, demo
-from alsals_fused.models import ByteGPT, GPTConfig, lm_loss
+from alsals_fused.examples import data, demo
+from alsals_fused.examples.models import ByteGPT, GPTConfig, lm_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,7 +17,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     rows = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
 
-    assert list(rows) == ["alsals", "adam", "adam_sls"]
+    assert list(rows) == ["adaptive", "alsals", "adam", "adam_sls"]
     for name, row in rows.items():
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["heldout_loss"]), name
         assert row["forwards_per_step"] >= 1, name
@@ -27,6 +27,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     # Every step searches by default, so each step runs the gradient forward and >= 1 trial.
     assert rows["alsals"]["forwards_per_step"] >= 2
     assert rows["adam_sls"]["forwards_per_step"] >= 2
+    # "adaptive" searches on "auto", which searches at every step while t <= 10.
+    assert rows["adaptive"]["forwards_per_step"] >= 2
 
     png = (tmp_path / demo.PNG_NAME).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
@@ -45,7 +47,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_demo_is_deterministic_given_the_seed(tmp_path):
-    args = ["--tiny", "--steps", "3", "--optimizers", "alsals,adam", "--no-plot", "--quiet",
+    args = ["--tiny", "--steps", "3", "--optimizers", "adaptive,alsals,adam", "--no-plot", "--quiet",
             "--threads", "1"]
     runs = []
     for i in range(2):

@@ -1,0 +1,1 @@
+"""Training-quality harness (issue 11): ``python -m benchmarks.quality [--quick]``."""

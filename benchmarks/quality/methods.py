@@ -1,0 +1,186 @@
+"""The optimizers the quality harness compares, each behind one small adapter.
+
+An adapter owns its optimizer and runs one training step on a closure; it reports the step's
+mini-batch loss (the loss at the weights before the step, as every method here measures it),
+the step size it used (eta for the line searches, lr for Adam) and the forward passes it ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from alsals_fused import ALSALS
+from alsals_fused.config import VARIANTS
+
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+ADAMW_COSINE = dict(peak_lr=3e-3, weight_decay=1e-2, warmup=0.05)
+
+
+class Adapter:
+    label: str = ""
+    family: str = ""
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> Tuple[float, float, int]:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return {}
+
+
+class AdamAdapter(Adapter):
+    family = "adam"
+
+    def __init__(self, model: nn.Module, lr: float, steps: int, cosine: bool = False,
+                 weight_decay: float = 0.0, warmup: float = 0.0):
+        cls = torch.optim.AdamW if cosine else torch.optim.Adam
+        self.opt = cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.lr, self.steps, self.cosine = lr, steps, cosine
+        self.warmup = max(1, int(round(warmup * steps))) if cosine else 0
+        self.t = 0
+
+    def _lr(self) -> float:
+        if not self.cosine:
+            return self.lr
+        if self.t <= self.warmup:
+            return self.lr * self.t / self.warmup
+        frac = (self.t - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def step(self, closure):
+        self.t += 1
+        lr = self._lr()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()), lr, 1
+
+
+class AlsalsAdapter(Adapter):
+    family = "alsals"
+
+    def __init__(self, model: nn.Module, variant: str, line_search_every, has_buffers: bool,
+                 overrides: Optional[dict] = None):
+        self.opt = ALSALS(model.parameters(), variant=variant, line_search_every=line_search_every,
+                          buffers=model if has_buffers else None)
+        if overrides:          # candidate rules: fields of Hyper (config.py), validated there
+            from alsals_fused.config import make_hyper
+            base = dataclasses.asdict(self.opt.hyper)
+            base.pop("variant")
+            base.update(overrides)
+            self.opt.hyper = make_hyper(variant, **base)
+            self.opt.eta = self.opt.hyper.init_step_size
+        self.first_trials: Optional[int] = None
+        self.rejected_run = self.max_rejected_run = 0
+
+    def step(self, closure):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.opt.step(closure)
+        info = self.opt.last_step
+        if self.first_trials is None:
+            self.first_trials = info.trials
+        if info.searched and not info.accepted and not info.skipped:
+            self.rejected_run += 1
+            self.max_rejected_run = max(self.max_rejected_run, self.rejected_run)
+        elif info.searched:
+            self.rejected_run = 0
+        return float(loss), float(info.eta), 1 + info.trials
+
+    def summary(self):
+        c = self.opt.counters
+        return dict(first_step_trials=self.first_trials, rejected=c["rejected"],
+                    max_consecutive_rejected=self.max_rejected_run, searches=c["searches"],
+                    fallbacks=c["fallbacks"], skipped=c["skipped"])
+
+
+class SalsaPackageAdapter(Adapter):
+    """The authors' SaLSA package (``pip install salsa-optimizer``), with its defaults.
+
+    Its closure takes ``backwards=`` and runs backward itself.  It reseeds torch from
+    ``int(time.time())`` around every forward; the harness gives its module a clock that counts
+    steps instead, so runs are reproducible (this only changes which dropout masks it draws).
+    Its trial forwards move BatchNorm statistics (it has no buffers option)."""
+
+    family = "salsa_pkg"
+
+    def __init__(self, model: nn.Module, seed: int):
+        from salsa import SaLSA as module
+        self._module = module
+        self._clock = [seed * 1_000_000]
+        module.time = types.SimpleNamespace(time=lambda: self._clock[0])
+        self.opt = module.SaLSA(model.parameters())
+        self.model = model
+
+    def step(self, closure):
+        self._clock[0] += 1
+        before = self.opt.state["n_forwards"]
+
+        def closure_b(backwards=False):
+            if backwards:
+                self.opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss = closure()
+                loss.backward()
+                return loss.detach()
+            with torch.no_grad():
+                return closure()
+        loss = self.opt.step(closure_b)
+        fwd = self.opt.state["n_forwards"] - before
+        # Non-searching steps run no forward that it counts beyond the gradient's.
+        return float(loss), float(self.opt.step_size), max(1, int(fwd))
+
+
+def salsa_package_status() -> Optional[str]:
+    """None when the authors' package imports; otherwise why it is skipped."""
+    try:
+        from salsa.SaLSA import SaLSA  # noqa: F401
+    except Exception as e:              # not installed, or broken
+        return (f"the authors' SaLSA package is not available ({type(e).__name__}: {e}); "
+                "install it with `pip install --no-deps salsa-optimizer` (it needs torch and "
+                "numpy); skipped")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    family: str                      # adam | adamw_cosine | <variant> | salsa_pkg
+    make: Callable[..., Adapter]
+
+
+def _line_search(variant: str, every, overrides: Optional[dict] = None, name: Optional[str] = None):
+    mode = "auto" if every == "auto" else "every"
+    nm = name or f"{variant}/{mode}"
+    return Method(nm, nm, variant,
+                  lambda model, steps, seed, wl: AlsalsAdapter(model, variant, every, wl.has_buffers,
+                                                               overrides))
+
+
+def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
+    out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam",
+                  (lambda lr: lambda model, steps, seed, wl: AdamAdapter(model, lr, steps))(lr))
+           for lr in ADAM_GRID]
+    cfg = ADAMW_COSINE
+    out.append(Method("adamw_cosine", f"AdamW {cfg['peak_lr']:g} warmup+cosine", "adamw_cosine",
+                      lambda model, steps, seed, wl: AdamAdapter(
+                          model, cfg["peak_lr"], steps, cosine=True,
+                          weight_decay=cfg["weight_decay"], warmup=cfg["warmup"])))
+    for variant in VARIANTS:
+        for every in (1, "auto"):
+            out.append(_line_search(variant, every))
+    out.append(Method("salsa_pkg", "SaLSA package (authors)", "salsa_pkg",
+                      lambda model, steps, seed, wl: SalsaPackageAdapter(model, seed)))
+    for name, spec in (candidates or {}).items():
+        spec = dict(spec)
+        variant = spec.pop("variant", "adaptive")
+        every = spec.pop("line_search_every", "auto")
+        out.append(_line_search(variant, every, spec, name=f"cand:{name}"))
+    return out

@@ -1,0 +1,379 @@
+"""The quality harness: every variant against Adam's grid, AdamW+cosine and the SaLSA package.
+
+    python -m benchmarks.quality               # full: 5 workloads x 3 seeds (about 40-60 min, 2 cores)
+    python -m benchmarks.quality --quick       # 1 seed, shorter budgets (a few minutes)
+    python -m benchmarks.quality --workloads cnn_bn,regression --methods adam@0.001,adaptive/auto
+    python -m benchmarks.quality --gpu         # GPT-2-small-shaped model on CUDA (one call, < 3 min)
+
+Offline: the data are generated from seeds or read from this machine's Python standard-library
+sources.  One CPU thread per run (``torch.set_num_threads(1)``).  Within a workload and seed,
+every method starts from the same initialization and sees the same mini-batches and dropout
+stream.  Reported per method (mean over seeds): final training loss = mean of the last 10% of
+the mini-batch losses (each measured at the weights before the step, as every method reports
+it), held-out loss and accuracy (R^2 for regression), forward passes per step (the gradient
+forward plus trial forwards), wall time per run, first-step trial forwards, rejected steps and
+the longest run of consecutive rejections.  Writes ``results.md`` (tables), ``results.json``
+(everything, with per-step loss and eta trajectories) and ``<workload>.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from .methods import ADAM_GRID, ADAMW_COSINE, all_methods, salsa_package_status
+from .workloads import WORKLOADS, Workload
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _evaluate(model, wl: Workload, data) -> Dict[str, float]:
+    was = model.training
+    model.eval()
+    total = n = 0.0
+    correct = 0.0
+    sse = sst = 0.0
+    with torch.no_grad():
+        for x, y in data.tests():
+            out = model(x)
+            total += float(wl.loss_fn(out, y)) * len(y)
+            n += len(y)
+            if wl.metric == "accuracy":
+                correct += float((out.argmax(-1) == y).float().sum()) / (y[0].numel() if y.dim() > 1 else 1)
+            else:
+                sse += float(((out - y) ** 2).sum())
+                sst += float(((y - y.mean()) ** 2).sum())
+    model.train(was)
+    metric = correct / n if wl.metric == "accuracy" else 1 - sse / max(sst, 1e-30)
+    return {"heldout_loss": total / n, "heldout_metric": metric}
+
+
+def run_one(wl: Workload, method, seed: int, steps: int, data) -> dict:
+    torch.manual_seed(seed)
+    model = wl.make_model()
+    model.train()
+    adapter = method.make(model, steps, seed, wl)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    batches = torch.randint(0, data.n_train, (steps, wl.batch_size), generator=gen)
+    torch.manual_seed(20_000 + seed)          # dropout stream: the same for every method
+    losses: List[float] = []
+    etas: List[float] = []
+    forwards = 0
+    diverged = False
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x, y = data.get(batches[i])
+
+        def closure(x=x, y=y):
+            return wl.loss_fn(model(x), y)
+        try:
+            loss, eta, fwd = adapter.step(closure)
+        except (ValueError, RuntimeError) as e:   # e.g. the SaLSA package raises on NaN
+            diverged = True
+            losses.append(math.nan)
+            etas.append(math.nan)
+            print(f"    {method.name} seed {seed}: stopped at step {i + 1}: {e}", file=sys.stderr)
+            break
+        losses.append(loss)
+        etas.append(eta)
+        forwards += fwd
+    wall = time.perf_counter() - t0
+    tail = losses[-max(1, steps // 10):]
+    final = sum(tail) / len(tail) if not diverged else math.nan
+    row = dict(workload=wl.name, method=method.name, family=method.family, seed=seed, steps=steps,
+               final_train_loss=final if math.isfinite(final) else math.nan,
+               forwards_per_step=forwards / max(1, len(losses)), wall_s=wall,
+               final_eta=etas[-1] if etas else math.nan, diverged=diverged or not math.isfinite(final))
+    row.update(_evaluate(model, wl, data) if not row["diverged"] else
+               {"heldout_loss": math.nan, "heldout_metric": math.nan})
+    row.update(adapter.summary())
+    row["losses"] = losses
+    row["etas"] = etas
+    return row
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return sum(xs) / len(xs)
+
+
+def aggregate(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """{workload: {method: mean-over-seeds summary}} plus the ratios of the verdict table."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault(r["workload"], {}).setdefault(r["method"], []).append(r)
+    agg: Dict[str, Dict[str, dict]] = {}
+    for wl, methods in out.items():
+        agg[wl] = {}
+        for m, rs in methods.items():
+            a = {k: _mean([r[k] for r in rs]) for k in
+                 ("final_train_loss", "heldout_loss", "heldout_metric", "forwards_per_step", "wall_s",
+                  "final_eta")}
+            a["seeds"] = len(rs)
+            a["diverged"] = sum(bool(r["diverged"]) for r in rs)
+            for k in ("first_step_trials", "rejected", "max_consecutive_rejected"):
+                if k in rs[0]:
+                    vals = [r.get(k) for r in rs if r.get(k) is not None]
+                    a[k] = max(vals) if vals else None
+            a["family"] = rs[0]["family"]
+            agg[wl][m] = a
+        adam = {m: a for m, a in agg[wl].items() if a["family"] == "adam"
+                and a["final_train_loss"] is not None and math.isfinite(a["final_train_loss"])}
+        best = min(adam, key=lambda m: adam[m]["final_train_loss"]) if adam else None
+        ref = agg[wl].get("adam@0.001")
+        for m, a in agg[wl].items():
+            f = a["final_train_loss"]
+            a["vs_adam_1e-3"] = f / ref["final_train_loss"] if ref and f is not None else None
+            a["vs_best_adam"] = f / adam[best]["final_train_loss"] if best and f is not None else None
+        agg[wl]["_best_adam"] = {"method": best}
+    return agg
+
+
+def _fmt(x, spec=".4g"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x, spec)
+
+
+def markdown(agg, meta) -> str:
+    lines = [f"# Quality harness results ({meta['mode']})", "",
+             f"Machine: {meta['platform']}, torch {meta['torch']}, 1 thread per run; "
+             f"seeds {meta['seeds']}; generated {meta['date']} in {meta['total_s'] / 60:.1f} min.",
+             "Final training loss = mean of the last 10% of mini-batch losses; means over seeds. "
+             "`x best` = final loss / best Adam grid point's; `x 1e-3` = / Adam 1e-3's. "
+             "fwd/step counts the gradient forward plus trial forwards. "
+             "1st = trial forwards of the first step; rej = rejected steps (max over seeds); "
+             "run = longest run of consecutive rejected steps.", ""]
+    if meta.get("notes"):
+        lines += [f"- {n}" for n in meta["notes"]] + [""]
+    # The verdict table first.
+    wls = list(agg)
+    methods = [m for m in agg[wls[0]] if not m.startswith("_")]
+    for wl in wls[1:]:
+        methods += [m for m in agg[wl] if not m.startswith("_") and m not in methods]
+    lines += ["## Verdict: final training loss relative to Adam 1e-3 / to the best Adam grid point", ""]
+    lines.append("| method | " + " | ".join(wls) + " |")
+    lines.append("|---|" + "---|" * len(wls))
+    for m in methods:
+        cells = []
+        for wl in wls:
+            a = agg[wl].get(m)
+            cells.append("—" if a is None else f"{_fmt(a['vs_adam_1e-3'], '.3f')} / {_fmt(a['vs_best_adam'], '.3f')}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Best Adam grid point per workload: " + ", ".join(
+        f"{wl}: {agg[wl]['_best_adam']['method']}" for wl in wls), ""]
+    for wl in wls:
+        w = WORKLOADS[wl]
+        metric = "held-out R^2" if w.metric == "r2" else "held-out acc"
+        lines += [f"## {wl} ({w.kind})", "", w.description + ".", "",
+                  f"| method | final train loss | x 1e-3 | x best | held-out loss | {metric} | fwd/step "
+                  "| s/run | final eta/lr | 1st | rej | run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, a in agg[wl].items():
+            if m.startswith("_"):
+                continue
+            div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
+            lines.append("| " + " | ".join([
+                m + div, _fmt(a["final_train_loss"]), _fmt(a["vs_adam_1e-3"], ".3f"),
+                _fmt(a["vs_best_adam"], ".3f"), _fmt(a["heldout_loss"]), _fmt(a["heldout_metric"], ".3f"),
+                _fmt(a["forwards_per_step"], ".2f"), _fmt(a["wall_s"], ".1f"), _fmt(a["final_eta"], ".2e"),
+                _fmt(a.get("first_step_trials"), "d"), _fmt(a.get("rejected"), "d"),
+                _fmt(a.get("max_consecutive_rejected"), "d")]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PLOTTED = ("adam@0.001", "adamw_cosine", "alsals/every", "adaptive/auto", "adaptive/every",
+           "adam_sls/every", "salsa/auto", "salsa_pkg")
+COLORS = {"adam@0.001": "tab:blue", "adamw_cosine": "tab:cyan", "alsals/every": "tab:red",
+          "adaptive/auto": "black", "adaptive/every": "tab:gray", "adam_sls/every": "tab:green",
+          "salsa/auto": "tab:orange", "salsa_pkg": "tab:purple", "best_adam": "tab:olive"}
+
+
+def _ema(values, span):
+    alpha, avg, out = 2 / (span + 1), 0.0, []
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
+def plot(wl: str, rows: List[dict], agg, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_fwd, ax_eta = fig.subplots(1, 3)
+    best = agg[wl]["_best_adam"]["method"]
+    names = [m for m in PLOTTED] + ([best] if best and best not in PLOTTED else [])
+    names += [m for m in agg[wl] if m.startswith("cand:")]
+    for m in names:
+        rs = [r for r in rows if r["workload"] == wl and r["method"] == m and not r["diverged"]]
+        if not rs:
+            continue
+        n = min(len(r["losses"]) for r in rs)
+        loss = [sum(r["losses"][i] for r in rs) / len(rs) for i in range(n)]
+        # Geometric mean over seeds; a zero lr (the end of the cosine schedule) is not drawn.
+        eta = [math.exp(sum(math.log(r["etas"][i]) for r in rs) / len(rs))
+               if all(r["etas"][i] > 0 for r in rs) else math.nan for i in range(n)]
+        sm = _ema(loss, max(1, n // 25))
+        color = COLORS.get(m, "tab:olive" if m == best else None)
+        label = f"{m} (best Adam)" if m == best else m
+        ax_loss.plot(range(1, n + 1), sm, color=color, label=label, linewidth=1.5)
+        fwd_per_step = _mean([r["forwards_per_step"] for r in rs])
+        ax_fwd.plot([fwd_per_step * (i + 1) for i in range(n)], sm, color=color, label=label, linewidth=1.5)
+        ax_eta.plot(range(1, n + 1), eta, color=color, label=label, linewidth=1.3)
+    for lr in ADAM_GRID:
+        ax_eta.axhline(lr, color="gray", alpha=0.25, linewidth=0.8, linestyle=":")
+    ax_loss.set(xlabel="step", ylabel="training loss (EMA, mean of seeds)", yscale="log",
+                title="training loss per step")
+    ax_fwd.set(xlabel="forward passes (gradient + trial forwards)", ylabel="training loss", yscale="log",
+               title="training loss against cost")
+    ax_eta.set_ylim(1e-5, 1.0)
+    ax_eta.set(xlabel="step", ylabel="step size (eta; Adam: lr)", yscale="log",
+               title="eta against Adam's lr (dotted: Adam grid)")
+    for ax in (ax_loss, ax_fwd, ax_eta):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_eta.legend(fontsize=7)
+    fig.suptitle(f"{wl}: {WORKLOADS[wl].description}", fontsize=9)
+    fig.savefig(path, dpi=100)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed and the shorter step budgets")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per workload (default 3; --quick 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="combine the runs of several results.json (e.g. one per seed) into --tag's tables")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--candidates", default=None,
+                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (key 'variant': the base variant, default adaptive)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default benchmarks/quality/results)")
+    p.add_argument("--tag", default=None, help="file name prefix for the outputs (default: none / 'quick')")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="GPU mode (see gpu.py)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the PNGs of a results.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        prefix = os.path.basename(args.replot)[: -len("results.json")]
+        for wl in saved["summary"]:
+            plot(wl, saved["runs"], saved["summary"], os.path.join(os.path.dirname(args.replot), f"{prefix}{wl}.png"))
+        return saved
+    if args.merge:
+        return _merge(args)
+    if args.gpu:
+        from .gpu import main as gpu_main
+        return gpu_main(args)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _merge(args) -> dict:
+    rows, metas = [], []
+    for path in args.merge:
+        with open(path) as f:
+            saved = json.load(f)
+        rows += saved["runs"]
+        metas.append(saved["meta"])
+    agg = aggregate(rows)
+    meta = dict(metas[0])
+    meta["seeds"] = sorted({r["seed"] for r in rows})
+    meta["total_s"] = sum(m["total_s"] for m in metas)
+    meta["mode"] = f"{metas[0]['mode']}, merged from {len(metas)} runs (total_s: their sum)"
+    prefix = (args.tag + "-") if args.tag else ""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, prefix + "results.md"), "w") as f:
+        f.write(markdown(agg, meta) + "\n")
+    with open(os.path.join(args.out, prefix + "results.json"), "w") as f:
+        json.dump(dict(meta=meta, summary=agg, runs=rows), f, allow_nan=True)
+    if not args.no_plot:
+        for wl in agg:
+            plot(wl, rows, agg, os.path.join(args.out, f"{prefix}{wl}.png"))
+    return dict(meta=meta, summary=agg, rows=rows)
+
+
+def _run(args) -> dict:
+    t_start = time.perf_counter()
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    cands = None
+    if args.candidates:
+        with open(args.candidates) as f:
+            cands = json.load(f)
+    methods = all_methods(cands)
+    notes = []
+    salsa_note = salsa_package_status()
+    if salsa_note:
+        print("note: " + salsa_note, file=sys.stderr)
+        notes.append(salsa_note)
+        methods = [m for m in methods if m.family != "salsa_pkg"]
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        known = {m.name for m in methods}
+        missing = [w for w in wanted if w not in known]
+        if missing:
+            raise SystemExit(f"unknown methods {missing}; known: {sorted(known)}")
+        methods = [m for m in methods if m.name in wanted]
+    wls = [WORKLOADS[w.strip()] for w in args.workloads.split(",") if w.strip()]
+    rows: List[dict] = []
+    for wl in wls:
+        steps = max(2, int(round((wl.quick_steps if args.quick else wl.steps) * args.steps_scale)))
+        for seed in seeds:
+            data = wl.make_data(seed)
+            for m in methods:
+                r = run_one(wl, m, seed, steps, data)
+                rows.append(r)
+                if not args.quiet:
+                    print(f"{wl.name:<12} seed {seed} {m.name:<22} final {r['final_train_loss']:.4g}  "
+                          f"held-out {r['heldout_loss']:.4g}  fwd/step {r['forwards_per_step']:.2f}  "
+                          f"eta {r['final_eta']:.2e}  {r['wall_s']:.1f}s", flush=True)
+    agg = aggregate(rows)
+    mode = "quick" if args.quick else "full"
+    meta = dict(mode=mode + (f", steps x{args.steps_scale:g}" if args.steps_scale != 1 else ""),
+                seeds=seeds, platform=platform.platform(), torch=torch.__version__,
+                python=sys.version.split()[0], date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                total_s=time.perf_counter() - t_start, notes=notes, adam_grid=list(ADAM_GRID),
+                adamw_cosine=ADAMW_COSINE, candidates=cands)
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    prefix = (tag + "-") if tag else ""
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(agg, meta)
+    with open(os.path.join(args.out, prefix + "results.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, prefix + "results.json"), "w") as f:
+        json.dump(dict(meta=meta, summary=agg, runs=rows), f, allow_nan=True)
+    if not args.no_plot:
+        for wl in wls:
+            plot(wl.name, rows, agg, os.path.join(args.out, f"{prefix}{wl.name}.png"))
+    if not args.quiet:
+        print()
+        print(md.split("## " + wls[0].name)[0])
+        print(f"wrote {args.out}/{prefix}results.md (total {meta['total_s'] / 60:.1f} min)")
+    return dict(meta=meta, summary=agg, rows=rows)
+
+
+if __name__ == "__main__":
+    main()

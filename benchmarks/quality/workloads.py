@@ -1,0 +1,217 @@
+"""The quality harness's workloads: small, offline, one CPU thread each.
+
+Every workload makes its data from a seed (or from this machine's Python standard-library sources,
+like the demo), so nothing is downloaded.  A workload gives a model factory, a training set that
+is sampled in mini-batches, a held-out set, the loss and a held-out metric.  Kinds: recurrent
+(GRU), attention (a byte-level GPT with dropout), convolutional with BatchNorm, tabular (a
+separable teacher: the loss can reach ~1e-6, where the Armijo test meets fp32 resolution), and
+regression.  The sizes are chosen for a few seconds per run on one core.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alsals_fused.examples.data import get_batch, load_corpus
+from alsals_fused.examples.models import ByteGPT, GPTConfig, lm_loss
+
+
+@dataclass
+class Workload:
+    name: str
+    kind: str
+    steps: int                      # full run's step budget
+    quick_steps: int                # --quick's
+    batch_size: int
+    make_data: Callable[[int], "Data"]
+    make_model: Callable[[], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    metric: str = "accuracy"        # "accuracy" or "r2" (regression)
+    has_buffers: bool = False       # BatchNorm: ALSALS gets buffers=model
+    description: str = ""
+
+
+@dataclass
+class Data:
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    batch: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None   # index -> (x, y)
+    test_batches: list = field(default_factory=list)                    # [(x, y)] for evaluation
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    def get(self, idx: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.batch(idx) if self.batch is not None else (self.x_train[idx], self.y_train[idx])
+
+    def tests(self):
+        return self.test_batches or [(self.x_test, self.y_test)]
+
+
+def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y)
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(out, y)
+
+
+# -- recurrent: which of 4 Markov chains emitted a sequence (GRU) ---------------------------------
+def _markov_data(seed: int, vocab=8, classes=4, length=24, n_train=2048, n_test=512) -> Data:
+    g = torch.Generator().manual_seed(1000 + seed)
+    trans = _rows(g, (classes, vocab, vocab), 0.5)
+
+    def sample(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = torch.empty(n, length, dtype=torch.long)
+        x[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+        for t in range(1, length):
+            probs = trans[y, x[:, t - 1]]
+            x[:, t] = torch.multinomial(probs, 1, generator=g).squeeze(1)
+        return x, y
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+def _rows(g: torch.Generator, shape, alpha: float) -> Tensor:
+    """Random transition rows, sharpened by a power of uniforms (alpha < 1: sharper)."""
+    u = torch.rand(shape, generator=g)
+    w = u ** (1 / alpha)
+    return w / w.sum(-1, keepdim=True)
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, vocab=8, emb=16, hidden=32, classes=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.gru = nn.GRU(emb, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h = self.gru(self.emb(x))
+        return self.head(h[-1])
+
+
+# -- attention: byte-level GPT with dropout on the standard library's sources ---------------------
+_CORPUS = {}
+GPT_TINY = dict(context=32, n_layer=1, n_head=4, d_model=48, dropout=0.1)
+
+
+def _text_data(seed: int, context: int = GPT_TINY["context"], n_test_windows=256) -> Data:
+    if "c" not in _CORPUS:
+        _CORPUS["c"] = load_corpus(300_000, 60_000)
+    corpus = _CORPUS["c"]
+    starts = torch.arange(0, len(corpus.train) - context - 1, 7)       # the training windows
+    test_starts = torch.linspace(0, len(corpus.heldout) - context - 2, n_test_windows).round().long()
+    xte, yte = get_batch(corpus.heldout, test_starts, context)
+
+    def batch(idx):
+        return get_batch(corpus.train, starts[idx], context)
+    return Data(starts, starts, xte, yte, batch=batch)
+
+
+def _lm_loss(out: Tensor, y: Tensor) -> Tensor:
+    return lm_loss(out, y)
+
+
+# -- convolutional with BatchNorm: shifted noisy templates ----------------------------------------
+def _image_data(seed: int, classes=4, size=12, n_train=2048, n_test=512, noise=0.9) -> Data:
+    g = torch.Generator().manual_seed(2000 + seed)
+    base = torch.randn(classes, 1, size // 2, size // 2, generator=g)
+    templates = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+
+    def sample(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = templates[y].clone()
+        shifts = torch.randint(-2, 3, (n, 2), generator=g)
+        for i in range(n):
+            x[i] = torch.roll(x[i], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(1, 2))
+        x = x + noise * torch.randn(x.shape, generator=g)
+        return x, y
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+# -- tabular: a separable teacher (loss can reach ~1e-6) ------------------------------------------
+def _tabular_data(seed: int, features=16, classes=3, n_train=1024, n_test=512) -> Data:
+    g = torch.Generator().manual_seed(3000 + seed)
+    w1 = torch.randn(features, 16, generator=g)
+    w2 = torch.randn(16, classes, generator=g)
+
+    def sample(n):
+        x = torch.randn(n, features, generator=g)
+        x[:, : features // 4] = x[:, : features // 4].sign()          # a few binary columns
+        y = (torch.tanh(x @ w1) @ w2).argmax(1)
+        return x, y
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+def _mlp(inp, out, hidden=64, act=nn.ReLU):
+    return nn.Sequential(nn.Linear(inp, hidden), act(), nn.Linear(hidden, hidden), act(),
+                         nn.Linear(hidden, out))
+
+
+# -- regression: a sum of random sinusoids plus noise -----------------------------------------------
+def _regression_data(seed: int, features=8, n_train=2048, n_test=512, noise=0.05) -> Data:
+    g = torch.Generator().manual_seed(4000 + seed)
+    w = torch.randn(features, 6, generator=g)
+    b = torch.rand(6, generator=g) * 2 * math.pi
+    a = torch.randn(6, generator=g) / math.sqrt(6)
+
+    def sample(n):
+        x = torch.randn(n, features, generator=g)
+        y = torch.sin(x @ w + b) @ a
+        return x, (y + noise * torch.randn(n, generator=g)).unsqueeze(1)
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
+    Workload("gru_markov", "recurrent", steps=800, quick_steps=300, batch_size=32,
+             make_data=_markov_data, make_model=GRUClassifier, loss_fn=_cross_entropy,
+             description="GRU(32) classifies which of 4 random Markov chains (8 symbols) emitted a "
+                         "24-step sequence; 2048 train / 512 held-out sequences"),
+    Workload("gpt_bytes", "attention", steps=500, quick_steps=200, batch_size=16,
+             make_data=_text_data, make_model=lambda: ByteGPT(GPTConfig(**GPT_TINY)),
+             loss_fn=_lm_loss,
+             description="1-layer byte-level GPT (d=48, 4 heads, context 32, dropout 0.1) on 300 kB "
+                         "of Python standard-library sources; accuracy = next byte"),
+    Workload("cnn_bn", "convolutional+BatchNorm", steps=600, quick_steps=250, batch_size=32,
+             make_data=_image_data, make_model=SmallCNN, loss_fn=_cross_entropy, has_buffers=True,
+             description="2-conv CNN with BatchNorm on 12x12 noisy, randomly shifted templates of "
+                         "4 classes; 2048 train / 512 held-out images"),
+    Workload("tabular_sep", "tabular", steps=1200, quick_steps=500, batch_size=64,
+             make_data=_tabular_data, make_model=lambda: _mlp(16, 3), loss_fn=_cross_entropy,
+             description="MLP 16-64-64-3 on 1024 rows labelled by a random teacher network "
+                         "(separable: the training loss can approach 0)"),
+    Workload("regression", "regression", steps=1000, quick_steps=400, batch_size=64,
+             make_data=_regression_data, make_model=lambda: _mlp(8, 1, act=nn.Tanh), loss_fn=_mse,
+             metric="r2",
+             description="MLP 8-64-64-1 (tanh) regresses a sum of 6 random sinusoids of 8 inputs "
+                         "plus noise (sd 0.05); metric R^2"),
+]}

@@ -1,0 +1,111 @@
+"""The quality harness's CI smoke subset (seconds) and the "adaptive" variant's host rules."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alsals_fused import ALSALS
+from alsals_fused.config import VARIANT_DEFAULTS, VARIANTS, make_hyper
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # benchmarks/ is not installed; plain `pytest` runs from tests/
+    sys.path.insert(0, str(REPO))
+
+
+def test_harness_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.quality import run
+    from benchmarks.quality.methods import salsa_package_status
+
+    methods = ["adam@0.001", "adam@0.01", "alsals/every", "adaptive/auto", "salsa/auto"]
+    if salsa_package_status() is None:
+        methods.append("salsa_pkg")
+    out = run.main(["--quick", "--steps-scale", "0.06", "--workloads", "cnn_bn,tabular_sep",
+                    "--methods", ",".join(methods), "--out", str(tmp_path), "--tag", "smoke", "--quiet"])
+    summary = out["summary"]
+    assert set(summary) == {"cnn_bn", "tabular_sep"}
+    for wl, ms in summary.items():
+        assert set(ms) - {"_best_adam"} == set(methods), wl
+        assert ms["_best_adam"]["method"] in ("adam@0.001", "adam@0.01")
+        assert ms["adam@0.001"]["vs_adam_1e-3"] == pytest.approx(1.0)
+        for m in methods:
+            a = ms[m]
+            assert math.isfinite(a["final_train_loss"]), (wl, m)
+            assert a["forwards_per_step"] >= 1
+        assert ms["alsals/every"]["forwards_per_step"] >= 2      # every step searches
+        assert ms["adaptive/auto"]["first_step_trials"] <= 10
+    md = (tmp_path / "smoke-results.md").read_text()
+    assert "## Verdict" in md and "| adaptive/auto |" in md
+    report = json.loads((tmp_path / "smoke-results.json").read_text())
+    assert all(len(r["etas"]) == r["steps"] for r in report["runs"])
+    for wl in ("cnn_bn", "tabular_sep"):
+        assert (tmp_path / f"smoke-{wl}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_paper_variants_keep_their_definitions():
+    for v in ("alsals", "adam_sls", "salsa"):
+        h = VARIANT_DEFAULTS[v]
+        assert h.first_backtrack is None and h.growth_boost == 1.0, v
+    assert VARIANTS[0] == "alsals" and ALSALS([torch.zeros(1, requires_grad=True)]).hyper.variant == "alsals"
+    h = make_hyper("adaptive")
+    assert (h.c, h.smoothing, h.growth, h.backtrack, h.first_backtrack, h.line_search_every) == \
+        (0.3, 0.99, 1.01, 0.9, 0.3, "auto")
+    assert not h.momentum_search and not h.update_is_trial_point
+    with pytest.raises(ValueError):
+        make_hyper("adaptive", first_backtrack=1.5)
+
+
+def _problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1].sin()
+    return model, lambda: torch.nn.functional.mse_loss(model(x), y)
+
+
+def test_adaptive_first_step_backtracks_fast_then_normally():
+    model, closure = _problem()
+    opt = ALSALS(model.parameters(), variant="adaptive", init_step_size=10.0)
+    opt.step(closure)
+    first = opt.last_step
+    assert first.accepted and first.trials <= 10
+    # 10 * 1.01 * 0.3**(trials-1): the first search used first_backtrack.
+    assert first.eta == pytest.approx(10.0 * 1.01 * 0.3 ** (first.trials - 1))
+    assert opt._backtrack_factor() == 0.9                    # a scale was found
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.counters["rejected"] == 0
+
+
+def test_growth_boost_grows_while_first_trials_pass_and_resets():
+    model, closure = _problem(1)
+    opt = ALSALS(model.parameters(), variant="adaptive")
+    opt.hyper = make_hyper("adaptive", growth_boost=1.01, growth_max=1.035, line_search_every=1)
+    opt._adapt_growth(True, 1)
+    assert opt._growth == pytest.approx(1.01 ** 2)
+    opt._adapt_growth(True, 1)
+    assert opt._growth == pytest.approx(1.01 ** 3)
+    opt._adapt_growth(True, 1)
+    assert opt._growth == pytest.approx(1.035)                # capped
+    opt._adapt_growth(True, 3)
+    assert opt._growth == pytest.approx(1.01)                 # a backtrack resets it
+    eta = opt.eta
+    assert opt._first_trial_eta(True) == pytest.approx(eta * 1.01)
+
+
+def test_adaptive_state_round_trips():
+    model, closure = _problem(2)
+    opt = ALSALS(model.parameters(), variant="adaptive")
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(closure)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["alsals"]["scale_found"] is True
+    other = ALSALS(model.parameters(), variant="adaptive")
+    other.load_state_dict(sd)
+    assert other._scale_found and other._growth == opt._growth and other.eta == opt.eta
