@@ -14,7 +14,8 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 # triton_kernels/ ships inside our package: a top-level "triton_kernels" would shadow the module
 # of that name that the Triton project publishes.
-PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.integrations", "alsals_fused.triton_kernels"]
+PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.examples", "alsals_fused.integrations",
+            "alsals_fused.triton_kernels"]
 PACKAGE_DIR = {"alsals_fused.triton_kernels": "triton_kernels"}
 
 
