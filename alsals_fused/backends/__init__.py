@@ -11,7 +11,9 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import Backend, BackendUnavailable, Bucket, Dir, StepScalars  # noqa: F401
+from .base import (  # noqa: F401  (re-exported)
+    CTL_SIZE, Backend, BackendUnavailable, Bucket, Ctl, DecisionScalars, Dir, StepScalars, Verdict,
+)
 
 _MODULES = {
     "reference": ("reference", "ReferenceBackend"),

@@ -1,63 +1,158 @@
-"""The contract every ALSALS backend implements.
+"""The contract every ALSALS backend implements (contract v2).
 
-The line-search driver (``alsals_fused.optimizer``) owns everything that is not element-wise:
-the closure, RNG replay, the accept test, host state and telemetry.  A backend owns the three
-element-wise passes over the parameters, for one *bucket* (the tensors of one device and dtype):
+The line-search driver (``alsals_fused.optimizer``) owns the closure, RNG replay, host state
+(eta, t, counters) and the search loop.  A backend owns the element-wise passes over the
+parameters and the small device decisions that sit between them, over a *list of buckets* (all
+buckets of one device that this backend runs; a bucket holds the tensors of one device and dtype).
 
-``grad_sumsq(bucket)``
-    sum of g*g over the bucket as a 0-dim float64 tensor on the bucket's device (inf/nan when a
-    gradient is not finite).  Drives gradient clipping and the non-finite pre-pass.
+The control vector ``ctl``
+--------------------------
+One float64 device vector of ``CTL_SIZE`` per optimizer, on the parameters' device, slots named
+by ``Ctl``.  ``H``, ``S`` and ``PENDING`` persist across steps (they are optimizer state); the
+other slots are rewritten every step.  Nothing in a backend reads ``ctl`` on the host unless the
+backend is meant to sync (the reference and foreach backends may; see their docstrings).
 
-``step_pass(bucket, hp, ctrl, searching, write_backup)``
-    The fused ADAM step: m, v absorb g (times ``ctrl[GRAD_SCALE]``); if ``write_backup``, copies
-    w0 into ``bucket.backups``; writes ``w = cand(hp.eta, dir)`` with ``dir`` = the variant's
-    *nominal* search direction when searching (momentum for alsals, gradient otherwise) or
-    MOMENTUM when not.  Searching returns a float64 tensor ``[sum(g*d_nominal), sum(g*g*p)]``;
-    not searching returns None.  When ``ctrl[SKIP]`` is set it writes nothing at all.
+Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
+---------------------------------------------------------------------
+``grad_pass(buckets, ctl, loss0, hp, *, finish=True) -> Optional[Tensor]``
+    ``sumsq`` = sum of g*g over every bucket (fp32 per-chunk partials, fp64 fixed-order sum; an
+    fp32 overflow counts as not finite).  ``finish=True``: runs the *grad finisher* on
+    ``loss0`` (0-dim float64 device tensor, already averaged over ranks) and returns None::
 
-``move_pass(bucket, hp, ctrl, src_eta, src_dir, dst_eta, dst_dir, from_backup, only_if_fallback)``
-    Rewrites the parameters from ``cand(src_eta, src_dir)`` to ``cand(dst_eta, dst_dir)``; with
-    ``dst_eta == 0`` that is the restore to w0.  ``from_backup`` reads w0 from the backups;
-    otherwise (memory_efficient) the move is done in place, w -= (dst_eta - src_eta) * (d + wd*w0)
-    when the directions agree, recovering w0 = (w + src_eta*d_src) / (1 - src_eta*wd) where needed.
-    ``only_if_fallback`` makes the pass a no-op unless ``ctrl[FALLBACK]`` is set.  When
-    ``ctrl[SKIP]`` is set it writes nothing.
+        finite = isfinite(L0) & isfinite(sumsq)
+        ctl[SCALE] = min(1, max_grad_norm / (sqrt(sumsq) + 1e-6)) if finite and max_grad_norm else 1
+        ctl[SKIP] = !finite; ctl[PENDING] += ctl[SKIP]; ctl[FALLBACK] = 0; ctl[LOSS0] = L0
 
-with ``cand(eta, d) = w0 - eta * (d + wd * w0)`` computed in the math type (fp32, fp64 for fp64
-params) in exactly that order, ``p = 1 / (sqrt(v / bias_correction2) + eps)``,
+    ``finish=False``: returns the float64 0-dim ``sumsq`` and writes nothing (the driver's path
+    for mixed backends or sharded parameters; it then calls ``decisions.finish_grad``).
+
+``step_pass(buckets, hp, ctl, *, searching, write_backup, finish=True) -> Optional[Tensor]``
+    The fused ADAM step with g read as ``g * ctl[SCALE]`` (SCALE rounded to the math type):
+    ``m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g``; if ``write_backup`` copies w into
+    ``bucket.backups``; writes ``w = cand(hp.eta, dir)`` with ``dir = Dir.MOMENTUM`` when not
+    searching and ``hp.search_dir`` when searching.  Not searching: returns None.  Searching
+    with ``finish=True``: runs the *step finisher* and returns None::
+
+        ctl[SLOPE]      = sum(g * d(hp.search_dir))     # fixed-order fp64 sum of fp32 partials
+        ctl[SLOPE_GRAD] = sum(g * g * p)                # (== SLOPE when search_dir is GRAD)
+        ctl[S_NEW]      = hp.smoothing * ctl[S] + (1 - hp.smoothing) * ctl[SLOPE]
+        ctl[FALLBACK]   = !ctl[SKIP] & (ctl[S_NEW] <= 0)
+
+    Searching with ``finish=False``: returns float64[2] ``[SLOPE, SLOPE_GRAD]`` partial sums of
+    these buckets and writes no ctl slot (driver then calls ``decisions.finish_slope``).
+    ``ctl[SKIP]`` set: writes nothing at all (partials returned as zeros).
+
+``move_pass(buckets, hp, ctl, *, src_eta, src_dir, dst_eta, dst_dir, from_backup, only_if_fallback=False)``
+    Rewrites the params from ``cand(src_eta, src_dir)`` to ``cand(dst_eta, dst_dir)``;
+    ``dst_eta == 0`` is the restore to w0.  ``from_backup`` reads w0 from the backups; otherwise
+    (memory_efficient) the move is in place, ``w -= (dst_eta - src_eta) * (d + wd*w0)`` when the
+    resolved directions agree, recovering ``w0 = (w + src_eta*d_src) / (1 - src_eta*wd)`` where
+    needed.  ``Dir.UPDATE`` resolves on the device (GRAD if ctl[FALLBACK] else MOMENTUM).  A
+    pass with nothing to do (ctl[SKIP] set, or ``only_if_fallback`` and ctl[FALLBACK] == 0)
+    returns before touching memory.
+
+``verdict(ctl, loss_try, dp, out) -> None``
+    The per-trial decision (``dp`` a ``DecisionScalars``; ``out`` float64[VERDICT_SIZE] on the
+    device; ``loss_try`` a 0-dim device tensor of any float dtype, already averaged over ranks)::
+
+        L0 = ctl[LOSS0]; L = float64(loss_try); diff = L0 - L
+        fb = ctl[FALLBACK] != 0; finite = ctl[SKIP] == 0
+        h_new = beta3*ctl[H] + (1-beta3)*diff
+        ok = finite & isfinite(L) & ((L == L0) | (fb ? diff >= c*eta*ctl[SLOPE_GRAD]
+                                                      : h_new >= c*eta*ctl[S_NEW]))
+        out = [ok, finite, fb, L0, L, fb ? ctl[SLOPE_GRAD] : ctl[SLOPE], ctl[PENDING], h_new]
+        ctl[PENDING] = 0
+        if ok and not fb: ctl[H] = h_new; ctl[S] = ctl[S_NEW]
+
+    ``decisions.verdict`` is the reference (torch ops); fused backends do it in one kernel.
+
+Math (all passes): ``cand(eta, d) = w0 - eta * (d + wd * w0)`` in the math type (fp32; fp64 for
+fp64 params) in exactly that order, ``p = 1 / (sqrt(v / bias_correction2) + eps)``,
 ``m_hat * p = (m / bias_correction1) / (sqrt(v / bias_correction2) + eps)`` and
-``g * p = g / (sqrt(v / bias_correction2) + eps)``.  Fused backends match these within fp32
-rounding; they need not be bit-identical to the reference.
+``g * p = g / (sqrt(v / bias_correction2) + eps)``.  Fused backends match the reference within
+fp32 rounding; they need not be bit-identical.
 
-Scalars that change every step reach the passes in two ways: host values in ``StepScalars``
-(eta, bias corrections: decided on the host, so they cost no read) and device values in
-``ctrl``, a float32 tensor of 3 on the bucket's device (gradient scale from clipping, the skip
-flag from the non-finite pre-pass, the non-descent fallback flag: decided on the device, so a
-backend must not read them on the host if it is meant to be sync-free).
+Host scalars (eta, bias corrections, ...) arrive in ``StepScalars``/``DecisionScalars`` and are
+passed to kernels as arguments, never as compile-time constants.
+
+Shared GPU constants: ``CHUNK`` elements per program/partial (partials fp32, one per chunk,
+finished in fp64 in fixed order) and the per-tensor table layout ``TableCol`` (``TABLE_COLS``
+int64 columns: pointers of w, g, m, v, backup (0 if none), numel, the weight decay's float64
+bits, a spare column).
 """
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-# Indices into the per-step device control tensor ``ctrl`` (float32, 3 elements).
-GRAD_SCALE = 0  # clip coefficient applied to every gradient read (1.0 without clipping)
-SKIP = 1        # 1.0: the loss or a gradient is not finite: no pass writes anything this step
-FALLBACK = 2    # 1.0: the smoothed slope is not a descent slope: search along g*p instead
-CTRL_SIZE = 3
+
+class Ctl(enum.IntEnum):
+    """Slots of the float64 device control vector ``ctl`` (see the module docstring)."""
+
+    SCALE = 0       # clip coefficient (1.0 without clipping or when not finite)
+    SKIP = 1        # 1.0: L0 or a gradient is not finite: no pass writes anything this step
+    FALLBACK = 2    # 1.0: s_new <= 0: this step searches along g*p with the plain test
+    LOSS0 = 3       # L0 as float64 (averaged over ranks)
+    SLOPE = 4       # sum(g*d) along the nominal search direction
+    SLOPE_GRAD = 5  # sum(g*g*p)
+    S_NEW = 6       # beta3*S + (1-beta3)*SLOPE
+    H = 7           # smoothed decrease (persistent)
+    S = 8           # smoothed slope (persistent)
+    PENDING = 9     # non-finite steps the host has not seen yet (persistent until a verdict)
+
+
+CTL_SIZE = 16  # slots 10..15 reserved
+
+
+class Verdict(enum.IntEnum):
+    """Slots of the float64 verdict vector, written once per trial and read by the host once."""
+
+    ACCEPT = 0
+    FINITE = 1
+    FALLBACK = 2
+    LOSS0 = 3
+    LOSS_TRY = 4
+    SLOPE_USED = 5
+    PENDING = 6
+    H_NEW = 7
+
+
+VERDICT_SIZE = 8
 
 
 class Dir(enum.IntEnum):
-    """Directions a candidate can be built along (resolved per step, on the device)."""
+    """Directions a candidate is built along; kernels use these values as-is."""
 
     MOMENTUM = 0  # m_hat * p
     GRAD = 1      # g * p
-    SEARCH = 2    # GRAD if ctrl[FALLBACK] else (MOMENTUM if hp.momentum_search else GRAD)
-    UPDATE = 3    # GRAD if ctrl[FALLBACK] else MOMENTUM
+    UPDATE = 2    # GRAD if ctl[FALLBACK] else MOMENTUM (resolved on the device)
+
+
+class TableCol(enum.IntEnum):
+    """Columns of the per-tensor int64 table the GPU backends build (one row per tensor)."""
+
+    W = 0
+    G = 1
+    M = 2
+    V = 3
+    BACKUP = 4    # 0 when the bucket has no backups (memory_efficient)
+    NUMEL = 5
+    WD_BITS = 6   # the weight decay as the bits of a float64
+    SPARE = 7
+
+
+TABLE_COLS = 8
+CHUNK = 4096   # elements per program / per fp32 partial, for both GPU backends
+
+
+def new_ctl(device) -> Tensor:
+    """A zeroed control vector on ``device`` (h = s = 0, no pending skips)."""
+    return torch.zeros(CTL_SIZE, dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -70,25 +165,36 @@ class StepScalars:
     eps: float
     bias_correction1: float   # 1 - beta1**t
     bias_correction2: float   # 1 - beta2**t
-    momentum_search: bool     # alsals searches along m_hat*p; adam_sls and salsa along g*p
-
-    def resolve(self, direction: Dir, fallback: bool) -> Dir:
-        """SEARCH/UPDATE -> MOMENTUM/GRAD for a known fallback flag (host-side helper)."""
-        if direction is Dir.SEARCH:
-            return Dir.GRAD if (fallback or not self.momentum_search) else Dir.MOMENTUM
-        if direction is Dir.UPDATE:
-            return Dir.GRAD if fallback else Dir.MOMENTUM
-        return direction
-
-    @property
-    def nominal_search(self) -> Dir:
-        """The search direction the step pass writes before the fallback flag is known."""
-        return Dir.MOMENTUM if self.momentum_search else Dir.GRAD
+    smoothing: float          # beta3 (used by the step finisher)
+    search_dir: Dir           # Dir.MOMENTUM for alsals, Dir.GRAD for adam_sls and salsa
+    max_grad_norm: Optional[float] = None   # used by the grad finisher (None: no clipping)
 
 
-@dataclass
+@dataclass(frozen=True)
+class DecisionScalars:
+    """Host scalars of one trial's verdict."""
+
+    eta: float     # the trial's step size
+    c: float       # Armijo constant
+    beta3: float   # smoothing
+
+
+_bucket_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
 class Bucket:
-    """The tensors of one (device, dtype): parallel lists, one entry per parameter with a grad."""
+    """The tensors of one (device, dtype): parallel lists, one entry per parameter with a grad.
+
+    Identity: a bucket lives as long as the driver's parameter plan.  ``uid`` is unique per
+    process and never reused; every list except ``grads`` stays the same for the bucket's
+    lifetime (any change to the params' storage, dtype, device or the set of params with grads
+    makes a new plan with new buckets).  ``grads`` is refilled by the driver at the start of
+    each step and emptied after it (so that freed gradients are not kept alive);
+    ``grads_version`` is incremented whenever a gradient came back at another address, so a
+    backend that caches gradient pointers refreshes them only then.  ``cache`` is free for
+    backends (key it by backend name); the driver never touches it.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -98,9 +204,9 @@ class Bucket:
     exp_avg_sqs: List[Tensor] = field(default_factory=list)   # v: same dtype as m
     backups: List[Tensor] = field(default_factory=list)       # w0 copies; empty if memory_efficient
     weight_decays: List[float] = field(default_factory=list)  # the owning group's weight_decay
-
-    def __len__(self) -> int:
-        return len(self.params)
+    uid: int = field(default_factory=lambda: next(_bucket_ids))
+    grads_version: int = 0
+    cache: Dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -108,14 +214,17 @@ class Backend(Protocol):
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool: ...
 
-    def grad_sumsq(self, bucket: Bucket) -> Tensor: ...
+    def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                  finish: bool = True) -> Optional[Tensor]: ...
 
-    def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
-                  write_backup: bool) -> Optional[Tensor]: ...
+    def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
+                  write_backup: bool, finish: bool = True) -> Optional[Tensor]: ...
 
-    def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
+    def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None: ...
+
+    def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None: ...
 
 
 class BackendUnavailable(RuntimeError):
