@@ -22,6 +22,7 @@ particular implementation) stay in the backend's own test file.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -680,13 +681,30 @@ def test_the_driver_issues_only_the_moves_tested_here(monkeypatch):
     for variant in ("alsals", "adam_sls", "salsa"):
         for me in (False, True):
             S.run_trajectory("reference", S.CPU, steps=12, variant=variant, memory_efficient=me, init_step_size=0.5)
-            S.run_trajectory("reference", S.CPU, steps=3, variant=variant, memory_efficient=me,
-                             init_step_size=50.0, max_trials=2)                      # rejections
-            w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-            opt = ALSALS([w], backend="reference", variant=variant, memory_efficient=me, smoothing=0.5)
-            opt.step(lambda w=w: (w ** 2).sum())
-            opt.step(lambda w=w: -(w ** 2).sum() * 1e3)                               # s_new <= 0: fallback
+            w = torch.nn.Parameter(torch.tensor([10.0, -20.0, 5.0]))
+            opt = ALSALS([w], backend="reference", variant=variant, memory_efficient=me, smoothing=0.5,
+                         max_trials=2, weight_decay=0.01)
+            calls = {"n": 0}
+
+            def worse(w=w, calls=calls):             # every trial looks worse: a rejected step
+                calls["n"] += 1
+                return (w ** 2).sum() + (0.0 if torch.is_grad_enabled() else 1e6)
+
+            def step(closure, opt=opt):
+                opt.zero_grad()
+                opt.step(closure)
+
+            step(worse)
+            assert not opt.last_step.accepted
+            if variant == "alsals":   # the others search along g*p: their slope is never negative
+                opt.hyper = dataclasses.replace(opt.hyper, smoothing=0.0)
+                step(lambda w=w: (w ** 2).sum() * 1e3)                                # m along +w
+                step(lambda w=w: -(w ** 2).sum() * 1e-3)                              # g against m
+                assert opt.last_step.fallback, "s_new <= 0 should have made this step fall back"
+            with pytest.raises(KeyError):                                             # a raising trial
+                step(lambda w=w: (w ** 2).sum() if torch.is_grad_enabled() else {}["boom"])
     tested = {(m.src_dir, m.dst_dir, m.eta, m.only_if_fallback, sd) for m in MOVES for sd in m.search_dirs}
     assert seen, "the driver made no move"
-    untested = seen - tested
+    untested, unissued = seen - tested, tested - seen
     assert not untested, f"the driver issues moves test_contract.MOVES does not cover: {sorted(untested)}"
+    assert not unissued, f"test_contract.MOVES tests moves the driver no longer issues: {sorted(unissued)}"
