@@ -2,13 +2,28 @@
 
 This module is the line-search driver shared by every backend (``../shared/ALGORITHM.md`` is the
 specification; section numbers below refer to it).  It runs the closure, replays the RNG, keeps
-the host state (eta, t, the "auto" schedule, counters) and the device state (h, s), and decides;
-the element-wise passes over the parameters are the backend's (``backends/base.py``).
+the host state (eta, t, the "auto" schedule, counters) and runs the search loop; the element-wise
+passes and the device decisions between them are the backend's (contract v2, ``backends/base.py``;
+the reference decisions in torch ops are ``backends/decisions.py``).
+
+A step, in named parts: ``_refresh_plan`` (the persistent parameter plan), ``_pre_pass`` (the
+gradient norm and the non-finite check, all on the device), ``_step_pass`` (moments, backup,
+candidate, slope), ``_search`` (the trial loop: one verdict and one device-to-host read per trial)
+and ``_commit`` (accept, reject or skip; host state).
+
+The parameter plan: buckets (one per device and dtype), backups, the backend of each bucket and
+the backends' cached tables are built once and reused.  It is rebuilt only when the set of
+parameters with gradients, a parameter's storage (hence dtype or device), the param groups or
+their weight decays, or the optimizer state (``load_state_dict``) change; moments then follow
+their parameters' device and dtype (fp32, fp64 for fp64 params: section 1).  Gradients are read
+afresh every step and released after it; when one comes back at another address (e.g.
+``zero_grad(set_to_none=True)``), only its bucket's gradient entries are refreshed
+(``Bucket.grads_version``).
 
 Host/device split (section 5): eta and t are host doubles/ints; the slope, h, s, the losses and
-the accept test stay on the device.  A searching step reads one small tensor per trial (the
-verdict: accept flag, finiteness flag, fallback flag, losses, slope); a step that does not search
-reads nothing.
+the accept test stay on the device in one float64 control vector (``ctl``).  A searching step
+makes one verdict call and one device-to-host read per trial (a pinned buffer and a non-blocking
+copy on CUDA); a step that does not search reads nothing.
 
 Deviations from the specification, and why:
 - Gradient clipping scales g as the passes read it instead of rewriting ``p.grad`` in place: the
@@ -27,19 +42,24 @@ Deviations from the specification, and why:
   a per-tensor sum of squares that overflows fp32.
 - memory_efficient with weight decay recovers w0 by dividing by (1 - eta*wd); a step whose
   eta*wd reaches 0.5 raises ValueError instead of amplifying rounding (or dividing by zero).
+- The two guards of section 1 (revised 2026-12-01) hold for every variant and backend: the
+  equality guard (a trial loss equal to L0, compared as float64 of the losses as the closure
+  returned them, is accepted) in the smoothed and in the fallback's plain test, inside the
+  verdict; a rejected step returns eta to its pre-step value (no growth), on the host.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import backends as _backends
-from .backends.base import CTRL_SIZE, FALLBACK, GRAD_SCALE, SKIP, Bucket, Dir, StepScalars
+from .backends import decisions
+from .backends.base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, Verdict, VERDICT_SIZE, new_ctl
 from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
 
 CLOSURE_HELP = (
@@ -56,7 +76,7 @@ CLOSURE_HELP = (
 class StepInfo:
     """Telemetry of the last step (``opt.last_step``)."""
 
-    eta: float                              # step size after the step (rejected: last tried * backtrack)
+    eta: float                              # step size after the step (rejected: eta before it)
     trials: int                             # trial forwards run (0 if the step did not search)
     accepted: bool                          # params moved to an accepted point (see skipped)
     searched: bool
@@ -88,6 +108,82 @@ def _as_loss(value, what: str) -> Tensor:
         raise ValueError(f"ALSALS: the closure must return a scalar loss ({what}); "
                          f"got a tensor of shape {tuple(value.shape)}")
     return value
+
+
+_data_ptr = Tensor.data_ptr
+
+
+def _check_grad(p: Tensor, g: Tensor) -> None:
+    if g.is_sparse:
+        raise RuntimeError("ALSALS does not support sparse gradients (the line search "
+                           "needs the full direction); use dense embeddings")
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise RuntimeError(f"ALSALS: a gradient of shape {tuple(g.shape)}, {g.dtype} on "
+                           f"{g.device} does not match its parameter ({tuple(p.shape)}, "
+                           f"{p.dtype} on {p.device})")
+
+
+class _Plan:
+    """The persistent parameter plan: buckets, their backends and what the step re-checks.
+
+    ``groups`` pairs each backend with the buckets it runs (all on ``device``); ``generic`` is
+    True when the decisions must be taken by the driver (``decisions.py``) from partial sums:
+    several backends, or parameters sharded across ranks.
+    """
+
+    def __init__(self, device: torch.device, buckets: List[Bucket], groups: List[Tuple[object, List[Bucket]]],
+                 others: List[Tensor], config: tuple, sharded: bool):
+        self.device = device
+        self.buckets = buckets
+        self.groups = groups
+        self.others = others                  # params without a grad when the plan was built
+        self.config = config                  # param-group structure and weight decays
+        self.generic = len(groups) > 1 or sharded
+        self.params = [p for b in buckets for p in b.params]
+        self.param_ptrs = tuple(map(_data_ptr, self.params))
+        self.grad_ptrs = [tuple(map(_data_ptr, b.grads)) for b in buckets]
+        self.max_wd = max((wd for b in buckets for wd in b.weight_decays), default=0.0)
+        self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
+
+    def refresh_grads(self) -> bool:
+        """Read this step's gradients into the buckets; False if the plan no longer fits."""
+        if tuple(map(_data_ptr, self.params)) != self.param_ptrs:
+            return False                      # a parameter's storage moved (.to(), .data = ...)
+        for p in self.others:
+            if p.grad is not None:
+                return False                  # a parameter without a grad has one now
+        try:
+            for i, b in enumerate(self.buckets):
+                grads = [p.grad for p in b.params]
+                ptrs = tuple(map(_data_ptr, grads))       # TypeError if a grad is None now
+                if ptrs != self.grad_ptrs[i]:
+                    for p, g in zip(b.params, grads):
+                        _check_grad(p, g)
+                    self.grad_ptrs[i] = ptrs
+                    b.grads_version += 1
+                b.grads = grads
+        except (TypeError, RuntimeError):   # a grad went away, or one without storage (sparse)
+            self.release_grads()
+            return False
+        return True
+
+    def release_grads(self) -> None:
+        for b in self.buckets:
+            b.grads = []
+
+
+class _Search:
+    """What the trial loop found (host values from the verdicts)."""
+
+    __slots__ = ("eta", "eta_at_params", "trials", "accepted", "skipped", "fallback", "loss0",
+                 "loss_try", "slope")
+
+    def __init__(self, eta: float):
+        self.eta = eta                  # the step size of the last trial (then backtracked)
+        self.eta_at_params = eta        # params are at cand(eta_at_params) along the search dir
+        self.trials = 0
+        self.accepted = self.skipped = self.fallback = False
+        self.loss0 = self.loss_try = self.slope = math.nan
 
 
 class ALSALS(torch.optim.Optimizer):
@@ -122,6 +218,8 @@ class ALSALS(torch.optim.Optimizer):
         # takes the same eta; with sharded parameters (FSDP) the local sums are added as well.
         self.process_group = process_group
         self.sharded = bool(sharded)
+        self._plan: Optional[_Plan] = None
+        self._groups_version = 0                   # add_param_group / load_state_dict
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
         if isinstance(buffers, torch.nn.Module):
@@ -141,11 +239,12 @@ class ALSALS(torch.optim.Optimizer):
         self._fast: Optional[float] = None         # "auto" EMAs of eta (section 3)
         self._slow: Optional[float] = None
         self._last_search_t = 0
-        # Device state, created on the parameters' device at the first step: h, s and the count of
-        # non-finite steps the host has not seen yet.
-        self._h: Optional[Tensor] = None
-        self._s: Optional[Tensor] = None
-        self._pending_skips: Optional[Tensor] = None
+        # Device state: the control vector (h, s and the count of non-finite steps the host has
+        # not seen persist in it), the verdict and its host copy; on the parameters' device,
+        # created at the first step.
+        self._ctl: Optional[Tensor] = None
+        self._verdict: Optional[Tensor] = None
+        self._verdict_host: Optional[Tensor] = None
         self.last_step: Optional[StepInfo] = None
         self.reads = 0                             # device-to-host reads made by step()
 
@@ -157,9 +256,13 @@ class ALSALS(torch.optim.Optimizer):
         for p in group["params"]:
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"ALSALS: parameters must be real floating point; got {p.dtype}")
-            if self.hyper.memory_efficient and p.dtype not in (torch.float32, torch.float64):
-                raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
-                                 f"only (in-place trial moves would drift in {p.dtype}); got {p.dtype}")
+            self._check_memory_efficient_dtype(p.dtype)
+        self._groups_version = getattr(self, "_groups_version", 0) + 1
+
+    def _check_memory_efficient_dtype(self, dtype: torch.dtype) -> None:
+        if self.hyper.memory_efficient and dtype not in (torch.float32, torch.float64):
+            raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
+                             f"only (in-place trial moves would drift in {dtype}); got {dtype}")
 
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
@@ -186,45 +289,57 @@ class ALSALS(torch.optim.Optimizer):
             self._slow = 0.99 * self._slow + 0.01 * self.eta
         self._last_search_t = t
 
-    # -- gathering the tensors ------------------------------------------------------------------
+    # -- the parameter plan ---------------------------------------------------------------------
     def _param_devices(self) -> Tuple[int, ...]:
+        plan = self._plan
+        if plan is not None and plan.params and plan.params[0].device == plan.device:
+            return plan.cuda_devices
         return tuple(sorted({p.device.index or 0 for g in self.param_groups for p in g["params"]
                              if p.device.type == "cuda"}))
 
-    def _buckets(self) -> Tuple[torch.device, List[Tuple[object, Bucket]]]:
+    def _config(self) -> tuple:
+        return (self._groups_version, tuple(g["weight_decay"] for g in self.param_groups))
+
+    def _refresh_plan(self) -> _Plan:
+        """The plan for this step's gradients: the current one if it still fits, else a new one."""
+        plan = self._plan
+        if plan is not None and plan.config == self._config() and plan.refresh_grads():
+            return plan
+        self._plan = None
+        plan = self._plan = self._build_plan()
+        self._ensure_device_state(plan.device)
+        return plan
+
+    def _build_plan(self) -> _Plan:
         buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
+        others: List[Tensor] = []
         keep_backup = not self.hyper.memory_efficient
+        backups: Dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
                 if g is None:
+                    others.append(p)
                     continue
-                if g.is_sparse:
-                    raise RuntimeError("ALSALS does not support sparse gradients (the line search "
-                                       "needs the full direction); use dense embeddings")
-                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                    raise RuntimeError(f"ALSALS: a gradient of shape {tuple(g.shape)}, {g.dtype} on "
-                                       f"{g.device} does not match its parameter ({tuple(p.shape)}, "
-                                       f"{p.dtype} on {p.device})")
-                state = self.state[p]
-                if not state:
-                    moment = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+                _check_grad(p, g)
+                self._check_memory_efficient_dtype(p.dtype)
+                m, v = self._moments(p)
                 key = (p.device, p.dtype)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
                 b.params.append(p)
                 b.grads.append(g)
-                b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.exp_avgs.append(m)
+                b.exp_avg_sqs.append(v)
                 b.weight_decays.append(float(group["weight_decay"]))
                 if keep_backup:
                     w0 = self._backups.get(p)
                     if w0 is None or w0.shape != p.shape or w0.dtype != p.dtype or w0.device != p.device:
-                        w0 = self._backups[p] = torch.empty_like(p)
+                        w0 = torch.empty_like(p)
                     b.backups.append(w0)
+                    backups[p] = w0
+        self._backups = backups                    # backups of params that left the plan are freed
         if not buckets:
             raise RuntimeError("ALSALS: no parameter has a gradient after backward(); does the loss "
                                "depend on the optimized parameters?")
@@ -234,7 +349,28 @@ class ALSALS(torch.optim.Optimizer):
                              f"device, so all parameters with gradients must share a device; found "
                              f"{sorted(str(d) for d in devices)}")
         device = next(iter(devices))
-        return device, [(self._backend_for(b), b) for b in buckets.values()]
+        groups: Dict[int, Tuple[object, List[Bucket]]] = {}
+        for b in buckets.values():
+            backend = self._backend_for(b)
+            groups.setdefault(id(backend), (backend, []))[1].append(b)
+        return _Plan(device, list(buckets.values()), list(groups.values()), others, self._config(),
+                     self.sharded)
+
+    def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
+        """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
+        moment = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = state[name]
+            if t.shape != p.shape:
+                raise ValueError(f"ALSALS: the {name} of a parameter of shape {tuple(p.shape)} has "
+                                 f"shape {tuple(t.shape)} (a state_dict of another model?)")
+            if t.dtype != moment or t.device != p.device:
+                state[name] = t.to(device=p.device, dtype=moment)
+        return state["exp_avg"], state["exp_avg_sq"]
 
     def _backend_for(self, b: Bucket):
         key = (b.device, b.dtype)
@@ -246,20 +382,37 @@ class ALSALS(torch.optim.Optimizer):
             self._resolved[key] = backend
         return backend
 
-    def _device_state(self, device: torch.device) -> None:
-        if self._h is None:
-            self._h = torch.zeros((), dtype=torch.float64, device=device)
-            self._s = torch.zeros((), dtype=torch.float64, device=device)
-            self._pending_skips = torch.zeros((), dtype=torch.float64, device=device)
-        elif self._h.device != device:
-            self._h, self._s = self._h.to(device), self._s.to(device)
-            self._pending_skips = self._pending_skips.to(device)
+    def _ensure_device_state(self, device: torch.device) -> None:
+        """ctl (h, s, pending skips persist in it) and the verdict buffers, on ``device``."""
+        if self._ctl is None:
+            self._ctl = new_ctl(device)
+            self._ctl[Ctl.SCALE] = 1.0
+        elif self._ctl.device != device:
+            self._ctl = self._ctl.to(device)
+        if self._verdict is None or self._verdict.device != device:
+            self._verdict = torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=device)
+            self._verdict_host = (torch.zeros(VERDICT_SIZE, dtype=torch.float64, pin_memory=True)
+                                  if device.type == "cuda" else self._verdict)
 
+    # h, s and the pending-skip count, as 0-dim views of ctl (for tests and tools).
+    @property
+    def _h(self) -> Optional[Tensor]:
+        return None if self._ctl is None else self._ctl[Ctl.H]
+
+    @property
+    def _s(self) -> Optional[Tensor]:
+        return None if self._ctl is None else self._ctl[Ctl.S]
+
+    @property
+    def _pending_skips(self) -> Optional[Tensor]:
+        return None if self._ctl is None else self._ctl[Ctl.PENDING]
+
+    # -- cross-rank sums and the one read -------------------------------------------------------
     def _mean_over_ranks(self, value: Tensor) -> Tensor:
         if self.process_group is None:
             return value
         import torch.distributed as dist
-        value = value.clone()                               # may alias the loss returned to the user
+        value = value.to(torch.float64, copy=True)         # may alias the loss returned to the user
         dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
         return value / dist.get_world_size(self.process_group)
 
@@ -269,17 +422,21 @@ class ALSALS(torch.optim.Optimizer):
             dist.all_reduce(value, group=self.process_group)
         return value
 
-    def _read(self, verdict: Tensor) -> List[float]:
-        """The one device-to-host read of a trial."""
+    def _read_verdict(self) -> List[float]:
+        """The one device-to-host read of a trial: the verdict vector, in one copy."""
         self.reads += 1
-        return verdict.tolist()
+        host = self._verdict_host
+        if host is not self._verdict:       # CUDA: pinned buffer, non-blocking copy, one sync
+            host.copy_(self._verdict, non_blocking=True)
+            torch.cuda.current_stream(self._verdict.device).synchronize()
+        return host.tolist()
 
     def _sync_lr(self) -> None:
         for group in self.param_groups:
             group["lr"] = self.eta
 
     # -- the step (section 1) -------------------------------------------------------------------
-    def step(self, closure=None):  # noqa: C901  (one algorithm, kept in one place on purpose)
+    def step(self, closure=None):
         if closure is None or not callable(closure):
             raise TypeError(CLOSURE_HELP)
         searching = self._searches_at(self.t + 1)
@@ -295,148 +452,162 @@ class ALSALS(torch.optim.Optimizer):
 
     def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> Tensor:
         """Everything after the gradient: moments, candidate, line search (under no_grad)."""
-        hyper = self.hyper
-        device, work = self._buckets()
-        self._device_state(device)
-        loss0 = self._mean_over_ranks(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
-
-        t = self.t + 1
-        eta_before = self.eta
-        eta = eta_before * hyper.growth if searching else eta_before
-        if hyper.memory_efficient:
-            self._check_in_place_recovery(eta, work)
-        beta1, beta2 = hyper.betas
-        hp = StepScalars(eta=eta, beta1=beta1, beta2=beta2, eps=hyper.eps,
-                         bias_correction1=1 - beta1 ** t, bias_correction2=1 - beta2 ** t,
-                         momentum_search=hyper.momentum_search)
-
-        # Non-finite pre-pass and clipping coefficient, all on the device.
-        sumsq = self._sum_over_shards(torch.stack([backend.grad_sumsq(b) for backend, b in work]).sum())
-        finite = torch.isfinite(loss0) & torch.isfinite(sumsq)
-        scale = torch.ones((), dtype=torch.float64, device=device)
-        if hyper.max_grad_norm is not None:   # as clip_grad_norm_: max_norm / (norm + 1e-6), <= 1
-            scale = (hyper.max_grad_norm / (sumsq.sqrt() + 1e-6)).clamp(max=1.0)
-            scale = torch.where(finite, scale, torch.ones_like(scale))
-        skip = (~finite).to(torch.float64)
-        ctrl = torch.stack([scale, skip, torch.zeros_like(skip)]).to(torch.float32)
-        assert ctrl.numel() == CTRL_SIZE
-        self._pending_skips += skip
-
-        write_backup = searching and not hyper.memory_efficient
-        dots = [backend.step_pass(b, hp, ctrl, searching=searching, write_backup=write_backup)
-                for backend, b in work]
-        self.t = t
-        self.counters["steps"] += 1
-        if not searching:
-            self.last_step = StepInfo(eta=eta, trials=0, accepted=True, searched=False,
-                                      loss=loss.detach(), loss_trial=None, slope=None)
-            return loss.detach()
-
-        rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
-        # Slope, its smoothing and the non-descent fallback (device).
-        total = self._sum_over_shards(torch.stack(dots).sum(dim=0))
-        slope, slope_grad = total[0], total[1]
-        b3 = hyper.smoothing
-        s_new = b3 * self._s + (1 - b3) * slope
-        fallback = finite & (s_new <= 0)
-        ctrl[FALLBACK] = fallback.to(torch.float32)
-        slope_used = torch.where(fallback, slope_grad, slope)
-        from_backup = not hyper.memory_efficient
-
-        def move(src_eta: float, dst_eta: float, dst_dir: Dir = Dir.SEARCH) -> None:
-            for backend, b in work:
-                backend.move_pass(b, hp, ctrl, src_eta=src_eta, src_dir=Dir.SEARCH,
-                                  dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup)
-
-        eta_at_params = eta            # params are at cand(eta_at_params) along SEARCH
-        accepted = skipped = used_fallback = snapshotted = False
-        trials = 0
-        loss0_host = loss_try_host = slope_host = math.nan
-        h_new = None
+        plan = self._refresh_plan()
         try:
-            if hyper.momentum_search:   # the step pass wrote the candidate along m_hat*p
-                for backend, b in work:
-                    backend.move_pass(b, hp, ctrl, src_eta=eta, src_dir=Dir.MOMENTUM, dst_eta=eta,
-                                      dst_dir=Dir.SEARCH, from_backup=from_backup,
-                                      only_if_fallback=True)
+            eta_before = self.eta
+            hp = self._step_scalars(plan, searching)
+            self._pre_pass(plan, hp, self._device_loss(loss, plan))
+            self._step_pass(plan, hp, searching)
+            self.t += 1
+            self.counters["steps"] += 1
+            if not searching:
+                self.last_step = StepInfo(eta=hp.eta, trials=0, accepted=True, searched=False,
+                                          loss=loss.detach(), loss_trial=None, slope=None)
+                return loss.detach()
+            found = self._search(plan, hp, closure, rng_before, eta_before)
+            self._commit(plan, hp, found, eta_before)
+            return loss.detach()
+        finally:
+            plan.release_grads()
+
+    def _step_scalars(self, plan: _Plan, searching: bool) -> StepScalars:
+        hyper, t = self.hyper, self.t + 1
+        eta = self.eta * hyper.growth if searching else self.eta
+        if hyper.memory_efficient and eta * plan.max_wd >= 0.5:
+            raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
+                             f"(1 - eta*weight_decay), and eta*weight_decay = {eta * plan.max_wd:.3g} "
+                             "is too large for that; lower weight_decay or use memory_efficient=False")
+        beta1, beta2 = hyper.betas
+        return StepScalars(eta=eta, beta1=beta1, beta2=beta2, eps=hyper.eps,
+                           bias_correction1=1 - beta1 ** t, bias_correction2=1 - beta2 ** t,
+                           smoothing=hyper.smoothing,
+                           search_dir=Dir.MOMENTUM if hyper.momentum_search else Dir.GRAD,
+                           max_grad_norm=hyper.max_grad_norm)
+
+    def _device_loss(self, loss: Tensor, plan: _Plan) -> Tensor:
+        """The closure's loss as a 0-dim float64 tensor on the plan's device, averaged over ranks."""
+        return self._mean_over_ranks(loss.detach().reshape(()).to(device=plan.device, dtype=torch.float64))
+
+    def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
+        """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
+        ctl = self._ctl
+        if not plan.generic:
+            backend, buckets = plan.groups[0]
+            backend.grad_pass(buckets, ctl, loss0, hp)
+            return
+        parts = [backend.grad_pass(buckets, ctl, loss0, hp, finish=False) for backend, buckets in plan.groups]
+        sumsq = self._sum_over_shards(torch.stack(parts).sum() if len(parts) > 1 else parts[0].clone())
+        decisions.finish_grad(ctl, sumsq, loss0, hp.max_grad_norm)
+
+    def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
+        """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
+        ctl, write_backup = self._ctl, searching and not self.hyper.memory_efficient
+        if not plan.generic or not searching:
+            for backend, buckets in plan.groups:
+                backend.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
+            return
+        parts = [backend.step_pass(buckets, hp, ctl, searching=True, write_backup=write_backup,
+                                   finish=False) for backend, buckets in plan.groups]
+        sums = self._sum_over_shards(torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0].clone())
+        decisions.finish_slope(ctl, sums, hp.smoothing)
+
+    def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
+              dst_dir: Dir, only_if_fallback: bool = False) -> None:
+        from_backup = not self.hyper.memory_efficient
+        for backend, buckets in plan.groups:
+            backend.move_pass(buckets, hp, self._ctl, src_eta=src_eta, src_dir=src_dir,
+                              dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup,
+                              only_if_fallback=only_if_fallback)
+
+    def _decide(self, plan: _Plan, loss_try: Tensor, eta: float) -> List[float]:
+        """One trial's verdict on the device, then its one read."""
+        dp = DecisionScalars(eta=eta, c=self.hyper.c, beta3=self.hyper.smoothing)
+        if plan.generic:
+            decisions.verdict(self._ctl, loss_try, dp, self._verdict)
+        else:
+            plan.groups[0][0].verdict(self._ctl, loss_try, dp, self._verdict)
+        return self._read_verdict()
+
+    def _search(self, plan: _Plan, hp: StepScalars, closure, rng_before: _RngState,
+                eta_before: float) -> _Search:
+        """The trial loop (section 1): params are at cand(eta) along the search direction."""
+        hyper = self.hyper
+        # alsals searches along UPDATE (m_hat*p, or g*p after the fallback); the others along g*p.
+        search_dir = Dir.UPDATE if hp.search_dir is Dir.MOMENTUM else Dir.GRAD
+        found = _Search(hp.eta)
+        rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
+        snapshotted = False
+        try:
+            if hp.search_dir is Dir.MOMENTUM:   # the step pass wrote m_hat*p; g*p if it fell back
+                self._move(plan, hp, hp.eta, Dir.MOMENTUM, hp.eta, Dir.UPDATE, only_if_fallback=True)
             self._snapshot_buffers()
             snapshotted = True
             while True:
                 rng_before.restore()                       # same dropout masks as L0
-                with torch.no_grad():
-                    loss_try = _as_loss(closure(), "trial forward")
-                trials += 1
-                loss_try = self._mean_over_ranks(
-                    loss_try.detach().reshape(()).to(device=device, dtype=torch.float64))
-                diff = loss0 - loss_try
-                h_new = b3 * self._h + (1 - b3) * diff
-                smoothed_ok = h_new >= hyper.c * eta * s_new
-                plain_ok = diff >= hyper.c * eta * slope_grad
-                accept = torch.where(fallback, plain_ok, smoothed_ok) & torch.isfinite(loss_try) & finite
-                verdict = torch.stack([accept.to(torch.float64), finite.to(torch.float64),
-                                       fallback.to(torch.float64), loss0, loss_try, slope_used,
-                                       self._pending_skips])
-                (ok, step_finite, was_fallback, loss0_host, loss_try_host, slope_host,
-                 pending) = self._read(verdict)
-                if pending:
-                    self._absorb_skips(int(pending))
-                if not step_finite:        # nothing was written: params are w0 (section 1)
-                    skipped = True
-                    eta = eta_before
+                loss_try = _as_loss(closure(), "trial forward")
+                found.trials += 1
+                v = self._decide(plan, self._trial_loss(loss_try, plan), found.eta)
+                found.loss0, found.loss_try, found.slope = v[Verdict.LOSS0], v[Verdict.LOSS_TRY], v[Verdict.SLOPE_USED]
+                if v[Verdict.PENDING]:
+                    self._absorb_skips(int(v[Verdict.PENDING]))
+                if not v[Verdict.FINITE]:  # nothing was written: params are w0 (section 1)
+                    found.skipped = True
                     break
-                used_fallback = bool(was_fallback)
-                if ok:
-                    accepted = True
+                found.fallback = bool(v[Verdict.FALLBACK])
+                if v[Verdict.ACCEPT]:
+                    found.accepted = True
                     break
-                eta *= hyper.backtrack
-                if trials == hyper.max_trials:
+                found.eta *= hyper.backtrack
+                if found.trials == hyper.max_trials:
                     break
-                move(eta_at_params, eta)
-                eta_at_params = eta
+                self._move(plan, hp, found.eta_at_params, search_dir, found.eta, search_dir)
+                found.eta_at_params = found.eta
         except BaseException:
-            move(eta_at_params, 0.0)       # back to w0; m, v, t keep the update (section 1)
-            self.eta = eta_before
+            self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)  # back to w0
+            self.eta = eta_before          # m, v, t keep the update (section 1)
             self._sync_lr()
             raise
         finally:
-            self.counters["trials"] += trials
+            self.counters["trials"] += found.trials
             rng_after.restore()
             if snapshotted:
                 self._restore_buffers()
+        return found
 
-        if not skipped:
+    def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
+        loss_try = loss_try.detach().reshape(())
+        if self.process_group is not None:
+            return self._device_loss(loss_try, plan)
+        return loss_try if loss_try.device == plan.device else loss_try.to(plan.device)
+
+    def _commit(self, plan: _Plan, hp: StepScalars, found: _Search, eta_before: float) -> None:
+        """Accept (h and s were committed by the verdict), reject (back to w0) or skip."""
+        search_dir = Dir.UPDATE if hp.search_dir is Dir.MOMENTUM else Dir.GRAD
+        if not found.skipped:
             self.counters["searches"] += 1
-            self.counters["fallbacks"] += used_fallback
-            if accepted:
-                if not used_fallback:
-                    self._h.copy_(h_new)
-                    self._s.copy_(s_new)
-                if not hyper.update_is_trial_point and not used_fallback:
-                    move(eta, eta, Dir.UPDATE)   # adam_sls/salsa: update from w0 along m_hat*p
+            self.counters["fallbacks"] += found.fallback
+            if found.accepted:
+                if not self.hyper.update_is_trial_point and not found.fallback:
+                    # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
+                    self._move(plan, hp, found.eta, search_dir, found.eta, Dir.UPDATE)
+                self.eta = found.eta
             else:
                 self.counters["rejected"] += 1
-                move(eta_at_params, 0.0)
-            self.eta = eta
+                self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
+                self.eta = eta_before      # spec guard 2: a rejected step leaves eta as it was
             self._after_search(self.t)
         self._sync_lr()
-        self.last_step = StepInfo(eta=eta, trials=trials, accepted=accepted, searched=True,
-                                  loss=loss0_host, loss_trial=loss_try_host, slope=slope_host,
-                                  skipped=skipped, fallback=used_fallback)
-        return loss.detach()
-
-    def _check_in_place_recovery(self, eta: float, work) -> None:
-        wd = max((max(b.weight_decays) for _, b in work if b.weight_decays), default=0.0)
-        if eta * wd >= 0.5:
-            raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
-                             f"(1 - eta*weight_decay), and eta*weight_decay = {eta * wd:.3g} is too "
-                             "large for that; lower weight_decay or use memory_efficient=False")
+        self.last_step = StepInfo(eta=self.eta, trials=found.trials, accepted=found.accepted,
+                                  searched=True, loss=found.loss0, loss_trial=found.loss_try,
+                                  slope=found.slope, skipped=found.skipped, fallback=found.fallback)
 
     def _absorb_skips(self, n: int) -> None:
-        """Steps the device skipped for a non-finite loss/gradient: they count for nothing."""
+        """Steps the device skipped for a non-finite loss/gradient: they count for nothing.
+
+        (The verdict that reported them has already zeroed ctl[PENDING].)"""
         self.t -= n
         self.counters["skipped"] += n
         self.counters["steps"] -= n
-        self._pending_skips.zero_()
 
     def _snapshot_buffers(self) -> None:
         if not self._buffers:
@@ -455,12 +626,14 @@ class ALSALS(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: {n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()}
                        for k, s in sd["state"].items()}
+        ctl = self._ctl
         sd["alsals"] = {
             "eta": self.eta, "t": self.t, "counters": dict(self.counters),
             "fast": self._fast, "slow": self._slow, "last_search_t": self._last_search_t,
-            "h": None if self._h is None else self._h.clone(),
-            "s": None if self._s is None else self._s.clone(),
-            "pending_skips": None if self._pending_skips is None else self._pending_skips.clone(),
+            # h, s, pending skips: 0-dim float64 tensors (the persistent slots of ctl)
+            "h": None if ctl is None else ctl[Ctl.H].clone(),
+            "s": None if ctl is None else ctl[Ctl.S].clone(),
+            "pending_skips": None if ctl is None else ctl[Ctl.PENDING].clone(),
             "variant": self.hyper.variant,
             "hyper": dataclasses.asdict(self.hyper),
         }
@@ -497,10 +670,20 @@ class ALSALS(torch.optim.Optimizer):
         self.counters = dict(extra["counters"])
         self._fast, self._slow = extra["fast"], extra["slow"]
         self._last_search_t = int(extra["last_search_t"])
-        self._h, self._s = extra["h"], extra["s"]
-        self._pending_skips = extra["pending_skips"]
-        for name in ("_h", "_s", "_pending_skips"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.clone())
+        self._load_device_state(extra)
+        self._plan = None                          # the moments are new tensors
+        self._groups_version += 1
         self._sync_lr()
+
+    def _load_device_state(self, extra: dict) -> None:
+        """h, s and the pending skips into a fresh ctl (moved to the params' device at the next
+        step); the keys are those of every ALSALS state_dict so far."""
+        h, s, pending = extra.get("h"), extra.get("s"), extra.get("pending_skips")
+        device = h.device if isinstance(h, Tensor) else torch.device("cpu")
+        ctl = new_ctl(device)
+        ctl[Ctl.SCALE] = 1.0
+        for slot, value in ((Ctl.H, h), (Ctl.S, s), (Ctl.PENDING, pending)):
+            if value is not None:
+                ctl[slot] = torch.as_tensor(value, dtype=torch.float64).to(device).reshape(())
+        self._ctl = ctl
+        self._verdict = self._verdict_host = None

@@ -8,7 +8,8 @@ import torch
 
 from alsals_fused import ALSALS
 from alsals_fused.backends import get_backend
-from alsals_fused.backends.base import CTRL_SIZE, FALLBACK, GRAD_SCALE, SKIP, Bucket, Dir, StepScalars
+from alsals_fused.backends.base import Bucket, Ctl, Dir, StepScalars, new_ctl
+from alsals_fused.backends.reference import resolve
 from helpers import OddModel, assert_same_trajectory, make_data, trajectory
 
 TOL = {  # (rtol, atol) for moments; params of 16-bit dtypes may differ by one ulp
@@ -95,13 +96,17 @@ def clone_bucket(b):
 
 
 def ctrl(scale=1.0, skip=0.0, fallback=0.0):
-    c = torch.zeros(CTRL_SIZE)
-    c[GRAD_SCALE], c[SKIP], c[FALLBACK] = scale, skip, fallback
+    c = new_ctl("cpu")
+    c[Ctl.SCALE], c[Ctl.SKIP], c[Ctl.FALLBACK] = scale, skip, fallback
     return c
 
 
 HP = dict(eta=0.05, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9 ** 3,
-          bias_correction2=1 - 0.999 ** 3)
+          bias_correction2=1 - 0.999 ** 3, smoothing=0.99)
+
+
+def step_scalars(momentum_search):
+    return StepScalars(search_dir=Dir.MOMENTUM if momentum_search else Dir.GRAD, **HP)
 
 
 def assert_buckets_close(a, b, rtol=1e-6, atol=1e-7):
@@ -117,17 +122,21 @@ def assert_buckets_close(a, b, rtol=1e-6, atol=1e-7):
 def test_step_pass_agrees(dtype, momentum_search, searching, scale):
     ref_b = random_bucket(dtype)
     fe_b = clone_bucket(ref_b)
-    hp = StepScalars(momentum_search=momentum_search, **HP)
+    hp = step_scalars(momentum_search)
     ref, fe = get_backend("reference", "cpu"), get_backend("foreach", "cpu")
-    d_ref = ref.step_pass(ref_b, hp, ctrl(scale), searching=searching, write_backup=searching)
-    d_fe = fe.step_pass(fe_b, hp, ctrl(scale), searching=searching, write_backup=searching)
+    d_ref = ref.step_pass([ref_b], hp, ctrl(scale), searching=searching, write_backup=searching,
+                          finish=False)
+    d_fe = fe.step_pass([fe_b], hp, ctrl(scale), searching=searching, write_backup=searching,
+                        finish=False)
     assert_buckets_close(ref_b, fe_b)
     if searching:
-        torch.testing.assert_close(d_ref, d_fe, rtol=1e-6, atol=1e-12)  # foreach sums in fp32
+        torch.testing.assert_close(d_ref, d_fe, rtol=1e-6, atol=1e-12)  # sums in another order
         assert d_ref[1] > 0
     else:
         assert d_ref is None and d_fe is None
-    torch.testing.assert_close(ref.grad_sumsq(ref_b), fe.grad_sumsq(fe_b), rtol=1e-6, atol=0)
+    loss0 = torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(ref.grad_pass([ref_b], ctrl(), loss0, hp, finish=False),
+                               fe.grad_pass([fe_b], ctrl(), loss0, hp, finish=False), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach"])
@@ -135,20 +144,21 @@ def test_skip_flag_writes_nothing(backend):
     b = random_bucket(torch.float32)
     before = clone_bucket(b)
     be = get_backend(backend, "cpu")
-    hp = StepScalars(momentum_search=True, **HP)
-    be.step_pass(b, hp, ctrl(skip=1.0), searching=True, write_backup=True)
-    be.move_pass(b, hp, ctrl(skip=1.0), src_eta=0.05, src_dir=Dir.SEARCH, dst_eta=0.0,
-                 dst_dir=Dir.SEARCH, from_backup=True)
+    hp = step_scalars(True)
+    be.step_pass([b], hp, ctrl(skip=1.0), searching=True, write_backup=True)
+    be.move_pass([b], hp, ctrl(skip=1.0), src_eta=0.05, src_dir=Dir.UPDATE, dst_eta=0.0,
+                 dst_dir=Dir.UPDATE, from_backup=True)
     for name in ("params", "exp_avgs", "exp_avg_sqs", "backups"):
         for x, y in zip(getattr(b, name), getattr(before, name)):
             assert torch.equal(x, y) or x.numel() == 0 and name == "backups"
 
 
-MOVES = [  # (src_dir, dst_dir, dst_eta, only_if_fallback) as the driver issues them
-    (Dir.MOMENTUM, Dir.SEARCH, 0.05, True),     # fixup after the fallback decision
-    (Dir.SEARCH, Dir.SEARCH, 0.045, False),     # backtrack
-    (Dir.SEARCH, Dir.SEARCH, 0.0, False),       # restore to w0
-    (Dir.SEARCH, Dir.UPDATE, 0.05, False),      # adam_sls/salsa final update
+MOVES = [  # (src_dir, dst_dir, dst_eta, only_if_fallback) as the driver issues them; None: the
+    # search direction (UPDATE for alsals, GRAD for adam_sls/salsa)
+    (Dir.MOMENTUM, Dir.UPDATE, 0.05, True),     # fixup after the fallback decision (alsals)
+    (None, None, 0.045, False),                 # backtrack
+    (None, None, 0.0, False),                   # restore to w0
+    (None, Dir.UPDATE, 0.05, False),            # adam_sls/salsa final update
 ]
 
 
@@ -164,27 +174,30 @@ MOVE_CASES = [(dtype, me, ms, fb, mv)
 @pytest.mark.parametrize("dtype, memory_efficient, momentum_search, fallback, move", MOVE_CASES)
 def test_move_pass_agrees_and_lands_on_the_candidate(dtype, memory_efficient, momentum_search, fallback, move):
     src_dir, dst_dir, dst_eta, only_if_fallback = move
-    hp = StepScalars(momentum_search=momentum_search, **HP)
+    search = Dir.UPDATE if momentum_search else Dir.GRAD
+    src_dir, dst_dir = src_dir or search, dst_dir or search
+    hp = step_scalars(momentum_search)
     ref, fe = get_backend("reference", "cpu"), get_backend("foreach", "cpu")
     base = random_bucket(dtype, memory_efficient=memory_efficient)
     w0 = [p.clone() for p in base.params]
     # Put the params at cand(0.05) along the source direction, then move.
     c = ctrl(scale=0.5, fallback=fallback)
-    ref.step_pass(base, hp, ctrl(scale=0.5), searching=True, write_backup=not memory_efficient)
-    if src_dir is not Dir.MOMENTUM:   # the step pass wrote the nominal direction; make it SEARCH
-        ref.move_pass(base, hp, c, src_eta=0.05, src_dir=hp.nominal_search, dst_eta=0.05,
-                      dst_dir=Dir.SEARCH, from_backup=not memory_efficient)
+    ref.step_pass([base], hp, ctrl(scale=0.5), searching=True, write_backup=not memory_efficient,
+                  finish=False)
+    if src_dir is not Dir.MOMENTUM:   # the step pass wrote hp.search_dir; make it the search dir
+        ref.move_pass([base], hp, c, src_eta=0.05, src_dir=hp.search_dir, dst_eta=0.05,
+                      dst_dir=src_dir, from_backup=not memory_efficient)
     a, b = clone_bucket(base), clone_bucket(base)
     kw = dict(src_eta=0.05, src_dir=src_dir, dst_eta=dst_eta, dst_dir=dst_dir,
               from_backup=not memory_efficient, only_if_fallback=only_if_fallback)
-    ref.move_pass(a, hp, c, **kw)
-    fe.move_pass(b, hp, c, **kw)
+    ref.move_pass([a], hp, c, **kw)
+    fe.move_pass([b], hp, c, **kw)
     assert_buckets_close(a, b)
     if only_if_fallback and not fallback:
         assert_buckets_close(a, base, rtol=0, atol=0)
         return
     # Independent check: the params are at w0 - eta*(d + wd*w0) for the resolved direction.
-    resolved = hp.resolve(dst_dir, bool(fallback))
+    resolved = resolve(dst_dir, bool(fallback))
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for i, p in enumerate(a.params):
         g = base.grads[i].to(mt) * 0.5

@@ -5,18 +5,20 @@ no per-tensor Python loop on the hot path; each op below covers every tensor of 
 applies the same element-wise operations in the same order as the reference, so on CPU it agrees
 with it to the last bit except for the order of the fp64 slope sums.
 
-Like the reference it reads ``ctrl`` (clip scale, skip and fallback flags) on the host, once per
-pass: free on CPU; on CUDA that is one small sync per pass, which the fused backends avoid.
+Like the reference it reads ``ctl`` (clip scale, skip and fallback flags) on the host, once per
+pass: free on CPU; on CUDA that is one small sync per pass, which the fused backends avoid.  The
+decisions (finishers, verdict) are ``decisions.py``'s, shared with the reference.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Bucket, Dir, StepScalars
-from .reference import math_dtype
+from . import decisions
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
+from .reference import math_dtype, resolve
 
 def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
     """fp32 (or fp64) views of the tensors: themselves if already so, else upcast copies."""
@@ -69,14 +71,12 @@ def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: List
         torch._foreach_copy_(params, torch._foreach_sub(w0, step))
 
 
-def _dot_in_place(g: List[Tensor], d: List[Tensor]) -> Tensor:
-    """sum(g*d) over the bucket as float64, overwriting ``d`` with g*d (it is not needed after).
-
-    torch has no _foreach_sum: each tensor is summed on its own (fp32, torch's cascade sum) and
-    the partial sums are added in fp64; reusing ``d`` avoids a bucket-sized temporary.
-    """
-    torch._foreach_mul_(d, g)
-    return torch.stack([t.sum() for t in d]).to(torch.float64).sum()
+def _flat_sums(products: List[List[Tensor]]) -> Tensor:
+    """float64[len(products)]: the sum of each list of tensors, in two ops (cat, then one fp64
+    reduction per row) instead of one sum per tensor; torch has no _foreach_sum."""
+    n = sum(t.numel() for t in products[0])
+    flat = torch.cat([t.reshape(-1) for row in products for t in row])
+    return flat.view(len(products), n).sum(dim=1, dtype=torch.float64)
 
 
 # On CPU a foreach op is a C++ loop over the tensors, and each op here leaves a temporary the size
@@ -85,18 +85,33 @@ def _dot_in_place(g: List[Tensor], d: List[Tensor]) -> Tensor:
 CPU_GROUP_NUMEL = 1 << 18
 
 
-def _groups(bucket: Bucket) -> List[Bucket]:
-    """The bucket itself on a GPU (one launch per op); cache-sized sub-buckets on CPU."""
-    if bucket.device.type != "cpu":
-        return [bucket]
-    groups, start, size = [], 0, 0
-    for i, p in enumerate(bucket.params):
-        if size and size + p.numel() > CPU_GROUP_NUMEL:
-            groups.append(_slice(bucket, start, i))
-            start, size = i, 0
-        size += p.numel()
-    groups.append(_slice(bucket, start, len(bucket.params)))
-    return groups
+def _ranges(bucket: Bucket) -> List[tuple]:
+    """Index ranges of the cache-sized sub-groups (cached on the bucket: its params are fixed)."""
+    ranges = bucket.cache.get("foreach")
+    if ranges is None:
+        ranges, start, size = [], 0, 0
+        for i, p in enumerate(bucket.params):
+            if size and size + p.numel() > CPU_GROUP_NUMEL:
+                ranges.append((start, i))
+                start, size = i, 0
+            size += p.numel()
+        ranges.append((start, len(bucket.params)))
+        bucket.cache["foreach"] = ranges
+    return ranges
+
+
+def _groups(buckets: Sequence[Bucket]) -> List[Bucket]:
+    """Each bucket itself on a GPU (one launch per op); cache-sized sub-buckets on CPU."""
+    out = []
+    for bucket in buckets:
+        if not bucket.params:
+            continue
+        if bucket.device.type != "cpu":
+            out.append(bucket)
+            continue
+        ranges = _ranges(bucket)
+        out.extend([bucket] if len(ranges) == 1 else [_slice(bucket, lo, hi) for lo, hi in ranges])
+    return out
 
 
 def _slice(b: Bucket, lo: int, hi: int) -> Bucket:
@@ -111,19 +126,36 @@ class ForeachBackend:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return True
 
-    def grad_sumsq(self, bucket: Bucket) -> Tensor:
-        if not bucket.grads:
-            return torch.zeros((), dtype=torch.float64, device=bucket.device)
-        norms = torch._foreach_norm(bucket.grads, 2, dtype=math_dtype(bucket.dtype))
-        return torch.stack(norms).to(torch.float64).square().sum()
+    def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                  finish: bool = True) -> Optional[Tensor]:
+        norms = [n for b in buckets if b.grads
+                 for n in torch._foreach_norm(b.grads, 2, dtype=math_dtype(b.dtype))]
+        if norms:
+            per_tensor = torch.stack(norms).to(torch.float64)
+            total = per_tensor.dot(per_tensor)                  # sum of the per-tensor squares
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=ctl.device)
+        if not finish:
+            return total
+        decisions.finish_grad(ctl, total, loss0, hp.max_grad_norm)
+        return None
 
-    def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
-                  write_backup: bool) -> Optional[Tensor]:
-        scale, skip, _ = ctrl.tolist()
-        if skip or not bucket.params:
-            return torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
-        dots = [self._step_group(b, hp, scale, searching, write_backup) for b in _groups(bucket)]
-        return torch.stack(dots).sum(dim=0) if searching else None
+    def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
+                  write_backup: bool, finish: bool = True) -> Optional[Tensor]:
+        scale, skip = ctl[Ctl.SCALE:Ctl.SKIP + 1].tolist()
+        sums = None
+        if not skip:
+            for group in _groups(buckets):
+                part = self._step_group(group, hp, scale, searching, write_backup)
+                sums = part if sums is None else sums.add_(part)
+        if not searching:
+            return None
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=ctl.device)
+        if not finish:
+            return sums
+        decisions.finish_slope(ctl, sums, hp.smoothing)
+        return None
 
     def _step_group(self, bucket: Bucket, hp: StepScalars, scale: float, searching: bool,
                     write_backup: bool) -> Optional[Tensor]:
@@ -137,26 +169,30 @@ class ForeachBackend:
         if write_backup:
             torch._foreach_copy_(bucket.backups, bucket.params)
         denom = _denominators(v, hp)
-        direction = hp.nominal_search if searching else Dir.MOMENTUM
+        direction = hp.search_dir if searching else Dir.MOMENTUM
         d = _direction(direction, g, m, denom, hp)
         _write_candidate(bucket.params, _in_math_dtype(bucket.params, mt), hp.eta, d,
                          bucket.weight_decays)
         if not searching:
             return None
-        # The slopes: sum(g*d_nominal) and sum(g*g*p) (the same sum when d_nominal is g*p).
+        # The slopes: sum(g*d_search) and sum(g*g*p) (the same sum when d_search is g*p);
+        # d is not needed any more, so it holds g*d.
+        torch._foreach_mul_(d, g)
         if direction is Dir.GRAD:
-            return _dot_in_place(g, d).repeat(2)
-        return torch.stack([_dot_in_place(g, d), _dot_in_place(g, _direction(Dir.GRAD, g, m, denom, hp))])
+            return _flat_sums([d]).repeat(2)
+        gd_grad = _direction(Dir.GRAD, g, m, denom, hp)
+        torch._foreach_mul_(gd_grad, g)
+        return _flat_sums([d, gd_grad])
 
-    def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
+    def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        scale, skip, fallback = ctrl.tolist()
-        if skip or (only_if_fallback and not fallback) or not bucket.params:
+        scale, skip, fallback = ctl[Ctl.SCALE:Ctl.FALLBACK + 1].tolist()
+        if skip or (only_if_fallback and not fallback):
             return
-        src_dir, dst_dir = hp.resolve(src_dir, bool(fallback)), hp.resolve(dst_dir, bool(fallback))
-        for b in _groups(bucket):
-            self._move_group(b, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)
+        src_dir, dst_dir = resolve(src_dir, bool(fallback)), resolve(dst_dir, bool(fallback))
+        for group in _groups(buckets):
+            self._move_group(group, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)
 
     def _move_group(self, bucket: Bucket, hp: StepScalars, scale: float, src_eta: float,
                     src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool) -> None:
@@ -181,3 +217,6 @@ class ForeachBackend:
             torch._foreach_sub_(w, _decay_step(w0, dst_eta - src_eta, d_dst, wds))
         else:
             torch._foreach_copy_(w, torch._foreach_sub(w0, _decay_step(w0, dst_eta, d_dst, wds)))
+
+    def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
+        decisions.verdict(ctl, loss_try, dp, out)

@@ -2,21 +2,34 @@
 
 It is the oracle every other backend is tested against, so it favours the obvious over the fast:
 each quantity is computed in the math type (fp32, or fp64 for fp64 parameters) with the formula
-of the specification, in the order that ``base.py`` fixes.  It reads the device flags in ``ctrl``
-on the host (free on CPU, one sync each on CUDA): clarity beats speed here.
+of the specification, in the order that ``base.py`` fixes.  It reads the flags in ``ctl`` on the
+host (free on CPU, one sync each on CUDA): clarity beats speed here.  The decisions between the
+passes (finishers, verdict) are ``decisions.py``'s, shared with the foreach backend.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Bucket, Dir, StepScalars
+from . import decisions
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve(direction: Dir, fallback: bool) -> Dir:
+    """Dir.UPDATE -> GRAD if the step fell back, else MOMENTUM; the others are themselves."""
+    if direction is Dir.UPDATE:
+        return Dir.GRAD if fallback else Dir.MOMENTUM
+    return direction
+
+
+def _device(buckets: Sequence[Bucket], ctl: Tensor) -> torch.device:
+    return buckets[0].device if buckets else ctl.device
 
 
 class ReferenceBackend:
@@ -37,21 +50,37 @@ class ReferenceBackend:
     def _candidate(w0: Tensor, eta: float, d: Tensor, wd: float) -> Tensor:
         return w0 - eta * (d + wd * w0)                          # cand(eta) = w0 - eta*(d + wd*w0)
 
-    def grad_sumsq(self, bucket: Bucket) -> Tensor:
+    # -- the passes -----------------------------------------------------------------------------
+    def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                  finish: bool = True) -> Optional[Tensor]:
         # Per-tensor sums of squares in the math type (as the fused kernels accumulate), added
         # in fp64; an overflow to inf counts as a non-finite gradient.
-        total = torch.zeros((), dtype=torch.float64, device=bucket.device)
-        for g in bucket.grads:
-            total += g.to(math_dtype(g.dtype)).square().sum().double()
-        return total
+        total = torch.zeros((), dtype=torch.float64, device=_device(buckets, ctl))
+        for bucket in buckets:
+            for g in bucket.grads:
+                total += g.to(math_dtype(g.dtype)).square().sum().double()
+        if not finish:
+            return total
+        decisions.finish_grad(ctl, total, loss0, hp.max_grad_norm)
+        return None
 
-    def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
-                  write_backup: bool) -> Optional[Tensor]:
-        dots = torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
-        scale, skip, _ = ctrl.tolist()
-        if skip:                                                 # non-finite loss or gradient
-            return dots
-        direction = hp.nominal_search if searching else Dir.MOMENTUM
+    def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
+                  write_backup: bool, finish: bool = True) -> Optional[Tensor]:
+        sums = torch.zeros(2, dtype=torch.float64, device=_device(buckets, ctl))
+        scale, skip = ctl[Ctl.SCALE].item(), ctl[Ctl.SKIP].item()
+        if not skip:                                            # non-finite loss or gradient
+            for bucket in buckets:
+                self._step_bucket(bucket, hp, scale, searching, write_backup, sums)
+        if not searching:
+            return None
+        if not finish:
+            return sums
+        decisions.finish_slope(ctl, sums, hp.smoothing)
+        return None
+
+    def _step_bucket(self, bucket: Bucket, hp: StepScalars, scale: float, searching: bool,
+                     write_backup: bool, sums: Tensor) -> None:
+        direction = hp.search_dir if searching else Dir.MOMENTUM
         for i, w in enumerate(bucket.params):
             mt = math_dtype(w.dtype)
             g = bucket.grads[i].to(mt) * scale
@@ -64,18 +93,22 @@ class ReferenceBackend:
             d = self._direction(direction, g, m, v, hp)
             if searching:
                 d_grad = self._direction(Dir.GRAD, g, m, v, hp)
-                dots[0] += (g * d).double().sum()                # slope along the nominal direction
-                dots[1] += (g * d_grad).double().sum()           # sum(g*g*p), the fallback slope
+                sums[0] += (g * d).double().sum()                # slope along the search direction
+                sums[1] += (g * d_grad).double().sum()           # sum(g*g*p), the fallback slope
             w.copy_(self._candidate(w0, hp.eta, d, bucket.weight_decays[i]))
-        return dots
 
-    def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
+    def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        scale, skip, fallback = ctrl.tolist()
+        scale, skip, fallback = (ctl[s].item() for s in (Ctl.SCALE, Ctl.SKIP, Ctl.FALLBACK))
         if skip or (only_if_fallback and not fallback):
             return
-        src_dir, dst_dir = hp.resolve(src_dir, bool(fallback)), hp.resolve(dst_dir, bool(fallback))
+        src_dir, dst_dir = resolve(src_dir, bool(fallback)), resolve(dst_dir, bool(fallback))
+        for bucket in buckets:
+            self._move_bucket(bucket, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)
+
+    def _move_bucket(self, bucket: Bucket, hp: StepScalars, scale: float, src_eta: float,
+                     src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool) -> None:
         for i, w in enumerate(bucket.params):
             mt = math_dtype(w.dtype)
             g = bucket.grads[i].to(mt) * scale
@@ -93,3 +126,6 @@ class ReferenceBackend:
                 w.copy_(w_cur - (dst_eta - src_eta) * (d_dst + wd * w0))
             else:
                 w.copy_(self._candidate(w0, dst_eta, d_dst, wd))
+
+    def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
+        decisions.verdict(ctl, loss_try, dp, out)
