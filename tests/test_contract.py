@@ -667,7 +667,7 @@ def test_one_read_per_trial_and_none_without_search(info):
 @pytest.mark.parametrize("info", ALL)
 def test_trial_forwards_see_the_gradient_forwards_random_numbers(info):
     w = torch.nn.Parameter(torch.ones(4, device=info.device))
-    opt = ALSALS([w], backend=info.name, init_step_size=20.0)
+    opt = ALSALS([w], backend=info.name, init_step_size=20.0, max_trials=5)
     draws = []
 
     def closure():
@@ -694,7 +694,7 @@ def test_batchnorm_running_stats_see_only_the_gradient_forward(info):
 
     x, y = torch.randn(16, 5, device=info.device), torch.randn(16, 1, device=info.device)
     model = make()
-    opt = ALSALS(model.parameters(), backend=info.name, init_step_size=20.0, buffers=model)
+    opt = ALSALS(model.parameters(), backend=info.name, init_step_size=20.0, max_trials=4, buffers=model)
     opt.step(S.mse_closure(model, x, y))
     assert opt.last_step.trials > 1
     reference = make()
@@ -702,7 +702,7 @@ def test_batchnorm_running_stats_see_only_the_gradient_forward(info):
     for got, want in zip(model.buffers(), reference.buffers(), strict=True):
         assert torch.equal(got, want)
     unprotected = make()
-    ALSALS(unprotected.parameters(), backend=info.name, init_step_size=20.0).step(
+    ALSALS(unprotected.parameters(), backend=info.name, init_step_size=20.0, max_trials=4).step(
         S.mse_closure(unprotected, x, y))
     assert not torch.equal(unprotected[1].running_mean, reference[1].running_mean), "the test needs trials"
 
