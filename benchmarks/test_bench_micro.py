@@ -14,7 +14,7 @@ Groups (compare rows within one):
                 ``step_pass`` (with its finisher), ``backtrack`` (one move_pass: an extra trial),
                 ``grad_pass`` (the gradient norm and the grad finisher)
 
-extra_info carries GB/s from the byte counts of docs/algorithm.md section 8
+extra_info carries GB/s from the byte counts of docs/algorithm.md section 7
 (``_benchlib.BYTES_PER_PARAM``) against the copy of the same run, host reads/syncs per step and
 optimizer-state bytes per param.
 """
