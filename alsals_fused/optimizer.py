@@ -52,14 +52,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import backends as _backends
 from .backends import decisions
-from .backends.base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, Verdict, VERDICT_SIZE, new_ctl
+from .backends.base import (
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    Verdict,
+    new_ctl,
+)
 from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
 
 CLOSURE_HELP = (
@@ -155,10 +164,10 @@ class _Plan:
         try:
             for i, b in enumerate(self.buckets):
                 grads = [p.grad for p in b.params]
-                ptrs = tuple(map(_data_ptr, grads))       # TypeError if a grad is None now
+                # TypeError if a grad is None now; RuntimeError for one without storage (sparse).
+                # Shape, dtype and device need no check: autograd refuses a .grad that differs.
+                ptrs = tuple(map(_data_ptr, grads))
                 if ptrs != self.grad_ptrs[i]:
-                    for p, g in zip(b.params, grads):
-                        _check_grad(p, g)
                     self.grad_ptrs[i] = ptrs
                     b.grads_version += 1
                 b.grads = grads
@@ -470,9 +479,17 @@ class ALSALS(torch.optim.Optimizer):
         finally:
             plan.release_grads()
 
+    def _first_trial_eta(self, searching: bool) -> float:
+        """The step size of the step's candidate: eta*growth on a searching step (section 1)."""
+        return self.eta * self.hyper.growth if searching else self.eta
+
+    def _eta_after_search(self, found: _Search, eta_before: float) -> float:
+        """eta as a search leaves it: the accepted trial's, or (spec guard 2) the pre-step value."""
+        return found.eta if found.accepted else eta_before
+
     def _step_scalars(self, plan: _Plan, searching: bool) -> StepScalars:
         hyper, t = self.hyper, self.t + 1
-        eta = self.eta * hyper.growth if searching else self.eta
+        eta = self._first_trial_eta(searching)
         if hyper.memory_efficient and eta * plan.max_wd >= 0.5:
             raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
                              f"(1 - eta*weight_decay), and eta*weight_decay = {eta * plan.max_wd:.3g} "
@@ -590,11 +607,10 @@ class ALSALS(torch.optim.Optimizer):
                 if not self.hyper.update_is_trial_point and not found.fallback:
                     # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
                     self._move(plan, hp, found.eta, search_dir, found.eta, Dir.UPDATE)
-                self.eta = found.eta
             else:
                 self.counters["rejected"] += 1
                 self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
-                self.eta = eta_before      # spec guard 2: a rejected step leaves eta as it was
+            self.eta = self._eta_after_search(found, eta_before)
             self._after_search(self.t)
         self._sync_lr()
         self.last_step = StepInfo(eta=self.eta, trials=found.trials, accepted=found.accepted,

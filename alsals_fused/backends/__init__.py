@@ -12,7 +12,15 @@ from typing import Dict, Optional
 import torch
 
 from .base import (  # noqa: F401  (re-exported)
-    CTL_SIZE, Backend, BackendUnavailable, Bucket, Ctl, DecisionScalars, Dir, StepScalars, Verdict,
+    CTL_SIZE,
+    Backend,
+    BackendUnavailable,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    Verdict,
 )
 
 _MODULES = {

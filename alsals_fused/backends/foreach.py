@@ -20,6 +20,7 @@ from . import decisions
 from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
 from .reference import math_dtype, resolve
 
+
 def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
     """fp32 (or fp64) views of the tensors: themselves if already so, else upcast copies."""
     if not tensors or tensors[0].dtype == mt:

@@ -1,0 +1,353 @@
+"""The optimizer's hot path on the host: device operations and host microseconds per step.
+
+    python benchmarks/hot_path.py --json          # the last line of output is a JSON list
+
+Issue 8's measurement, runnable on a CPU.  For every backend whose host code can run here
+(reference and foreach for real; triton with its kernel launches stubbed through the
+``TritonBackend._launch`` hook; cuda from its host-side launch planner), at GPT-2 small's tensor
+count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
+
+- ``ops_searching_step`` (default variant, first trial accepted), ``ops_extra_trial`` and
+  ``ops_nonsearching_step``: aten operations dispatched during ``opt.step()`` outside the closure
+  and its backward (a ``TorchDispatchMode``; view, alias, detach and profiler record_function
+  operations excluded), plus the backend's own kernel launches, plus every device-to-host read
+  (``.item()``/``.tolist()``/... of a non-pinned tensor, one each; on CUDA the verdict's copy to
+  its pinned buffer is the aten copy).  No clipping, no ``buffers=``, one process.
+- ``host_us_searching_step``/``host_us_nonsearching_step``: median over ``--steps`` (>= 200)
+  steps of the wall time of ``opt.step()`` minus the closure and its backward, with fresh
+  gradients every step (``zero_grad(set_to_none=True)``).  For reference and foreach on a CPU
+  this includes the passes' arithmetic (host and device are one); for triton the launches are
+  stubbed, so it is the host work alone.
+
+Trial losses are chosen by the harness so the control path is the one measured: the gradient
+forward's loss is a real quadratic; a trial returns L0 - 1e12 (accepted) or nan (rejected).  With
+stubbed launches, the stub fills what the kernels would have written (``decisions.py`` on the
+same tensors, with counting paused), so the driver takes the same path as in a real run.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+if not torch.cuda.is_available():           # the Triton backend's host code runs under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from alsals_fused import ALSALS  # noqa: E402
+from alsals_fused.backends import available_backends  # noqa: E402
+
+KEYS = ("backend", "tensors", "ops_searching_step", "ops_extra_trial", "ops_nonsearching_step",
+        "host_us_searching_step", "host_us_nonsearching_step")
+EXCLUDED = {"detach", "alias", "lift_fresh", "_local_scalar_dense", "view", "_unsafe_view",
+            "_record_function_enter_new", "_record_function_exit"}
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+COUNTER: list = [None]   # the active OpCounter (None: not counting), read by the launch stubs
+SETS = {148: dict(n_layer=12, d=32, vocab=256, ctx=32), 580: dict(n_layer=48, d=16, vocab=128, ctx=16)}
+
+
+def gpt2_shapes(n_layer: int, d: int, vocab: int, ctx: int) -> List[tuple]:
+    """GPT-2's parameter layout: wte, wpe, 12 tensors per block, the final LayerNorm."""
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(n_layer):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+                   (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten operations (not views/aliases) and device-to-host reads while not paused."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.reads = 0
+        self.launches = 0
+        self.paused = 0
+        self.names: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if not self.paused and not getattr(func, "is_view", False) and name not in EXCLUDED:
+            self.ops += 1
+            self.names[name] += 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return self.ops + self.reads + self.launches
+
+    @contextmanager
+    def pause(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    @contextmanager
+    def counting_reads(self):
+        originals = {n: getattr(torch.Tensor, n) for n in READS}
+
+        def wrap(orig):
+            def read(t, *a, **k):
+                with self.pause():
+                    host = t.is_pinned()
+                    if not self.paused - 1 and not host:
+                        self.reads += 1
+                        self.names["<device-to-host read>"] += 1
+                    return orig(t, *a, **k)
+            return read
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, wrap(f))
+        try:
+            yield
+        finally:
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, f)
+
+
+class Harness:
+    """Parameters at the given shapes and a quadratic loss; the closure and backward are timed
+    (to be subtracted) and paused in the counter; trial losses follow ``self.plan``."""
+
+    def __init__(self, backend: str, shapes: List[tuple], counter_box: list, **kw):
+        gen = torch.Generator().manual_seed(0)
+        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        self.opt = ALSALS(self.params, backend=backend, **kw)
+        self.box = counter_box                  # [OpCounter or None], shared with the stubs
+        self.plan: List[bool] = []
+        self.user_s = 0.0
+        self.l0 = 0.0
+
+    def user(self, fn: Callable):
+        """Run closure/backward work: paused in the counter, its time subtracted."""
+        t0 = time.perf_counter()
+        counter = self.box[0]
+        try:
+            if counter is None:
+                return fn()
+            with counter.pause():
+                return fn()
+        finally:
+            self.user_s += time.perf_counter() - t0
+
+    def closure(self):
+        def body():
+            if torch.is_grad_enabled():
+                loss = 0.5 * sum((p * p).sum() for p in self.params)
+                self.l0 = float(loss.detach())
+                return loss
+            ok = self.plan.pop(0) if self.plan else True
+            return torch.tensor(self.l0 - 1e12 if ok else float("nan"))
+        return self.user(body)
+
+    def step(self, plan=()) -> float:
+        """One step; returns the seconds spent outside the closure and its backward."""
+        self.plan = list(plan)
+        self.opt.zero_grad(set_to_none=True)
+        self.user_s = 0.0
+        t0 = time.perf_counter()
+        self.opt.step(self.closure)
+        return time.perf_counter() - t0 - self.user_s
+
+
+@contextmanager
+def backward_excluded(harness_box: list):
+    original = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        return harness_box[0].user(lambda: original(self, *a, **k))
+    torch.Tensor.backward = backward
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = original
+
+
+def count(h: Harness, plan) -> OpCounter:
+    counter = OpCounter()
+    h.box[0] = counter
+    try:
+        with counter.counting_reads(), counter:
+            h.step(plan)
+    finally:
+        h.box[0] = None
+    return counter
+
+
+# -- launch stubs ------------------------------------------------------------------------------
+
+def stub_triton(counter_box: list) -> Optional[str]:
+    """Replace the Triton backend's launches by a counter; None, or why it cannot be done."""
+    reason = available_backends("cpu" if not torch.cuda.is_available() else "cuda")["triton"]
+    if reason is not None:
+        return f"the triton backend is unavailable here: {reason}"
+    from alsals_fused.backends import decisions, triton_backend
+    cls = triton_backend.TritonBackend
+    if not hasattr(cls, "_launch"):
+        return "TritonBackend has no _launch hook yet (contract v2 backend not merged)"
+
+    def launch(self, kernel, grid, *args, **kwargs):
+        counter = counter_box[0]
+        if counter is not None and not counter.paused:
+            counter.launches += 1
+            counter.names[f"<launch {getattr(getattr(kernel, 'fn', kernel), '__name__', kernel)}>"] += 1
+        return None
+
+    def filled(method_name: str, fill: Callable):
+        original = getattr(cls, method_name)
+
+        def wrapper(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            counter = counter_box[0]
+            if counter is None:
+                fill(*args, **kwargs)
+            else:
+                with counter.pause():
+                    fill(*args, **kwargs)
+            return result
+        return wrapper
+
+    def fill_grad(buckets, ctl, loss0, hp, *, finish=True):
+        if finish:   # what the grad finisher writes, for a finite gradient of norm 1
+            decisions.finish_grad(ctl, torch.ones((), dtype=torch.float64, device=ctl.device),
+                                  loss0, hp.max_grad_norm)
+
+    def fill_step(buckets, hp, ctl, *, searching, write_backup, finish=True):
+        if searching and finish:   # a descent slope: no fallback
+            decisions.finish_slope(ctl, torch.ones(2, dtype=torch.float64, device=ctl.device),
+                                   hp.smoothing)
+
+    def fill_verdict(ctl, loss_try, dp, out):
+        decisions.verdict(ctl, loss_try, dp, out)
+
+    cls._launch = launch
+    cls.grad_pass = filled("grad_pass", fill_grad)
+    cls.step_pass = filled("step_pass", fill_step)
+    cls.verdict = filled("verdict", fill_verdict)
+    return None
+
+
+def cuda_row(tensors: int) -> Dict:
+    """The cuda backend's planner: launches per pass and extension calls per step."""
+    row = {k: None for k in KEYS}
+    row.update(backend="cuda", tensors=tensors)
+    try:
+        from alsals_fused.backends import cuda_backend
+    except Exception as exc:  # noqa: BLE001 (any import failure is reported, not raised)
+        row["note"] = f"cuda_backend not importable: {exc}"
+        return row
+    planner = getattr(cuda_backend, "plan_launches", None)
+    if planner is None:
+        row["note"] = "cuda_backend.plan_launches not present yet (contract v2 backend not merged)"
+        return row
+    numels = [int(torch.Size(s).numel()) for s in gpt2_shapes(**SETS[tensors])]
+    plan = planner(numels, torch.float32)
+    row["planner"] = plan
+    launches = plan.get("launches") if isinstance(plan, dict) else None
+    if isinstance(launches, dict):
+        def n(name):
+            v = launches.get(name)
+            return None if v is None else int(v)
+        g, s, m, v = n("grad_pass"), n("step_pass"), n("move_pass"), n("verdict")
+        if None not in (g, s, m, v):
+            row["ops_searching_step"] = g + s + m + v + 1      # + the verdict's D2H copy
+            row["ops_extra_trial"] = m + v + 1
+            row["ops_nonsearching_step"] = g + s
+    row["note"] = "launches from the planner; host time needs a GPU"
+    return row
+
+
+# -- rows --------------------------------------------------------------------------------------
+
+def op_counts(backend: str, shapes: List[tuple], **kw) -> Dict:
+    """Device operations of a searching step (first trial accepted), of an extra trial and of a
+    non-searching step, with the counted op names (no timing: usable from tests)."""
+    hbox: list = [None]
+    with backward_excluded(hbox):
+        h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=1, **kw)
+        for _ in range(3):
+            h.step([True])
+        one = count(h, [True])
+        two = count(h, [False, True])
+        assert h.opt.last_step.trials == 2, h.opt.last_step
+        h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=10 ** 9, **kw)
+        for _ in range(3):
+            h.step([True])
+        assert not h.opt.last_step.searched
+        zero = count(h, [])
+    return {"ops_searching_step": one.total, "ops_extra_trial": two.total - one.total,
+            "ops_nonsearching_step": zero.total,
+            "detail": {"searching": dict(one.names), "extra_trial": dict(two.names - one.names),
+                       "nonsearching": dict(zero.names)}}
+
+
+def host_times(backend: str, shapes: List[tuple], steps: int) -> Dict:
+    """Median host microseconds per searching and per non-searching step."""
+    hbox: list = [None]
+    out = {}
+    with backward_excluded(hbox):
+        for key, every in (("host_us_searching_step", 1), ("host_us_nonsearching_step", 10 ** 9)):
+            h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=every)
+            for _ in range(3):
+                h.step([True])
+            out[key] = round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
+    return out
+
+
+def measure(backend: str, tensors: int, steps: int) -> Dict:
+    shapes = gpt2_shapes(**SETS[tensors])
+    row: Dict = {"backend": backend, "tensors": tensors}
+    counts = op_counts(backend, shapes)
+    row.update(counts)
+    row.update(host_times(backend, shapes, steps))
+    row["detail"] = row.pop("detail")
+    return row
+
+
+def main(argv=None) -> List[Dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="end with the rows as one JSON line")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per row (>= 200 for the issue)")
+    parser.add_argument("--backends", default="reference,foreach,triton,cuda")
+    parser.add_argument("--tensors", default="148,580")
+    parser.add_argument("--detail", action="store_true", help="print the counted op names per row")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows: List[Dict] = []
+    for backend in args.backends.split(","):
+        for tensors in (int(t) for t in args.tensors.split(",")):
+            if backend == "cuda":
+                rows.append(cuda_row(tensors))
+                continue
+            if backend == "triton":
+                why = stub_triton(COUNTER)
+                if why is not None:
+                    rows.append(dict({k: None for k in KEYS}, backend="triton", tensors=tensors, note=why))
+                    continue
+            rows.append(measure(backend, tensors, args.steps))
+    print("| " + " | ".join(KEYS) + " | note |")
+    print("|" + "---|" * (len(KEYS) + 1))
+    for r in rows:
+        print("| " + " | ".join("-" if r.get(k) is None else str(r[k]) for k in KEYS) + f" | {r.get('note', '')} |")
+        if args.detail and "detail" in r:
+            print(f"    {r['backend']} {r['tensors']}: {r['detail']}")
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "detail"} for r in rows]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

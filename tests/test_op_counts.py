@@ -1,0 +1,52 @@
+"""Device operations per step, counted (structure, not timing) with benchmarks/hot_path.py's
+counter: aten ops dispatched during ``opt.step()`` outside the closure and its backward (views
+excluded), plus backend launches, plus device-to-host reads.
+
+foreach: a constant number of ops whatever the tensor count (one multi-tensor op per quantity);
+reference: a per-tensor loop plus a constant (the decisions).  On both, a non-searching step
+makes one read (the backend's ctl flags on the host; free on CPU) and each trial one verdict read.
+"""
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "hot_path.py")
+_spec = importlib.util.spec_from_file_location("hot_path", _PATH)
+hot_path = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hot_path)
+
+SMALL = hot_path.gpt2_shapes(n_layer=1, d=8, vocab=16, ctx=8)      # 16 tensors
+LARGER = hot_path.gpt2_shapes(n_layer=4, d=8, vocab=16, ctx=8)     # 52 tensors
+
+
+def reads(counts, kind):
+    return counts["detail"][kind].get("<device-to-host read>", 0)
+
+
+def test_foreach_op_count_does_not_grow_with_the_tensor_count():
+    small, larger = hot_path.op_counts("foreach", SMALL), hot_path.op_counts("foreach", LARGER)
+    for key in ("ops_searching_step", "ops_extra_trial", "ops_nonsearching_step"):
+        assert small[key] == larger[key], (key, small[key], larger[key])
+    # Budgets (today: 69, 37, 27): a regression that adds per-step ops shows up here.
+    assert small["ops_searching_step"] <= 70
+    assert small["ops_extra_trial"] <= 40
+    assert small["ops_nonsearching_step"] <= 28
+    assert reads(small, "nonsearching") == 1     # the step pass's ctl flags
+    assert reads(small, "searching") == 3        # step pass, fix-up move, one verdict
+
+
+def test_reference_ops_are_a_per_tensor_loop_plus_a_constant():
+    small, larger = hot_path.op_counts("reference", SMALL), hot_path.op_counts("reference", LARGER)
+    n_small, n_larger = len(SMALL), len(LARGER)
+    for key in ("ops_searching_step", "ops_nonsearching_step", "ops_extra_trial"):
+        per_tensor = (larger[key] - small[key]) / (n_larger - n_small)
+        assert per_tensor == int(per_tensor) and per_tensor > 0, (key, per_tensor)
+        constant = small[key] - per_tensor * n_small
+        assert 0 < constant <= 60, (key, constant)
+
+
+@pytest.mark.parametrize("backend, move_reads", [("reference", 3), ("foreach", 1)])
+def test_an_extra_trial_is_a_move_and_one_verdict_read(backend, move_reads):
+    extra = hot_path.op_counts(backend, SMALL)["detail"]["extra_trial"]
+    assert extra.get("<device-to-host read>") == move_reads + 1   # the move's ctl flags + verdict

@@ -1,0 +1,134 @@
+"""The persistent parameter plan: built once, rebuilt only when what it describes changes."""
+import pytest
+import torch
+
+from alsals_fused import ALSALS
+from helpers import OddModel, make_data
+
+BACKENDS = ["reference", "foreach"]
+
+
+def step(opt, model, x, y, set_to_none=True):
+    opt.zero_grad(set_to_none=set_to_none)
+    return opt.step(lambda: torch.nn.functional.mse_loss(model(x).float(), y.float()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_plan_is_built_once(backend, set_to_none):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.groups(), backend=backend, line_search_every=2)
+    step(opt, model, x, y, set_to_none)
+    plan = opt._plan
+    uids = [b.uid for b in plan.buckets]
+    for _ in range(5):
+        step(opt, model, x, y, set_to_none)
+    assert opt._plan is plan and [b.uid for b in plan.buckets] == uids
+    assert all(b.grads == [] for b in plan.buckets), "grads are released after each step"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_at_a_new_address_refreshes_only_the_gradients(backend):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.parameters(), backend=backend)
+    step(opt, model, x, y)
+    plan = opt._plan
+    version = plan.buckets[0].grads_version
+    step(opt, model, x, y, set_to_none=False)      # the same gradient tensors, accumulated into
+    assert plan.buckets[0].grads_version == version
+    held = [p.grad for p in model.parameters()]    # keep the old ones alive: new addresses
+    step(opt, model, x, y)
+    assert opt._plan is plan
+    assert plan.buckets[0].grads_version == version + 1
+    del held
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_that_gains_a_gradient_rebuilds_the_plan(backend):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.parameters(), backend=backend)
+    step(opt, model, x, y)
+    plan = opt._plan
+    assert model.unused not in opt.state
+    opt.zero_grad()
+    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y) + model.unused.sum() ** 2)
+    assert opt._plan is not plan and model.unused in opt.state
+    assert any(p is model.unused for b in opt._plan.buckets for p in b.params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_to_float64_after_construction_gets_fp64_moments(backend):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.parameters(), backend=backend)
+    step(opt, model, x, y)
+    m_before = {id(p): opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state}
+    model.to(torch.float64)
+    loss = step(opt, model, x.double(), y.double())
+    assert torch.isfinite(loss)
+    for p in model.parameters():
+        if p in opt.state:
+            assert opt.state[p]["exp_avg"].dtype == torch.float64 == opt.state[p]["exp_avg_sq"].dtype
+    assert opt._plan.buckets[0].dtype == torch.float64
+    assert all(torch.isfinite(opt.state[p]["exp_avg"]).all() for p in opt.state)
+    assert m_before, "the first step created moments"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replaced_parameter_storage_rebuilds_the_plan(backend):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.parameters(), backend=backend)
+    step(opt, model, x, y)
+    plan = opt._plan
+    model.w1.data = model.w1.data.clone()          # same Parameter, new storage
+    step(opt, model, x, y)
+    assert opt._plan is not plan
+    w1_bucket = next(b for b in opt._plan.buckets for p in b.params if p is model.w1)
+    i = next(i for i, p in enumerate(w1_bucket.params) if p is model.w1)
+    assert w1_bucket.backups[i].data_ptr() != model.w1.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changed_weight_decay_rebuilds_the_plan_and_is_used(backend):
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.groups(decay=0.0), backend=backend, line_search_every=10 ** 6)
+    step(opt, model, x, y)
+    plan = opt._plan
+    opt.param_groups[0]["weight_decay"] = 0.5
+    step(opt, model, x, y)
+    assert opt._plan is not plan
+    assert 0.5 in opt._plan.buckets[0].weight_decays
+
+
+def test_load_state_dict_rebuilds_the_plan_and_old_format_loads():
+    model = OddModel()
+    x, y = make_data()
+    opt = ALSALS(model.parameters())
+    for _ in range(3):
+        step(opt, model, x, y)
+    sd = opt.state_dict()
+    assert set(("h", "s", "pending_skips")) <= set(sd["alsals"]), "the keys of every format so far"
+    assert sd["alsals"]["h"].dim() == 0 and sd["alsals"]["h"].dtype == torch.float64
+    # The format before contract v2 stored the same keys, pending_skips maybe absent or None.
+    sd["alsals"]["pending_skips"] = None
+    opt2 = ALSALS(model.parameters())
+    opt2.load_state_dict(sd)
+    assert opt2._plan is None
+    assert opt2._h.item() == opt._h.item() and opt2._s.item() == opt._s.item()
+    assert opt2._pending_skips.item() == 0
+    step(opt2, model, x, y)
+    assert opt2._plan is not None
+
+
+def test_params_on_two_devices_are_refused_with_the_reason():
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2, device="meta"))
+    opt = ALSALS([a, b])
+    a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
+    with pytest.raises(ValueError, match="must share a device"):
+        opt._refresh_plan()
