@@ -5,7 +5,9 @@ per backend and device says what the backend runs itself (its dtypes), how close
 the reference backend, and how large the test inputs may be; ``tests/test_contract.py`` is written
 once against the contract (``alsals_fused/backends/base.py``, contract v2) and parametrized over
 ``INFOS``.  A backend that cannot run here is still collected and skipped with the reason
-``alsals_fused.available_backends`` gives, so the skip list says what did not run and why.
+``alsals_fused.available_backends`` gives, so the skip list says what did not run and why
+(``ALSALS_FUSED_REQUIRE_EXTENSION=1`` on a GPU makes a missing CUDA extension fail instead, as in
+test_cuda.py; ``ALSALS_SUITE_BACKENDS=foreach,triton`` narrows a run to some backends).
 
 Registry (``INFOS``):
 
@@ -152,7 +154,8 @@ def params(*, oracle: bool = True, where: Callable[[BackendInfo], bool] = lambda
         marks = list(info.marks)
         if not (info.device.type == "cuda" and not HAS_CUDA):   # conftest skips those already
             reason = info.unavailable()
-            if reason is not None:
+            required = info.name == "cuda" and os.environ.get("ALSALS_FUSED_REQUIRE_EXTENSION") == "1"
+            if reason is not None and not required:   # required: the tests fail with the reason
                 marks.append(pytest.mark.skip(reason=reason))
         out.append(pytest.param(info, id=info.id, marks=marks))
     return out
