@@ -288,9 +288,15 @@ class Run:
 
 
 def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torch.float32, variant="alsals",
-                   seed: int = 0, batches: int = 4, poison_at: Sequence[int] = (), **opt_kwargs) -> Run:
-    """Train OddModel (two param groups, odd shapes, an empty and an unused parameter, dropout)."""
+                   seed: int = 0, batches: int = 4, poison_at: Sequence[int] = (), mixed: bool = False,
+                   **opt_kwargs) -> Run:
+    """Train OddModel (two param groups, odd shapes, an empty and an unused parameter, dropout).
+
+    ``mixed``: one parameter is fp64, so the plan has two buckets and, on a fused backend, two
+    backends (fp64 runs on foreach): the driver then takes the decisions from partial sums."""
     model = OddModel(dtype, seed).to(device)
+    if mixed:
+        model.big.data = model.big.data.double()
     opt = ALSALS(model.groups(), variant=variant, backend=backend, **opt_kwargs)
     data = [tuple(t.to(device) for t in make_data(dtype=dtype, seed=seed + 10 + i)) for i in range(batches)]
     torch.manual_seed(seed)

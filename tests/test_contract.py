@@ -442,13 +442,15 @@ TRAJ = [  # id, kwargs
     ("salsa-fp16", dict(variant="salsa", dtype=torch.float16)),
     ("adam_sls-fp64", dict(variant="adam_sls", dtype=torch.float64, weight_decay=0.01)),
     ("alsals-fp64-inplace", dict(variant="alsals", dtype=torch.float64, memory_efficient=True)),
+    ("alsals-mixed-f32-f64", dict(variant="alsals", mixed=True, weight_decay=0.01)),
 ]
 
 
 @pytest.mark.parametrize("info", PASS)
 @pytest.mark.parametrize("case, kw", TRAJ, ids=[t[0] for t in TRAJ])
 def test_trajectory_takes_the_reference_decisions(info, case, kw):
-    if info.slow and case not in ("alsals", "alsals-inplace", "adam_sls", "alsals-bf16", "alsals-every2-nan"):
+    if info.slow and case not in ("alsals", "alsals-inplace", "adam_sls", "alsals-bf16", "alsals-every2-nan",
+                                  "alsals-mixed-f32-f64"):
         pytest.skip("the interpreter runs a subset of the trajectories")
     kw = dict(kw, init_step_size=0.5, steps=info.traj_steps)
     got = S.run_trajectory(info.name, info.device, **kw)
