@@ -203,10 +203,19 @@ def random_bucket(device: torch.device, dtype: torch.dtype, sizes: Sequence[int]
 TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "backups")
 
 
+def _prefixed(where: str) -> Callable[[str], str]:
+    """An assert_close ``msg`` that says which tensor differed."""
+    return lambda message: f"{where}: {message}"
+
+
 def clone_bucket(b: Bucket) -> Bucket:
     """Same values in fresh tensors and a new bucket identity (its own backend caches)."""
+    def copies(ts: List[Tensor]) -> List[Tensor]:
+        return [t.clone() for t in ts]
+
     return Bucket(device=b.device, dtype=b.dtype, weight_decays=list(b.weight_decays),
-                  **{name: [t.clone() for t in getattr(b, name)] for name in TENSOR_LISTS})
+                  params=copies(b.params), grads=copies(b.grads), exp_avgs=copies(b.exp_avgs),
+                  exp_avg_sqs=copies(b.exp_avg_sqs), backups=copies(b.backups))
 
 
 def clone_all(buckets: Sequence[Bucket]) -> List[Bucket]:
@@ -219,8 +228,10 @@ def assert_buckets_close(got: Sequence[Bucket], want: Sequence[Bucket], info: Ba
             xs, ys = getattr(a, name), getattr(b, name)
             assert len(xs) == len(ys), f"{what} bucket {bi} {name}: lengths differ"
             for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                tol = info.tol(x.dtype)
                 where = f"{what} bucket {bi} ({a.dtype}) {name}[{i}]"
-                torch.testing.assert_close(x, y, **info.tol(x.dtype), msg=lambda s, where=where: f"{where}: {s}")
+                torch.testing.assert_close(x, y, rtol=tol["rtol"], atol=tol["atol"],
+                                           msg=_prefixed(where))
 
 
 def assert_buckets_equal(got: Sequence[Bucket], want: Sequence[Bucket], what: str = "") -> None:
@@ -313,6 +324,7 @@ def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torc
         opt.zero_grad()
         opt.step(closure)
         info = opt.last_step
+        assert info is not None
         run.decisions.append((info.trials, info.accepted, info.searched, info.skipped, info.fallback, opt.eta))
         run.params.append([p.detach().clone() for p in model.parameters()])
         run.moments.append([opt.state[p][n].clone() for p in model.parameters() if p in opt.state
@@ -333,11 +345,10 @@ def assert_same_run(got: Run, want: Run, *, rtol: float, atol: float,
             xs, ys = getattr(got, key)[step], getattr(want, key)[step]
             assert len(xs) == len(ys), f"{key} at step {step}: different tensor counts"
             for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-                tol = dict(rtol=rtol, atol=atol)
-                if key == "params" and param_tol is not None:
-                    tol = param_tol
+                tol = param_tol if key == "params" and param_tol is not None else dict(rtol=rtol, atol=atol)
                 where = f"{key}[{i}] at step {step}"
-                torch.testing.assert_close(x, y, **tol, msg=lambda s, where=where: f"{where}: {s}")
+                torch.testing.assert_close(x, y, rtol=tol["rtol"], atol=tol["atol"],
+                                           msg=_prefixed(where))
 
 
 def state_dict_copy(opt) -> dict:
