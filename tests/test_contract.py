@@ -203,6 +203,31 @@ def test_passes_run_over_a_list_of_buckets(info):
     S.assert_buckets_close(b, r, info, "restore over buckets")
 
 
+@pytest.mark.parametrize("info", PASS)
+def test_a_large_bucket_matches_reference(info):
+    """More elements than one program, chunk or cache-sized group (foreach splits at 2**18)."""
+    be, ref = info.backend(), info.reference()
+    sizes = (9_001, 4_097, 3) if info.slow else (140_001, 131_071, 3)   # the interpreter: 4 chunks
+    b = [S.random_bucket(info.device, torch.float32, sizes, seed=7)]
+    r = S.clone_all(b)
+    hp = S.step_scalars()
+    c, cr = S.make_ctl(info.device, S=0.01), S.make_ctl(info.device, S=0.01)
+    be.grad_pass(b, c, _loss0(info), S.step_scalars(max_grad_norm=1.0))
+    ref.grad_pass(r, cr, _loss0(info), S.step_scalars(max_grad_norm=1.0))
+    assert float(c[Ctl.SCALE]) == pytest.approx(float(cr[Ctl.SCALE]), rel=info.sum_rtol)
+    cr[Ctl.SCALE] = c[Ctl.SCALE]                     # identical inputs from here on
+    be.step_pass(b, hp, c, searching=True, write_backup=True)
+    ref.step_pass(r, hp, cr, searching=True, write_backup=True)
+    S.assert_buckets_close(b, r, info, "large step_pass")
+    mag = _slope_magnitudes(r[0], hp, float(cr[Ctl.SCALE]), Dir.MOMENTUM)
+    _assert_sums_close(c[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1], cr[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1], mag, info.sum_rtol,
+                       "large slopes")
+    kw = dict(src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=hp.eta * 0.9, dst_dir=Dir.UPDATE, from_backup=True)
+    be.move_pass(b, hp, c, **kw)
+    ref.move_pass(r, hp, cr, **kw)
+    S.assert_buckets_close(b, r, info, "large move")
+
+
 @pytest.mark.parametrize("info", ALL)
 @pytest.mark.parametrize("s_prev, want", [(0.5, 0.0), (-50.0, 1.0)], ids=["descent", "not-descent"])
 @pytest.mark.parametrize("search_dir", [Dir.MOMENTUM, Dir.GRAD], ids=["momentum", "grad"])
