@@ -241,7 +241,8 @@ def stub_triton(counter_box: list) -> Optional[str]:
 
 
 def cuda_row(tensors: int) -> Dict:
-    """The cuda backend's planner: launches per pass and extension calls per step."""
+    """The cuda backend's planner: launches per pass and extension calls per step (its torch ops
+    on the host and its host time need the extension, i.e. a GPU)."""
     row = {k: None for k in KEYS}
     row.update(backend="cuda", tensors=tensors)
     try:
@@ -255,18 +256,24 @@ def cuda_row(tensors: int) -> Dict:
         return row
     numels = [int(torch.Size(s).numel()) for s in gpt2_shapes(**SETS[tensors])]
     plan = planner(numels, torch.float32)
-    row["planner"] = plan
     launches = plan.get("launches") if isinstance(plan, dict) else None
+    row["launches_per_pass"] = launches
+    row["programs"] = plan.get("programs") if isinstance(plan, dict) else None
+    per_step = getattr(cuda_backend, "extension_calls_per_step", None)
+    if per_step is not None:
+        row["extension_calls_searching_step"] = per_step(searching=True, trials=1)
+        row["extension_calls_nonsearching_step"] = per_step(searching=False)
     if isinstance(launches, dict):
         def n(name):
             v = launches.get(name)
             return None if v is None else int(v)
         g, s, m, v = n("grad_pass"), n("step_pass"), n("move_pass"), n("verdict")
         if None not in (g, s, m, v):
-            row["ops_searching_step"] = g + s + m + v + 1      # + the verdict's D2H copy
+            # grad pass, step pass, the fallback fix-up move, the verdict, the verdict's D2H copy
+            row["ops_searching_step"] = g + s + m + v + 1
             row["ops_extra_trial"] = m + v + 1
             row["ops_nonsearching_step"] = g + s
-    row["note"] = "launches from the planner; host time needs a GPU"
+    row["note"] = "launches from the planner (no torch ops counted: needs the extension); host time needs a GPU"
     return row
 
 

@@ -132,3 +132,63 @@ def test_params_on_two_devices_are_refused_with_the_reason():
     a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
     with pytest.raises(ValueError, match="must share a device"):
         opt._refresh_plan()
+
+
+def _run(opt, model, data, steps=8):
+    for k in range(steps):
+        x, y = data[k % len(data)]
+        step(opt, model, x, y)
+        yield opt.last_step.trials, opt.eta
+
+
+class MixedModel(torch.nn.Module):
+    """fp32 and bf16 parameters: two buckets on one device."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(7, 5, generator=gen) * 0.3)
+        self.b = torch.nn.Parameter((torch.randn(5, 3, generator=gen) * 0.3).bfloat16())
+
+    def forward(self, x):
+        return (x[:, :7] @ self.a).bfloat16() @ self.b
+
+
+def test_mixed_backends_on_one_device_take_the_generic_path():
+    data = [(torch.randn(16, 7, generator=torch.Generator().manual_seed(s)),
+             torch.randn(16, 3, generator=torch.Generator().manual_seed(s + 9))) for s in range(2)]
+    single, mixed = MixedModel(), MixedModel()
+    opt1 = ALSALS(single.parameters(), backend="reference", init_step_size=0.5)
+    opt2 = ALSALS(mixed.parameters(), backend="reference", init_step_size=0.5)
+    from alsals_fused.backends import get_backend
+    opt2._resolved[(torch.device("cpu"), torch.bfloat16)] = get_backend("foreach", "cpu")
+    got1, got2 = list(_run(opt1, single, data)), list(_run(opt2, mixed, data))
+    assert not opt1._plan.generic and opt2._plan.generic and len(opt2._plan.groups) == 2
+    assert [t for t, _ in got1] == [t for t, _ in got2]
+    assert sum(t for t, _ in got1) > len(got1), "the comparison should include backtracking"
+    for (_, e1), (_, e2) in zip(got1, got2):
+        assert e1 == pytest.approx(e2, rel=1e-12)
+    for p, q in zip(single.parameters(), mixed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_with_one_rank_equals_unsharded(tmp_path, backend):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        x, y = make_data()
+        results = []
+        for sharded in (False, True):
+            torch.manual_seed(0)                   # the same dropout masks in both runs
+            model = OddModel()
+            opt = ALSALS(model.parameters(), backend=backend, process_group=group, sharded=sharded,
+                         init_step_size=0.5)
+            results.append((list(_run(opt, model, [(x, y)])), [p.detach().clone() for p in model.parameters()]))
+            assert opt._plan.generic == sharded
+        assert results[0][0] == results[1][0]
+        for p, q in zip(results[0][1], results[1][1]):
+            assert torch.equal(p, q)
+    finally:
+        dist.destroy_process_group()
