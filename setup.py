@@ -5,21 +5,36 @@
 when the environment has a CUDA build of torch and a CUDA toolkit; otherwise it says why it
 skipped it and installs the rest.
 """
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 # triton_kernels/ ships inside our package: a top-level "triton_kernels" would shadow the module
 # of that name that the Triton project publishes.
-PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.triton_kernels"]
+PACKAGES = ["alsals_fused", "alsals_fused.backends", "alsals_fused.integrations", "alsals_fused.triton_kernels"]
 PACKAGE_DIR = {"alsals_fused.triton_kernels": "triton_kernels"}
 
 
+def _build_settings():
+    """csrc/build_settings.py, loaded by its path (the build settings live with the sources)."""
+    path = os.path.join(HERE, "csrc", "build_settings.py")
+    spec = importlib.util.spec_from_file_location("alsals_fused_build_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extension_build():
-    """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with the reason printed."""
+    """(ext_modules, cmdclass, None) for the CUDA extension, or ([], {}, why it is skipped)."""
     if os.environ.get("ALSALS_FUSED_SKIP_EXTENSION"):
         return [], {}, "ALSALS_FUSED_SKIP_EXTENSION is set"
+    settings = _build_settings()
+    # Before torch.utils.cpp_extension is imported: it fixes CUDA_HOME at import, and its own
+    # guess is wrong when the nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc).
+    settings.ensure_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -28,14 +43,15 @@ def _extension_build():
                        "use pip install --no-build-isolation to build it"
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU build"
-    if CUDA_HOME is None:
-        return [], {}, "no CUDA toolkit found (set CUDA_HOME)"
-    from csrc_build import extension_kwargs  # noqa: E402  (lives next to this file)
-    ext = CUDAExtension(name="alsals_fused._C", **extension_kwargs())
+    if CUDA_HOME is None or not settings.is_toolkit(settings.Path(CUDA_HOME)):
+        return [], {}, (f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r}; looked for nvcc on PATH "
+                        "and /usr/local/cuda; set CUDA_HOME to the toolkit)")
+    print(f"alsals-fused: building the C++/CUDA extension with the toolkit at {CUDA_HOME}",
+          file=sys.stderr)
+    ext = CUDAExtension(name="alsals_fused._C", **settings.extension_kwargs())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ext_modules, cmdclass, skipped = _extension_build()
 if skipped:
     print(f"alsals-fused: skipping the C++/CUDA extension: {skipped}. "
@@ -54,7 +70,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46", "accelerate>=1.0"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

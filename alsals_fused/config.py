@@ -89,4 +89,24 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     _require(h.max_grad_norm is None or (_real(h.max_grad_norm) and h.max_grad_norm > 0),
              "max_grad_norm", h.max_grad_norm, "None or a finite float > 0")
     _require(isinstance(h.memory_efficient, bool), "memory_efficient", h.memory_efficient, "True or False")
+    validate_search_range(h.init_step_size, h)
     return h
+
+
+# -- the step sizes a search can represent (issue 10) -----------------------------------------------
+# Kernels take eta as an fp32 argument and form w0 - eta*(d + wd*w0) in fp32, where |d| = |m_hat*p|
+# stays below about 32 with the default betas.  A step size above ETA_MAX (or one that a single
+# growth takes above it) could overflow a candidate even in fp32; one below ETA_MIN is no longer an
+# fp32 normal number once multiplied by d.  The driver also caps growth at ETA_MAX and ends a
+# search that would backtrack below ETA_MIN (ALSALS docstring).
+ETA_MAX = 1e30
+ETA_MIN = 1e-30
+
+
+def validate_search_range(eta: float, h: Hyper, name: str = "init_step_size",
+                          check_growth: bool = True) -> None:
+    """eta (and eta*growth) must lie in [ETA_MIN, ETA_MAX] (ValueError naming the argument)."""
+    _require(ETA_MIN <= eta <= ETA_MAX, name, eta, f"{ETA_MIN:g} <= {name} <= {ETA_MAX:g}")
+    _require(not check_growth or eta * h.growth <= ETA_MAX, "growth", h.growth,
+             f"{name}*growth <= {ETA_MAX:g} ({name}={eta!r}): a search must be able to represent "
+             "the grown step size")

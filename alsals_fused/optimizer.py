@@ -46,10 +46,16 @@ Deviations from the specification, and why:
   equality guard (a trial loss equal to L0, compared as float64 of the losses as the closure
   returned them, is accepted) in the smoothed and in the fallback's plain test, inside the
   verdict; a rejected step returns eta to its pre-step value (no growth), on the host.
+- Step sizes stay in [config.ETA_MIN, config.ETA_MAX] = [1e-30, 1e30]: the constructor and
+  load_state_dict refuse others, growth stops at ETA_MAX and a search ends (rejected) rather
+  than backtrack below ETA_MIN.  fp16 candidates that overflow are never kept: a non-searching
+  step returns to w0 (m, v, t keep the update, as after a rejected search) and a searching
+  step treats the trial as non-finite (issue 10; ``_undo_if_non_finite``).
+- ``step()`` without a closure on a fresh optimizer with all-zero gradients only creates the
+  moments (what torch.distributed.checkpoint's helpers do); see ``_init_state_without_closure``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -58,6 +64,8 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends
+from . import checkpoint as _checkpoint
+from . import distributed as _dist
 from .backends import decisions
 from .backends.base import (
     VERDICT_SIZE,
@@ -69,7 +77,8 @@ from .backends.base import (
     Verdict,
     new_ctl,
 )
-from .config import BACKENDS, Hyper, make_hyper, validate_weight_decay
+from .config import BACKENDS, ETA_MAX, ETA_MIN, Hyper, make_hyper, validate_weight_decay
+from .integrations._api import UserGradientsMixin, with_load_state_dict_hooks
 
 CLOSURE_HELP = (
     "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
@@ -89,7 +98,7 @@ class StepInfo:
     trials: int                             # trial forwards run (0 if the step did not search)
     accepted: bool                          # params moved to an accepted point (see skipped)
     searched: bool
-    loss: Union[float, Tensor]              # L0; a device tensor on steps that did not search
+    loss: Union[float, Tensor]              # L0, detached: a 0-dim tensor on every step (integ: no read)
     loss_trial: Optional[float]             # the last trial's loss; None if not searched
     slope: Optional[float]                  # the unsmoothed slope the test used; None if not searched
     skipped: bool = False                   # non-finite loss/gradient detected by this step's read
@@ -141,33 +150,49 @@ class _Plan:
     """
 
     def __init__(self, device: torch.device, buckets: List[Bucket], groups: List[Tuple[object, List[Bucket]]],
-                 others: List[Tensor], config: tuple, sharded: bool):
+                 others: List[Tensor], config: tuple, sharded: bool,
+                 owners: Optional[List[List[Tensor]]] = None, group_keys: Optional[list] = None):
         self.device = device
         self.buckets = buckets
         self.groups = groups
+        # Distributed (distributed.py): ``owners[i]`` are bucket i's parameters as the user holds
+        # them (DTensors under FSDP2; the bucket holds their local shards); ``group_keys[j]`` is
+        # the shard group of groups[j]'s partial sums (None: replicated, no reduction).
+        self.owners = owners if owners is not None else [b.params for b in buckets]
+        self.local_shards = owners is not None and any(
+            o is not p for b, os_ in zip(buckets, self.owners) for o, p in zip(os_, b.params))
+        self.group_keys = group_keys if group_keys is not None else [None] * len(groups)
+        sharded = sharded or any(k is not None for k in self.group_keys)
         self.others = others                  # params without a grad when the plan was built
         self.config = config                  # param-group structure and weight decays
         self.generic = len(groups) > 1 or sharded
         self.params = [p for b in buckets for p in b.params]
-        self.param_ptrs = tuple(map(_data_ptr, self.params))
+        self.param_ptrs = self._current_param_ptrs()
         self.grad_ptrs = [tuple(map(_data_ptr, b.grads)) for b in buckets]
         self.max_wd = max((wd for b in buckets for wd in b.weight_decays), default=0.0)
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
 
     def refresh_grads(self) -> bool:
         """Read this step's gradients into the buckets; False if the plan no longer fits."""
-        if tuple(map(_data_ptr, self.params)) != self.param_ptrs:
+        if self._current_param_ptrs() != self.param_ptrs:
             return False                      # a parameter's storage moved (.to(), .data = ...)
         for p in self.others:
             if p.grad is not None:
                 return False                  # a parameter without a grad has one now
         try:
             for i, b in enumerate(self.buckets):
-                grads = [p.grad for p in b.params]
+                grads = [p.grad for p in self.owners[i]]
+                if self.local_shards:             # FSDP2: the local shards of DTensor grads
+                    grads = [_dist.local(g) for g in grads]
                 # TypeError if a grad is None now; RuntimeError for one without storage (sparse).
                 # Shape, dtype and device need no check: autograd refuses a .grad that differs.
                 ptrs = tuple(map(_data_ptr, grads))
                 if ptrs != self.grad_ptrs[i]:
+                    # A parameter reshaped in place (p.data = p.data.view(...)) keeps its address:
+                    # rebuild (which refuses the stale moments) before any pass (issue 10).
+                    if any(g.shape != m.shape for g, m in zip(grads, b.exp_avgs)):
+                        self.release_grads()
+                        return False
                     self.grad_ptrs[i] = ptrs
                     b.grads_version += 1
                 b.grads = grads
@@ -175,6 +200,11 @@ class _Plan:
             self.release_grads()
             return False
         return True
+
+    def _current_param_ptrs(self) -> tuple:
+        if self.local_shards:
+            return tuple(_data_ptr(_dist.local(o)) for os_ in self.owners for o in os_)
+        return tuple(map(_data_ptr, self.params))
 
     def release_grads(self) -> None:
         for b in self.buckets:
@@ -195,7 +225,7 @@ class _Search:
         self.loss0 = self.loss_try = self.slope = math.nan
 
 
-class ALSALS(torch.optim.Optimizer):
+class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     """Automated Large Scale ADAM Line Search.
 
     ``loss = opt.step(closure)``: the closure returns the mini-batch loss and must not call
@@ -211,7 +241,8 @@ class ALSALS(torch.optim.Optimizer):
                  weight_decay: Optional[float] = None, max_grad_norm: Optional[float] = None,
                  memory_efficient: Optional[bool] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
-                 backend: str = "auto", process_group=None, sharded: bool = False):
+                 backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
+        self._reject_adamw_arguments(lr)                 # integ: lr= points to init_step_size
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -230,7 +261,12 @@ class ALSALS(torch.optim.Optimizer):
         self._plan: Optional[_Plan] = None
         self._groups_version = 0                   # add_param_group / load_state_dict
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
-        super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay})
+        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly, see _api).
+        super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay,
+                                  "betas": hyper.betas})
+        self._keep_buffer_module(buffers)                # integ: buffers=model follows the model
+        self._check_distributed_params()
+        self._reserve_host_state_key()
         if isinstance(buffers, torch.nn.Module):
             buffers = buffers.buffers()
         self._buffers: List[Tensor] = list(buffers) if buffers is not None else []
@@ -259,6 +295,7 @@ class ALSALS(torch.optim.Optimizer):
 
     # -- construction checks --------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        self._check_group_keys(param_group)              # integ: unknown keys would be no-ops
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_weight_decay(group["weight_decay"])
@@ -272,6 +309,19 @@ class ALSALS(torch.optim.Optimizer):
         if self.hyper.memory_efficient and dtype not in (torch.float32, torch.float64):
             raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
                              f"only (in-place trial moves would drift in {dtype}); got {dtype}")
+
+    def _reserve_host_state_key(self) -> None:
+        """param_groups[0]["alsals"] exists (a placeholder; state_dict() writes the host state
+        there): DCP's flatten_optimizer_state_dict=True keeps only the group keys a live group has."""
+        self.param_groups[0].setdefault(_checkpoint.HOST_KEY, _checkpoint.HOST_PLACEHOLDER)
+
+    def _check_distributed_params(self) -> None:
+        """FSDP2 (DTensor) parameters on several ranks: losses must be averaged over a group."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.process_group is None and _dist.needs_process_group(params):
+            raise ValueError("ALSALS: DTensor (FSDP2) parameters span several ranks; pass "
+                             "process_group= (the data-parallel group the losses are averaged "
+                             "over, e.g. torch.distributed.group.WORLD)")
 
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
@@ -320,7 +370,8 @@ class ALSALS(torch.optim.Optimizer):
         return plan
 
     def _build_plan(self) -> _Plan:
-        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
+        buckets: Dict[tuple, Bucket] = {}
+        owners: Dict[tuple, List[Tensor]] = {}
         others: List[Tensor] = []
         keep_backup = not self.hyper.memory_efficient
         backups: Dict[Tensor, Tensor] = {}
@@ -333,19 +384,22 @@ class ALSALS(torch.optim.Optimizer):
                 _check_grad(p, g)
                 self._check_memory_efficient_dtype(p.dtype)
                 m, v = self._moments(p)
-                key = (p.device, p.dtype)
+                key = (p.device, p.dtype, _dist.shard_key(p, self.sharded))
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
-                b.params.append(p)
-                b.grads.append(g)
-                b.exp_avgs.append(m)
-                b.exp_avg_sqs.append(v)
+                    owners[key] = []
+                owners[key].append(p)
+                pl = _dist.local(p)                # FSDP2: the passes run on the local shards
+                b.params.append(pl)
+                b.grads.append(_dist.local(g))
+                b.exp_avgs.append(_dist.local(m))
+                b.exp_avg_sqs.append(_dist.local(v))
                 b.weight_decays.append(float(group["weight_decay"]))
                 if keep_backup:
                     w0 = self._backups.get(p)
-                    if w0 is None or w0.shape != p.shape or w0.dtype != p.dtype or w0.device != p.device:
-                        w0 = torch.empty_like(p)
+                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device:
+                        w0 = torch.empty_like(pl)
                     b.backups.append(w0)
                     backups[p] = w0
         self._backups = backups                    # backups of params that left the plan are freed
@@ -358,12 +412,14 @@ class ALSALS(torch.optim.Optimizer):
                              f"device, so all parameters with gradients must share a device; found "
                              f"{sorted(str(d) for d in devices)}")
         device = next(iter(devices))
-        groups: Dict[int, Tuple[object, List[Bucket]]] = {}
-        for b in buckets.values():
+        groups: Dict[tuple, Tuple[object, List[Bucket]]] = {}
+        for key, b in buckets.items():
             backend = self._backend_for(b)
-            groups.setdefault(id(backend), (backend, []))[1].append(b)
+            # One group per backend and shard group: partial sums are reduced per shard group.
+            groups.setdefault((id(backend), key[2]), (backend, []))[1].append(b)
         return _Plan(device, list(buckets.values()), list(groups.values()), others, self._config(),
-                     self.sharded)
+                     self.sharded, owners=list(owners.values()),
+                     group_keys=[k[1] for k in groups])
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
@@ -380,6 +436,25 @@ class ALSALS(torch.optim.Optimizer):
             if t.dtype != moment or t.device != p.device:
                 state[name] = t.to(device=p.device, dtype=moment)
         return state["exp_avg"], state["exp_avg_sq"]
+
+    def _init_state_without_closure(self) -> bool:
+        """``step()`` without a closure on a fresh optimizer whose gradients are all zero.
+
+        This is how ``torch.distributed.checkpoint.state_dict`` (get/set_optimizer_state_dict)
+        initialises an optimizer's state before loading into it: it creates m and v (zero) for
+        every parameter with a gradient and changes nothing else (no parameter moves; t, eta and
+        the counters stay).  Any other ``step()`` without a closure raises TypeError.
+        """
+        if self.state:
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or any(bool(_dist.local(g).any()) for g in grads):
+            return False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._moments(p)
+        return True
 
     def _backend_for(self, b: Bucket):
         key = (b.device, b.dtype)
@@ -425,11 +500,9 @@ class ALSALS(torch.optim.Optimizer):
         dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
         return value / dist.get_world_size(self.process_group)
 
-    def _sum_over_shards(self, value: Tensor) -> Tensor:
-        if self.sharded:
-            import torch.distributed as dist
-            dist.all_reduce(value, group=self.process_group)
-        return value
+    def _sum_over_shards(self, plan: _Plan, parts: List[Tensor]) -> Tensor:
+        """Partial sums of plan.groups, each added over its shard group only (distributed.py)."""
+        return _dist.sum_partials(parts, plan.group_keys, self.process_group)
 
     def _read_verdict(self) -> List[float]:
         """The one device-to-host read of a trial: the verdict vector, in one copy."""
@@ -446,18 +519,26 @@ class ALSALS(torch.optim.Optimizer):
 
     # -- the step (section 1) -------------------------------------------------------------------
     def step(self, closure=None):
-        if closure is None or not callable(closure):
+        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
+        if closure is None and getattr(self, "_window", None) is None \
+                and self._init_state_without_closure():
+            return None                                  # DCP's state initialisation (ckpt)
+        if closure is None or self._is_framework_closure(closure):
+            return self._step_user_gradients(closure)   # integ: gradients already in p.grad
+        if not callable(closure):
             raise TypeError(CLOSURE_HELP)
+        self._check_grads_before_closure()               # integ: backward since zero_grad()?
         searching = self._searches_at(self.t + 1)
         rng_before = _RngState(self._param_devices()) if searching else None
         with torch.enable_grad():
             loss = _as_loss(closure(), "gradient forward")
-        if not loss.requires_grad:
-            raise RuntimeError("ALSALS: the loss does not require grad; the closure must build it "
-                               "from the parameters with autograd enabled")
-        loss.backward()
+        self._check_closure_result(loss)                 # integ: no backward in the closure
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            self._explain_backward_error(exc)            # integ: a closure that ran backward
         with torch.no_grad():
-            return self._update(closure, loss, searching, rng_before)
+            return self._finish_step(self._update(closure, loss, searching, rng_before))
 
     def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> Tensor:
         """Everything after the gradient: moments, candidate, line search (under no_grad)."""
@@ -481,7 +562,7 @@ class ALSALS(torch.optim.Optimizer):
 
     def _first_trial_eta(self, searching: bool) -> float:
         """The step size of the step's candidate: eta*growth on a searching step (section 1)."""
-        return self.eta * self.hyper.growth if searching else self.eta
+        return min(self.eta * self.hyper.growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
 
     def _eta_after_search(self, found: _Search, eta_before: float) -> float:
         """eta as a search leaves it: the accepted trial's, or (spec guard 2) the pre-step value."""
@@ -513,19 +594,23 @@ class ALSALS(torch.optim.Optimizer):
             backend.grad_pass(buckets, ctl, loss0, hp)
             return
         parts = [backend.grad_pass(buckets, ctl, loss0, hp, finish=False) for backend, buckets in plan.groups]
-        sumsq = self._sum_over_shards(torch.stack(parts).sum() if len(parts) > 1 else parts[0].clone())
+        sumsq = self._sum_over_shards(plan, parts)
         decisions.finish_grad(ctl, sumsq, loss0, hp.max_grad_norm)
 
     def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
         """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
-        ctl, write_backup = self._ctl, searching and not self.hyper.memory_efficient
+        guarded = self._overflow_guarded(plan)
+        ctl = self._ctl
+        write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
         if not plan.generic or not searching:
             for backend, buckets in plan.groups:
                 backend.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
+            if guarded and not searching:
+                self._undo_if_non_finite(plan, hp, guarded, hp.eta, Dir.MOMENTUM)
             return
         parts = [backend.step_pass(buckets, hp, ctl, searching=True, write_backup=write_backup,
                                    finish=False) for backend, buckets in plan.groups]
-        sums = self._sum_over_shards(torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0].clone())
+        sums = self._sum_over_shards(plan, parts)
         decisions.finish_slope(ctl, sums, hp.smoothing)
 
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
@@ -575,7 +660,7 @@ class ALSALS(torch.optim.Optimizer):
                     found.accepted = True
                     break
                 found.eta *= hyper.backtrack
-                if found.trials == hyper.max_trials:
+                if found.trials == hyper.max_trials or found.eta < ETA_MIN:   # config.ETA_MIN
                     break
                 self._move(plan, hp, found.eta_at_params, search_dir, found.eta, search_dir)
                 found.eta_at_params = found.eta
@@ -594,8 +679,14 @@ class ALSALS(torch.optim.Optimizer):
     def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
         loss_try = loss_try.detach().reshape(())
         if self.process_group is not None:
-            return self._device_loss(loss_try, plan)
-        return loss_try if loss_try.device == plan.device else loss_try.to(plan.device)
+            loss_try = self._device_loss(loss_try, plan)
+        elif loss_try.device != plan.device:
+            loss_try = loss_try.to(plan.device)
+        guarded = self._overflow_guarded(plan)
+        if guarded:                         # a candidate that overflowed is a non-finite trial
+            bad = self._non_finite_params(plan, guarded) > 0
+            loss_try = torch.where(bad, torch.full_like(loss_try, math.nan), loss_try)
+        return loss_try
 
     def _commit(self, plan: _Plan, hp: StepScalars, found: _Search, eta_before: float) -> None:
         """Accept (h and s were committed by the verdict), reject (back to w0) or skip."""
@@ -607,6 +698,9 @@ class ALSALS(torch.optim.Optimizer):
                 if not self.hyper.update_is_trial_point and not found.fallback:
                     # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
                     self._move(plan, hp, found.eta, search_dir, found.eta, Dir.UPDATE)
+                    guarded = self._overflow_guarded(plan)
+                    if guarded:
+                        self._undo_if_non_finite(plan, hp, guarded, found.eta, Dir.UPDATE)
             else:
                 self.counters["rejected"] += 1
                 self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
@@ -617,6 +711,39 @@ class ALSALS(torch.optim.Optimizer):
                                   searched=True, loss=found.loss0, loss_trial=found.loss_try,
                                   slope=found.slope, skipped=found.skipped, fallback=found.fallback)
 
+    # -- no step leaves a non-finite parameter (issue 10) ----------------------------------------
+    # fp16 candidates overflow at eta*|d| > 65504 although the step size is representable.  For
+    # fp16 buckets the driver keeps a w0 backup on non-searching steps too, checks the written
+    # candidate on the device (no host read) and restores w0 when any element is not finite; on
+    # searching steps such a candidate counts as a non-finite trial.  Other dtypes cannot overflow
+    # inside config.ETA_MAX, so they pay nothing.
+    @staticmethod
+    def _overflow_guarded(plan: _Plan) -> List[int]:
+        return [j for j, (_, buckets) in enumerate(plan.groups)
+                if any(b.dtype == torch.float16 and b.params for b in buckets)]
+
+    def _non_finite_params(self, plan: _Plan, guarded: List[int]) -> Tensor:
+        """Count of non-finite fp16 tensors, summed over the shard groups (0-dim float64)."""
+        parts = []
+        for j in guarded:
+            params = [w for b in plan.groups[j][1] if b.dtype == torch.float16 for w in b.params if w.numel()]
+            if not params:
+                parts.append(torch.zeros((), dtype=torch.float64, device=plan.device))
+                continue
+            norms = torch.stack(torch._foreach_norm(params, math.inf)).double()
+            parts.append((~torch.isfinite(norms)).sum(dtype=torch.float64))
+        keys = [plan.group_keys[j] for j in guarded]
+        return _dist.sum_partials(parts, keys, self.process_group)
+
+    def _undo_if_non_finite(self, plan: _Plan, hp: StepScalars, guarded: List[int], eta: float,
+                            direction: Dir) -> None:
+        """Back to w0 (a device-side decision) when a written candidate is not finite."""
+        ctl = self._ctl
+        fallback = ctl[Ctl.FALLBACK].clone()
+        ctl[Ctl.FALLBACK] = (self._non_finite_params(plan, guarded) > 0).to(ctl.dtype)
+        self._move(plan, hp, eta, direction, 0.0, direction, only_if_fallback=True)
+        ctl[Ctl.FALLBACK] = fallback
+
     def _absorb_skips(self, n: int) -> None:
         """Steps the device skipped for a non-finite loss/gradient: they count for nothing.
 
@@ -626,10 +753,8 @@ class ALSALS(torch.optim.Optimizer):
         self.counters["steps"] -= n
 
     def _snapshot_buffers(self) -> None:
-        if not self._buffers:
+        if not self._current_buffers():                  # integ: re-read buffers=model each step
             return
-        if len(self._buffer_snapshot) != len(self._buffers):
-            self._buffer_snapshot = [torch.empty_like(b) for b in self._buffers]
         for dst, src in zip(self._buffer_snapshot, self._buffers):
             dst.copy_(src)
 
@@ -638,55 +763,42 @@ class ALSALS(torch.optim.Optimizer):
             dst.copy_(src)
 
     # -- state_dict (section 5): everything needed to continue bit-identically ------------------
+    # The format (versioned) and its validation live in checkpoint.py.  The host state is stored
+    # in param_groups[0] so that torch.distributed.checkpoint's helpers, which keep only "state"
+    # and "param_groups", carry it.
+    def _host_state(self) -> dict:
+        ctl = self._ctl
+        return _checkpoint.host_state(
+            hyper=self.hyper, eta=self.eta, t=self.t, counters=self.counters, fast=self._fast,
+            slow=self._slow, last_search_t=self._last_search_t,
+            h=0.0 if ctl is None else float(ctl[Ctl.H]), s=0.0 if ctl is None else float(ctl[Ctl.S]),
+            pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]))
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["state"] = {k: {n: (v.clone() if isinstance(v, Tensor) else v) for n, v in s.items()}
                        for k, s in sd["state"].items()}
-        ctl = self._ctl
-        sd["alsals"] = {
-            "eta": self.eta, "t": self.t, "counters": dict(self.counters),
-            "fast": self._fast, "slow": self._slow, "last_search_t": self._last_search_t,
-            # h, s, pending skips: 0-dim float64 tensors (the persistent slots of ctl)
-            "h": None if ctl is None else ctl[Ctl.H].clone(),
-            "s": None if ctl is None else ctl[Ctl.S].clone(),
-            "pending_skips": None if ctl is None else ctl[Ctl.PENDING].clone(),
-            "variant": self.hyper.variant,
-            "hyper": dataclasses.asdict(self.hyper),
-        }
-        return sd
+        return _checkpoint.attach(sd, self._host_state())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch's loader casts state to the parameter dtype (fp32 moments of bf16 params would
-        # become bf16), so the per-parameter state is mapped here, keeping its dtype.
-        extra = state_dict.get("alsals")
-        if extra is None:
-            raise ValueError("ALSALS.load_state_dict: this state_dict was not saved by ALSALS")
-        if extra.get("variant") != self.hyper.variant:
-            raise ValueError(f"ALSALS.load_state_dict: saved with variant={extra.get('variant')!r}, "
-                             f"this optimizer has variant={self.hyper.variant!r}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("ALSALS.load_state_dict: the number of parameter groups differs")
-        index: Dict[int, Tensor] = {}
-        for saved, group in zip(saved_groups, self.param_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("ALSALS.load_state_dict: a parameter group has a different size")
-            index.update(zip(saved["params"], group["params"]))
-            group["weight_decay"] = saved["weight_decay"]
+        """Validate everything first (checkpoint.validate), then apply; on any error (a
+        CheckpointError, a ValueError naming what is wrong) the optimizer is unchanged.  As torch
+        optimizers do, the saved hyperparameters win over the constructor's."""
+        self._apply_checkpoint(_checkpoint.validate(self, state_dict))
+
+    def _apply_checkpoint(self, plan) -> None:
+        """Assignments that cannot fail, from a validated checkpoint.LoadPlan."""
+        for group, wd in zip(self.param_groups, plan.weight_decays):
+            group["weight_decay"] = wd
         self.state.clear()
-        for i, s in state_dict["state"].items():
-            p = index[i]
-            self.state[p] = {n: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
-                             for n, v in s.items()}
-        # As torch optimizers do, the saved hyperparameters win over the constructor's.
-        saved_hyper = dict(extra["hyper"])
-        saved_hyper["betas"] = tuple(saved_hyper["betas"])
-        self.hyper = Hyper(**saved_hyper)
-        self.eta, self.t = float(extra["eta"]), int(extra["t"])
-        self.counters = dict(extra["counters"])
-        self._fast, self._slow = extra["fast"], extra["slow"]
-        self._last_search_t = int(extra["last_search_t"])
-        self._load_device_state(extra)
+        self.state.update(plan.state)
+        self.hyper = plan.hyper
+        host = plan.host
+        self.eta, self.t = host["eta"], host["t"]
+        self.counters = dict(host["counters"])
+        self._fast, self._slow = host["fast"], host["slow"]
+        self._last_search_t = host["last_search_t"]
+        self._load_device_state(host)
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
         self._sync_lr()
@@ -703,3 +815,7 @@ class ALSALS(torch.optim.Optimizer):
                 ctl[slot] = torch.as_tensor(value, dtype=torch.float64).to(device).reshape(())
         self._ctl = ctl
         self._verdict = self._verdict_host = None
+
+
+# integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers.
+ALSALS.load_state_dict = with_load_state_dict_hooks(ALSALS.load_state_dict)

@@ -311,6 +311,11 @@ class Suite:
             self.doc["backends"] = json.loads(m.group(1))
             b = self.doc["backends"]["backends"]
             r["note"] = ", ".join(f"{k}: {'ok' if v is None else 'unavailable'}" for k, v in b.items())
+            if "JIT build" in (b.get("cuda") or "") and self.jit:
+                # a failed JIT build: no later phase (or test worker) compiles it again
+                self.jit = False
+                self.doc["cuts"].append("build: the JIT build of the extension failed, so later phases "
+                                        "run with ALSALS_FUSED_JIT=0")
         return r
 
     def phase_tests(self, timeout):

@@ -189,8 +189,10 @@ def count(h: Harness, plan) -> OpCounter:
 
 # -- launch stubs ------------------------------------------------------------------------------
 
-def stub_triton(counter_box: list) -> Optional[str]:
-    """Replace the Triton backend's launches by a counter; None, or why it cannot be done."""
+def stub_triton(counter_box: list, setattr=setattr) -> Optional[str]:
+    """Replace the Triton backend's launches by a counter; None, or why it cannot be done.
+
+    ``setattr`` may be pytest's ``monkeypatch.setattr`` (so a test can undo the stubs)."""
     reason = available_backends("cpu" if not torch.cuda.is_available() else "cuda")["triton"]
     if reason is not None:
         return f"the triton backend is unavailable here: {reason}"
@@ -233,10 +235,10 @@ def stub_triton(counter_box: list) -> Optional[str]:
     def fill_verdict(ctl, loss_try, dp, out):
         decisions.verdict(ctl, loss_try, dp, out)
 
-    cls._launch = launch
-    cls.grad_pass = filled("grad_pass", fill_grad)
-    cls.step_pass = filled("step_pass", fill_step)
-    cls.verdict = filled("verdict", fill_verdict)
+    setattr(cls, "_launch", launch)
+    setattr(cls, "grad_pass", filled("grad_pass", fill_grad))
+    setattr(cls, "step_pass", filled("step_pass", fill_step))
+    setattr(cls, "verdict", filled("verdict", fill_verdict))
     return None
 
 

@@ -9,6 +9,8 @@
 //   denom = sqrt(v / bc2) + eps          (1/p; eps outside the sqrt)
 //   MOMENTUM: d = (m / bc1) / denom ;  GRAD: d = g / denom
 //   cand(eta, d) = w0 - eta * (d + wd * w0)
+// and the device decisions of contract v2 (grad finisher, step finisher, verdict) in float64,
+// operation for operation as backends/base.py and backends/decisions.py write them.
 #pragma once
 
 #include <stdint.h>
@@ -16,6 +18,8 @@
 #if !defined(__CUDA_ARCH__)
 #include <string.h>
 #endif
+
+#include "alsals_layout.h"  // CHUNK, Ctl, Verdict, Dir, TableCol: generated from base.py
 
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
@@ -26,15 +30,9 @@
 
 namespace alsals {
 
-// Must agree with backends/base.py (Dir and the ctrl indices).
-enum Direction : int { kMomentum = 0, kGrad = 1, kSearch = 2, kUpdate = 3 };
-enum CtrlIndex : int { kGradScale = 0, kSkip = 1, kFallback = 2 };
-
-// SEARCH/UPDATE -> MOMENTUM/GRAD once the device fallback flag is known (StepScalars.resolve).
-ALSALS_HD int resolve_direction(int dir, bool fallback, bool momentum_search) {
-  if (dir == kSearch) return (fallback || !momentum_search) ? kGrad : kMomentum;
-  if (dir == kUpdate) return fallback ? kGrad : kMomentum;
-  return dir;
+// Dir::UPDATE -> GRAD or MOMENTUM once the device fallback flag is known.
+ALSALS_HD int resolve_dir(int dir, bool fallback) {
+  return dir == Dir::UPDATE ? (fallback ? int(Dir::GRAD) : int(Dir::MOMENTUM)) : dir;
 }
 
 // ---- storage types --------------------------------------------------------------------------
@@ -146,9 +144,9 @@ ALSALS_HD float momentum_direction(float m, float bias_correction1, float denom)
 // g * p
 ALSALS_HD float grad_direction(float g, float denom) { return g / denom; }
 
-// d for a resolved direction (kMomentum or kGrad).
+// d for a resolved direction (Dir::MOMENTUM or Dir::GRAD).
 ALSALS_HD float direction(int dir, float g, float m, float denom, float bias_correction1) {
-  return dir == kMomentum ? momentum_direction(m, bias_correction1, denom) : grad_direction(g, denom);
+  return dir == Dir::MOMENTUM ? momentum_direction(m, bias_correction1, denom) : grad_direction(g, denom);
 }
 
 // cand(eta, d) = w0 - eta * (d + wd * w0)
@@ -164,6 +162,82 @@ ALSALS_HD float recover_w0(float w, float src_eta, float d_src, float shrink) {
 // dst_eta - src_eta computed in double on the host.
 ALSALS_HD float move_in_place(float w, float eta_delta, float d, float wd, float w0) {
   return w - eta_delta * (d + wd * w0);
+}
+
+// ---- the device decisions (float64) --------------------------------------------------------
+// Each operation rounds on its own (no fused multiply-add), as torch computes decisions.py.
+ALSALS_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+ALSALS_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+ALSALS_HD double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+ALSALS_HD bool finite64(double x) { return x - x == 0.0; }  // false for inf and NaN
+
+// Grad finisher: sumsq over every bucket, L0 (averaged over ranks); max_grad_norm < 0: no
+// clipping (decisions.finish_grad's None).
+ALSALS_HD void finish_grad(double* ctl, double sumsq, double loss0, double max_grad_norm) {
+  const bool finite = finite64(loss0) && finite64(sumsq);
+  double scale = 1.0;
+  if (finite && max_grad_norm >= 0.0) {
+    // max_grad_norm / (sqrt(sumsq) + 1e-6) as torch evaluates it in decisions.py
+    // (float / Tensor is Tensor.reciprocal() * float), so both give the same bits.
+    const double coef = mul_rn(1.0 / add_rn(sqrt(sumsq), 1e-6), max_grad_norm);
+    scale = coef < 1.0 ? coef : 1.0;
+  }
+  const double skip = finite ? 0.0 : 1.0;
+  ctl[Ctl::SCALE] = scale;
+  ctl[Ctl::SKIP] = skip;
+  ctl[Ctl::PENDING] = add_rn(ctl[Ctl::PENDING], skip);
+  ctl[Ctl::FALLBACK] = 0.0;
+  ctl[Ctl::LOSS0] = loss0;
+}
+
+// Step finisher (searching steps): the two slopes, the smoothed slope and the fallback flag.
+ALSALS_HD void finish_step(double* ctl, double slope, double slope_grad, double beta3) {
+  ctl[Ctl::SLOPE] = slope;
+  ctl[Ctl::SLOPE_GRAD] = slope_grad;
+  const double s_new = add_rn(mul_rn(beta3, ctl[Ctl::S]), mul_rn(sub_rn(1.0, beta3), slope));
+  ctl[Ctl::S_NEW] = s_new;
+  ctl[Ctl::FALLBACK] = (ctl[Ctl::SKIP] == 0.0 && s_new <= 0.0) ? 1.0 : 0.0;
+}
+
+// The per-trial decision (base.py, verdict): writes out[VERDICT_SIZE], updates H, S, PENDING.
+ALSALS_HD void verdict(double* ctl, double loss_try, double eta, double c, double beta3, double* out) {
+  const double l0 = ctl[Ctl::LOSS0], l = loss_try, diff = sub_rn(l0, l);
+  const bool fb = ctl[Ctl::FALLBACK] != 0.0, finite = ctl[Ctl::SKIP] == 0.0;
+  const double h_new = add_rn(mul_rn(beta3, ctl[Ctl::H]), mul_rn(sub_rn(1.0, beta3), diff));
+  const double ce = mul_rn(c, eta);
+  const bool armijo = fb ? diff >= mul_rn(ce, ctl[Ctl::SLOPE_GRAD]) : h_new >= mul_rn(ce, ctl[Ctl::S_NEW]);
+  const bool ok = finite && finite64(l) && (l == l0 || armijo);
+  out[Verdict::ACCEPT] = ok ? 1.0 : 0.0;
+  out[Verdict::FINITE] = finite ? 1.0 : 0.0;
+  out[Verdict::FALLBACK] = fb ? 1.0 : 0.0;
+  out[Verdict::LOSS0] = l0;
+  out[Verdict::LOSS_TRY] = l;
+  out[Verdict::SLOPE_USED] = fb ? ctl[Ctl::SLOPE_GRAD] : ctl[Ctl::SLOPE];
+  out[Verdict::PENDING] = ctl[Ctl::PENDING];
+  out[Verdict::H_NEW] = h_new;
+  ctl[Ctl::PENDING] = 0.0;
+  if (ok && !fb) {
+    ctl[Ctl::H] = h_new;
+    ctl[Ctl::S] = ctl[Ctl::S_NEW];
+  }
 }
 
 }  // namespace alsals

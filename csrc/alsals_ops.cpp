@@ -1,278 +1,283 @@
-// PyTorch glue of the ALSALS CUDA backend: argument checks, the multi-tensor launch tables, the
-// op registrations (torch.ops.alsals_fused.*) and a few Python helpers.  The kernels live in
+// PyTorch glue of the ALSALS CUDA backend (contract v2, backends/base.py): argument checks, the
+// op registrations (torch.ops.alsals_fused.*) and the module's constants.  The kernels live in
 // kernels.cu, which includes no torch header; this is the only file that does.
 //
-// Nothing here reads device memory on the host: the device flags (ctrl) are read by the kernels,
-// outputs and scratch come from the caching allocator, and all launches go to the current stream
-// of the tensors' device (under a device guard).
+// Each op is one pass over a list of buckets: per bucket, a device table and schedule that the
+// Python backend built once (backends/cuda_backend.py); so a call converts a handful of tensors,
+// not every parameter.  The tables hold raw addresses: the Python backend keeps the tensors they
+// point to alive and refreshes the gradient column when gradients move.  Nothing here reads
+// device memory on the host; all launches go to the current stream of ctl's device.
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
-#include <cstring>
 #include <string>
 #include <vector>
 
-#include "alsals_math.h"
-#include "launch_table.h"
+#include "alsals_layout.h"
+#include "passes.h"
 
 namespace alsals {
 namespace {
-
-// Blocks per launch; a test hook lowers it to exercise tensors split across launches.
-int64_t g_max_blocks_per_launch = int64_t(1) << 30;
-
-int storage_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kFloat32;
-    case at::kBFloat16: return kBFloat16;
-    case at::kHalf: return kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "alsals_fused: the CUDA backend supports float32, bfloat16 and float16 "
-                       "parameters, got ", t, " (the optimizer routes float64 to the foreach backend)");
-  }
-  return -1;
-}
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "alsals_fused: launching ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// Same element order in memory: both dense (no gaps, no overlap) with equal strides.  Other
-// layouts raise NotImplementedError, which the Python backend answers by using foreach.
-void check_layout(const at::Tensor& x, const at::Tensor& ref, const char* list, size_t i) {
-  // Both contiguous (strides of size-1 dims may differ), or both dense in the same order.
-  const bool ok = (x.is_contiguous() && ref.is_contiguous()) ||
-                  (x.is_non_overlapping_and_dense() && ref.is_non_overlapping_and_dense() &&
-                   x.strides() == ref.strides());
-  TORCH_CHECK_NOT_IMPLEMENTED(ok,
-      "alsals_fused: ", list, "[", i, "] is not dense with the same strides as its parameter "
-      "(shape ", x.sizes(), ", strides ", x.strides(), " vs ", ref.strides(), "); the CUDA kernels "
-      "need that layout");
+void check_ctl(const at::Tensor& ctl) {
+  TORCH_CHECK_VALUE(ctl.is_cuda() && ctl.scalar_type() == at::kDouble && ctl.numel() == CTL_SIZE &&
+                    ctl.is_contiguous(),
+                    "alsals_fused: ctl must be a contiguous float64 CUDA tensor of ", CTL_SIZE,
+                    " elements; got ", ctl.scalar_type(), " of shape ", ctl.sizes(), " on ", ctl.device());
 }
 
-void check_ctrl(const at::Tensor& ctrl, const at::Device& device) {
-  TORCH_CHECK_VALUE(ctrl.device() == device && ctrl.scalar_type() == at::kFloat && ctrl.numel() == 3 &&
-                    ctrl.is_contiguous(),
-                    "alsals_fused: ctrl must be a contiguous float32 tensor of 3 elements on ", device,
-                    "; got ", ctrl.scalar_type(), " of shape ", ctrl.sizes(), " on ", ctrl.device());
+void check_on(const at::Tensor& x, const at::Device& device, const char* name) {
+  TORCH_CHECK_VALUE(x.device() == device, "alsals_fused: ", name, " is on ", x.device(),
+                    "; ctl is on ", device);
 }
 
-// Checks one bucket (one device and dtype) and returns its items.  `lists` says which of
-// grads/m/v/backups are read.
-struct BucketArgs {
-  at::TensorList params, grads, exp_avgs, exp_avg_sqs, backups;
-  c10::ArrayRef<double> weight_decays;
-  bool use_grads = false, use_moments = false, use_backups = false, use_weight_decays = false;
+int scalar_code(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    case at::kDouble: return kFloat64;
+    default:
+      TORCH_CHECK_TYPE(false, "alsals_fused: ", name, " must be float32, float64, bfloat16 or float16; got ", t);
+  }
+  return -1;
+}
+
+void check_scalar_tensor(const at::Tensor& x, const at::Device& device, const char* name) {
+  check_on(x, device, name);
+  TORCH_CHECK_VALUE(x.numel() == 1, "alsals_fused: ", name, " must hold one element; got shape ", x.sizes());
+}
+
+// The buckets of one pass: per bucket its table, schedule and parameter storage type.
+struct Buckets {
+  std::vector<const int64_t*> tables;
+  std::vector<const int32_t*> scheds;
+  std::vector<int64_t> programs;
+  std::vector<int> storages;
+  int64_t total = 0;
 };
 
-std::vector<Item> gather(const BucketArgs& a, const at::Tensor* ctrl, at::Device* device_out,
-                         int* storage_out, int64_t (&elem_size)[kNumLists]) {
-  const at::TensorList& lead = a.use_moments || !a.use_grads ? a.params : a.grads;
-  TORCH_CHECK_VALUE(!lead.empty(), "alsals_fused: empty tensor list");
-  const size_t n = lead.size();
-  auto same_len = [&](at::TensorList l, bool used, const char* name) {
-    TORCH_CHECK_VALUE(!used || l.size() == n, "alsals_fused: ", name, " has ", l.size(),
-                      " tensors, expected ", n);
-  };
-  same_len(a.grads, a.use_grads, "grads");
-  same_len(a.exp_avgs, a.use_moments, "exp_avgs");
-  same_len(a.exp_avg_sqs, a.use_moments, "exp_avg_sqs");
-  same_len(a.backups, a.use_backups, "backups");
-  TORCH_CHECK_VALUE(!a.use_weight_decays || a.weight_decays.size() == n, "alsals_fused: weight_decays has ",
-                    a.weight_decays.size(), " entries, expected ", n);
-
-  const at::Tensor& first = lead[0];
-  const at::Device device = first.device();
-  TORCH_CHECK_VALUE(device.is_cuda(), "alsals_fused: the CUDA backend needs CUDA tensors; got one on ", device);
-  const at::ScalarType dtype = first.scalar_type();
-  const int storage = storage_of(dtype);
-  if (ctrl) check_ctrl(*ctrl, device);
-
-  const int64_t psize = int64_t(c10::elementSize(dtype));
-  const int64_t sizes[kNumLists] = {psize, psize, 4, 4, psize};
-  std::copy(sizes, sizes + kNumLists, elem_size);
-
-  std::vector<Item> items;
-  items.reserve(n);
+Buckets gather(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages,
+               const at::Device& device) {
+  const size_t n = tables.size();
+  TORCH_CHECK_VALUE(n > 0 && scheds.size() == n && storages.size() == n,
+                    "alsals_fused: one table, schedule and storage code per bucket; got ", tables.size(), ", ",
+                    scheds.size(), " and ", storages.size());
+  Buckets b;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& ref = lead[i];
-    TORCH_CHECK_VALUE(ref.device() == device && ref.scalar_type() == dtype,
-                      "alsals_fused: a bucket holds tensors of one device and dtype; tensor ", i, " is ",
-                      ref.scalar_type(), " on ", ref.device(), ", tensor 0 is ", dtype, " on ", device);
-    Item it{};
-    it.numel = ref.numel();
-    it.weight_decay = a.use_weight_decays ? float(a.weight_decays[i]) : 0.0f;
-    it.shrink = 1.0f;
-    auto take = [&](at::TensorList l, int list, at::ScalarType want, const char* name) {
-      const at::Tensor& x = l[i];
-      TORCH_CHECK_VALUE(x.device() == device && x.scalar_type() == want && x.numel() == it.numel,
-                        "alsals_fused: ", name, "[", i, "] must be ", want, " on ", device, " with ", it.numel,
-                        " elements; got ", x.scalar_type(), " on ", x.device(), " with ", x.numel());
-      if (it.numel > 0) check_layout(x, ref, name, i);
-      it.ptr[list] = it.numel > 0 ? x.data_ptr() : nullptr;
-    };
-    if (a.use_moments || !a.use_grads) take(a.params, kListParam, dtype, "params");
-    if (a.use_grads) take(a.grads, kListGrad, dtype, "grads");
-    if (a.use_moments) {
-      take(a.exp_avgs, kListExpAvg, at::kFloat, "exp_avgs");
-      take(a.exp_avg_sqs, kListExpAvgSq, at::kFloat, "exp_avg_sqs");
-    }
-    if (a.use_backups) take(a.backups, kListBackup, dtype, "backups");
-    it.aligned = true;
-    for (int l = 0; l < kNumLists; ++l)
-      if (it.ptr[l] && reinterpret_cast<uintptr_t>(it.ptr[l]) % 16 != 0) it.aligned = false;
-    items.push_back(it);
+    const at::Tensor& t = tables[i];
+    const at::Tensor& s = scheds[i];
+    check_on(t, device, "table");
+    check_on(s, device, "sched");
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == TABLE_COLS && t.is_contiguous(),
+                      "alsals_fused: table ", i, " must be a contiguous int64 [T, ", TABLE_COLS, "] tensor; got ",
+                      t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kInt && s.dim() == 2 && s.size(1) == 2 && s.size(0) > 0 &&
+                      s.is_contiguous(),
+                      "alsals_fused: sched ", i, " must be a contiguous int32 [P >= 1, 2] tensor; got ",
+                      s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK_VALUE(storages[i] == kFloat32 || storages[i] == kBFloat16 || storages[i] == kFloat16,
+                      "alsals_fused: the CUDA kernels take float32, bfloat16 and float16 parameters "
+                      "(storage codes 0, 1, 2); got code ", storages[i],
+                      " (the optimizer routes float64 to the foreach backend)");
+    b.tables.push_back(t.data_ptr<int64_t>());
+    b.scheds.push_back(s.data_ptr<int32_t>());
+    b.programs.push_back(s.size(0));
+    b.storages.push_back(int(storages[i]));
+    b.total += s.size(0);
   }
-  *device_out = device;
-  *storage_out = storage;
-  return items;
+  TORCH_CHECK_VALUE(b.total <= INT32_MAX, "alsals_fused: ", b.total, " programs in one pass (at most 2**31-1)");
+  return b;
+}
+
+// The shared scratch of the summing passes: fp32 partials and the tickets.
+void check_scratch(const at::Tensor& partials, const at::Tensor& tickets, const at::Device& device,
+                   int64_t needed) {
+  check_on(partials, device, "partials");
+  check_on(tickets, device, "tickets");
+  TORCH_CHECK_VALUE(partials.scalar_type() == at::kFloat && partials.is_contiguous() && partials.numel() >= needed,
+                    "alsals_fused: partials must be a contiguous float32 tensor of at least ", needed,
+                    " elements; got ", partials.scalar_type(), " ", partials.sizes());
+  TORCH_CHECK_VALUE(tickets.scalar_type() == at::kInt && tickets.is_contiguous() && tickets.numel() >= 2,
+                    "alsals_fused: tickets must be a contiguous int32 tensor of at least 2 zeros");
+}
+
+double* check_out(const c10::optional<at::Tensor>& out, bool finish, int64_t width, const at::Device& device) {
+  if (finish) return nullptr;
+  TORCH_CHECK_VALUE(out.has_value() && out->scalar_type() == at::kDouble && out->numel() == width &&
+                    out->is_contiguous(),
+                    "alsals_fused: finish=False needs out, a contiguous float64 tensor of ", width, " elements");
+  check_on(*out, device, "out");
+  return out->data_ptr<double>();
+}
+
+PassArgs pass_args(const Buckets& b, const at::Tensor& ctl, float* partials, unsigned int* ticket, double* out,
+                   bool finish) {
+  PassArgs p{};
+  p.ctl = ctl.data_ptr<double>();
+  p.partials = partials;
+  p.ticket = ticket;
+  p.out = out;
+  p.total_programs = b.total;
+  p.finish = finish ? 1 : 0;
+  return p;
 }
 
 // ---- the ops --------------------------------------------------------------------------------
-at::Tensor grad_sumsq(at::TensorList grads) {
-  BucketArgs a;
-  a.grads = grads;
-  a.use_grads = true;
-  at::Device device = at::kCPU;
-  int storage = 0;
-  int64_t elem_size[kNumLists];
-  std::vector<Item> items = gather(a, nullptr, &device, &storage, elem_size);
+void grad_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages,
+               at::Tensor& partials, at::Tensor& tickets, at::Tensor& ctl, const at::Tensor& loss0,
+               double max_grad_norm, bool finish, const c10::optional<at::Tensor>& out) {
+  check_ctl(ctl);
+  const at::Device device = ctl.device();
+  const Buckets b = gather(tables, scheds, storages, device);
+  check_scratch(partials, tickets, device, b.total);
+  check_scalar_tensor(loss0, device, "loss0");
+  double* out_ptr = check_out(out, finish, 1, device);
   const c10::cuda::CUDAGuard guard(device);
-  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  const int64_t blocks = total_blocks(items);
-  if (blocks == 0) return at::zeros({}, f64);
-  at::Tensor partials = at::empty({blocks}, f64);
-  at::Tensor out = at::empty({}, f64);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
-  PassScalars s{};
-  s.partials = partials.data_ptr<double>();
-  for_each_launch(items, elem_size, g_max_blocks_per_launch, [&](const LaunchTable& t) {
-    check_launch(launch_grad_sumsq(t, s, storage, stream), "grad_sumsq_kernel");
-  });
-  check_launch(launch_sum_partials(partials.data_ptr<double>(), blocks, 1, nullptr, out.data_ptr<double>(), stream),
-               "sum_partials_kernel");
-  return out;
+  GradArgs a{};
+  a.p = pass_args(b, ctl, partials.data_ptr<float>(), reinterpret_cast<unsigned int*>(tickets.data_ptr<int32_t>()),
+                  out_ptr, finish);
+  a.loss0 = loss0.data_ptr();
+  a.loss_code = scalar_code(loss0.scalar_type(), "loss0");
+  a.max_grad_norm = max_grad_norm;
+  for (size_t i = 0; i < b.tables.size(); ++i) {
+    a.p.table = b.tables[i];
+    a.p.sched = b.scheds[i];
+    check_launch(launch_grad_pass(a, b.programs[i], b.storages[i], stream), "grad_pass_kernel");
+    a.p.program_base += b.programs[i];
+  }
 }
 
-at::Tensor step_pass(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList backups, c10::ArrayRef<double> weight_decays,
-                     const at::Tensor& ctrl, double eta, double beta1, double beta2, double eps,
-                     double bias_correction1, double bias_correction2, bool momentum_search, bool searching,
-                     bool write_backup) {
-  BucketArgs a{params, grads, exp_avgs, exp_avg_sqs, backups, weight_decays};
-  a.use_grads = a.use_moments = a.use_weight_decays = true;
-  a.use_backups = write_backup;
-  at::Device device = at::kCPU;
-  int storage = 0;
-  int64_t elem_size[kNumLists];
-  std::vector<Item> items = gather(a, &ctrl, &device, &storage, elem_size);
+void step_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages, at::Tensor& partials,
+               at::Tensor& tickets, at::Tensor& ctl, double eta, double beta1, double beta2, double eps,
+               double bias_correction1, double bias_correction2, double smoothing, int64_t search_dir,
+               bool searching, bool write_backup, bool finish, const c10::optional<at::Tensor>& out) {
+  check_ctl(ctl);
+  TORCH_CHECK_VALUE(search_dir == Dir::MOMENTUM || search_dir == Dir::GRAD || search_dir == Dir::UPDATE,
+                    "alsals_fused: search_dir is a Dir (0 MOMENTUM, 1 GRAD, 2 UPDATE); got ", search_dir);
+  const at::Device device = ctl.device();
+  const Buckets b = gather(tables, scheds, storages, device);
+  check_scratch(partials, tickets, device, searching ? 2 * b.total : 0);
+  double* out_ptr = searching ? check_out(out, finish, 2, device) : nullptr;
   const c10::cuda::CUDAGuard guard(device);
-  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  const int64_t blocks = total_blocks(items);
-  at::Tensor dots = searching ? (blocks == 0 ? at::zeros({2}, f64) : at::empty({2}, f64)) : at::empty({0}, f64);
-  if (blocks == 0) return dots;
-  at::Tensor partials = searching ? at::empty({2 * blocks}, f64) : at::Tensor();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  PassScalars s{};
-  s.ctrl = ctrl.data_ptr<float>();
-  s.partials = searching ? partials.data_ptr<double>() : nullptr;
-  s.beta1 = float(beta1);
-  s.one_minus_beta1 = float(1.0 - beta1);
-  s.beta2 = float(beta2);
-  s.one_minus_beta2 = float(1.0 - beta2);
-  s.eps = float(eps);
-  s.bias_correction1 = float(bias_correction1);
-  s.bias_correction2 = float(bias_correction2);
-  s.eta = float(eta);
-  s.momentum_search = momentum_search;
-  s.searching = searching;
-  s.write_backup = write_backup;
-  for_each_launch(items, elem_size, g_max_blocks_per_launch, [&](const LaunchTable& t) {
-    check_launch(launch_step_pass(t, s, storage, stream), "step_pass_kernel");
-  });
-  if (searching)
-    check_launch(launch_sum_partials(s.partials, blocks, 2, s.ctrl, dots.data_ptr<double>(), stream),
-                 "sum_partials_kernel");
-  return dots;
+  StepArgs a{};
+  a.p = pass_args(b, ctl, partials.data_ptr<float>(),
+                  reinterpret_cast<unsigned int*>(tickets.data_ptr<int32_t>()) + 1, out_ptr, finish);
+  a.beta1 = float(beta1);
+  a.one_minus_beta1 = float(1.0 - beta1);
+  a.beta2 = float(beta2);
+  a.one_minus_beta2 = float(1.0 - beta2);
+  a.eps = float(eps);
+  a.bias_correction1 = float(bias_correction1);
+  a.bias_correction2 = float(bias_correction2);
+  a.eta = float(eta);
+  a.smoothing = smoothing;
+  a.searching = searching;
+  a.search_dir = int32_t(search_dir);
+  a.write_backup = write_backup;
+  for (size_t i = 0; i < b.tables.size(); ++i) {
+    a.p.table = b.tables[i];
+    a.p.sched = b.scheds[i];
+    check_launch(launch_step_pass(a, b.programs[i], b.storages[i], stream), "step_pass_kernel");
+    a.p.program_base += b.programs[i];
+  }
 }
 
-void move_pass(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList backups, c10::ArrayRef<double> weight_decays, const at::Tensor& ctrl, double eps,
-               double bias_correction1, double bias_correction2, bool momentum_search, double src_eta,
-               int64_t src_dir, double dst_eta, int64_t dst_dir, bool from_backup, bool only_if_fallback) {
-  TORCH_CHECK_VALUE(src_dir >= kMomentum && src_dir <= kUpdate && dst_dir >= kMomentum && dst_dir <= kUpdate,
-                    "alsals_fused: directions are 0..3 (MOMENTUM, GRAD, SEARCH, UPDATE); got ", src_dir,
+void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages, const at::Tensor& ctl,
+               double eps, double bias_correction1, double bias_correction2, double src_eta, int64_t src_dir,
+               double dst_eta, int64_t dst_dir, bool from_backup, bool only_if_fallback) {
+  check_ctl(ctl);
+  auto valid = [](int64_t d) { return d == Dir::MOMENTUM || d == Dir::GRAD || d == Dir::UPDATE; };
+  TORCH_CHECK_VALUE(valid(src_dir) && valid(dst_dir),
+                    "alsals_fused: directions are Dir values (0 MOMENTUM, 1 GRAD, 2 UPDATE); got ", src_dir,
                     " and ", dst_dir);
-  BucketArgs a{params, grads, exp_avgs, exp_avg_sqs, backups, weight_decays};
-  a.use_grads = a.use_moments = a.use_weight_decays = true;
-  a.use_backups = from_backup;
-  at::Device device = at::kCPU;
-  int storage = 0;
-  int64_t elem_size[kNumLists];
-  std::vector<Item> items = gather(a, &ctrl, &device, &storage, elem_size);
-  if (!from_backup)  // in place: w0 = (w + src_eta*d_src) / (1 - src_eta*wd), the divisor in double
-    for (size_t i = 0; i < items.size(); ++i)
-      items[i].shrink = weight_decays[i] != 0.0 ? float(1.0 - src_eta * weight_decays[i]) : 1.0f;
+  const at::Device device = ctl.device();
+  const Buckets b = gather(tables, scheds, storages, device);
   const c10::cuda::CUDAGuard guard(device);
-  if (total_blocks(items) == 0) return;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  MoveArgs a{};
+  a.p = pass_args(b, ctl, nullptr, nullptr, nullptr, false);
+  a.eps = float(eps);
+  a.bias_correction1 = float(bias_correction1);
+  a.bias_correction2 = float(bias_correction2);
+  a.src_eta = float(src_eta);
+  a.dst_eta = float(dst_eta);
+  a.eta_delta = float(dst_eta - src_eta);
+  a.src_eta64 = src_eta;
+  a.src_dir = int32_t(src_dir);
+  a.dst_dir = int32_t(dst_dir);
+  a.from_backup = from_backup;
+  a.only_if_fallback = only_if_fallback;
+  for (size_t i = 0; i < b.tables.size(); ++i) {
+    a.p.table = b.tables[i];
+    a.p.sched = b.scheds[i];
+    check_launch(launch_move_pass(a, b.programs[i], b.storages[i], stream), "move_pass_kernel");
+    a.p.program_base += b.programs[i];
+  }
+}
 
-  PassScalars s{};
-  s.ctrl = ctrl.data_ptr<float>();
-  s.eps = float(eps);
-  s.bias_correction1 = float(bias_correction1);
-  s.bias_correction2 = float(bias_correction2);
-  s.src_eta = float(src_eta);
-  s.dst_eta = float(dst_eta);
-  s.eta_delta = float(dst_eta - src_eta);
-  s.src_dir = int32_t(src_dir);
-  s.dst_dir = int32_t(dst_dir);
-  s.momentum_search = momentum_search;
-  s.from_backup = from_backup;
-  s.only_if_fallback = only_if_fallback;
-  for_each_launch(items, elem_size, g_max_blocks_per_launch, [&](const LaunchTable& t) {
-    check_launch(launch_move_pass(t, s, storage, stream), "move_pass_kernel");
-  });
+void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double beta3, at::Tensor& out) {
+  check_ctl(ctl);
+  const at::Device device = ctl.device();
+  check_scalar_tensor(loss_try, device, "loss_try");
+  check_on(out, device, "out");
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.numel() == VERDICT_SIZE && out.is_contiguous(),
+                    "alsals_fused: out must be a contiguous float64 tensor of ", VERDICT_SIZE, " elements");
+  const c10::cuda::CUDAGuard guard(device);
+  VerdictArgs a{};
+  a.ctl = ctl.data_ptr<double>();
+  a.loss_try = loss_try.data_ptr();
+  a.loss_code = scalar_code(loss_try.scalar_type(), "loss_try");
+  a.eta = eta;
+  a.c = c;
+  a.beta3 = beta3;
+  a.out = out.data_ptr<double>();
+  check_launch(launch_verdict(a, at::cuda::getCurrentCUDAStream(device.index()).stream()), "verdict_kernel");
 }
 
 }  // namespace
 }  // namespace alsals
 
-// Schemas: mutated lists carry alias annotations so that graph tools know what is written.
+// Schemas: what the kernels write through ctl, the scratch and out carries alias annotations;
+// the parameters and moments are written through the tables' addresses (not visible to graph
+// tools: these ops are for eager use by the optimizer).
 TORCH_LIBRARY(alsals_fused, m) {
-  m.def("grad_sumsq(Tensor[] grads) -> Tensor");
-  m.def("step_pass(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] backups, float[] weight_decays, Tensor ctrl, float eta, float beta1, float beta2, "
-        "float eps, float bias_correction1, float bias_correction2, bool momentum_search, bool searching, "
-        "bool write_backup) -> Tensor");
-  m.def("move_pass(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
-        "Tensor[] backups, float[] weight_decays, Tensor ctrl, float eps, float bias_correction1, "
-        "float bias_correction2, bool momentum_search, float src_eta, int src_dir, float dst_eta, int dst_dir, "
-        "bool from_backup, bool only_if_fallback) -> ()");
+  m.def("grad_pass(Tensor[] tables, Tensor[] scheds, int[] storages, Tensor(a!) partials, Tensor(b!) tickets, "
+        "Tensor(c!) ctl, Tensor loss0, float max_grad_norm, bool finish, Tensor(d!)? out) -> ()");
+  m.def("step_pass(Tensor[] tables, Tensor[] scheds, int[] storages, Tensor(a!) partials, Tensor(b!) tickets, "
+        "Tensor(c!) ctl, float eta, float beta1, float beta2, float eps, float bias_correction1, "
+        "float bias_correction2, float smoothing, int search_dir, bool searching, bool write_backup, bool finish, "
+        "Tensor(d!)? out) -> ()");
+  m.def("move_pass(Tensor[] tables, Tensor[] scheds, int[] storages, Tensor ctl, float eps, float bias_correction1, "
+        "float bias_correction2, float src_eta, int src_dir, float dst_eta, int dst_dir, bool from_backup, "
+        "bool only_if_fallback) -> ()");
+  m.def("verdict(Tensor(a!) ctl, Tensor loss_try, float eta, float c, float beta3, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alsals_fused, CUDA, m) {
-  m.impl("grad_sumsq", &alsals::grad_sumsq);
+  m.impl("grad_pass", &alsals::grad_pass);
   m.impl("step_pass", &alsals::step_pass);
   m.impl("move_pass", &alsals::move_pass);
+  m.impl("verdict", &alsals::verdict);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ALSALS fused CUDA passes; the ops are torch.ops.alsals_fused.{grad_sumsq,step_pass,move_pass}";
-  m.def("registered_ops", []() { return std::vector<std::string>{"grad_sumsq", "step_pass", "move_pass"}; },
+  m.doc() = "ALSALS fused CUDA passes; the ops are torch.ops.alsals_fused.{grad_pass,step_pass,move_pass,verdict}";
+  m.def("registered_ops", []() { return std::vector<std::string>{"grad_pass", "step_pass", "move_pass", "verdict"}; },
         "Names of the ops this module registers under torch.ops.alsals_fused");
-  m.def("kernel_names", []() {
-    return std::vector<std::string>(std::begin(alsals::kKernelNames), std::end(alsals::kKernelNames));
-  });
-  m.attr("CHUNK") = alsals::kChunk;
-  m.attr("MAX_SEGMENTS") = alsals::kMaxSegments;
-  m.def("_set_max_blocks_per_launch", [](int64_t n) {
-    const int64_t old = alsals::g_max_blocks_per_launch;
-    alsals::g_max_blocks_per_launch = n;
-    return old;
-  }, "Test hook: blocks per launch (returns the previous value); small values split tensors across launches");
+  // The layout compiled in (csrc/alsals_layout.h, generated from base.py): the backend checks it.
+  m.attr("CHUNK") = alsals::CHUNK;
+  m.attr("CTL_SIZE") = alsals::CTL_SIZE;
+  m.attr("VERDICT_SIZE") = alsals::VERDICT_SIZE;
+  m.attr("TABLE_COLS") = alsals::TABLE_COLS;
+  m.attr("LAYOUT_DIGEST") = std::string(alsals::LAYOUT_DIGEST);
+  m.attr("THREADS") = alsals::kPassThreads;
 }

@@ -1,27 +1,476 @@
-"""The CUDA extension backend (``alsals_fused._C``) against the reference, on the GPU.
+"""The CUDA extension backend (``alsals_fused._C``, contract v2).
 
-Tests marked ``cuda`` need a GPU (conftest skips them otherwise) and the built extension (they
-skip with the reason when it is missing, unless ALSALS_FUSED_REQUIRE_EXTENSION=1 makes that a
-failure).  The last tests run anywhere: backend="cuda" off a GPU must say why it cannot run.
+Two kinds of tests:
 
-Tolerances: fp32 params and all moments within 1e-5 relative (fp32 rounding of a few ops, the
-kernels divide where torch may multiply by a reciprocal); bf16/fp16 params within one ulp of their
-dtype; the fp64 slope sums within 1e-5 relative (sums of fp32 products, in another order).
+- CPU tests (run everywhere): the launch planner (one launch per pass at 148 and 580 tensors,
+  odd sizes, empty tensors, tensors above 2**31 elements), the schedule and table layout the
+  backend builds, "one extension call per pass" and the table cache (with a recording stand-in
+  for ``torch.ops.alsals_fused``), the generated layout header, the build settings (toolkit found
+  without CUDA_HOME, its headers first, one source list and one architecture list), import
+  errors, and a failed JIT build that is not retried.
+- GPU tests (marked ``cuda``, skipped without a GPU; they skip with the reason when the extension
+  is missing unless ALSALS_FUSED_REQUIRE_EXTENSION=1): every op against the reference backend
+  and ``decisions.py`` (grad finisher, step finisher, verdict), skip / fallback flags, block-order
+  independence of the sums, no host syncs, trajectories through the optimizer.
+
+Tolerances (GPU): fp32 params and moments within 1e-5 relative (fp32 rounding of a few ops);
+bf16/fp16 params within one ulp of their dtype; the fp64 sums of fp32 partials within 1e-5 of
+the sum of magnitudes; the decisions bit-identical to decisions.py given the same ctl.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from alsals_fused import ALSALS, BackendUnavailable, available_backends
-from alsals_fused.backends import get_backend
-from alsals_fused.backends.base import Bucket, Dir, StepScalars
-from alsals_fused.backends.foreach import ForeachBackend
-from alsals_fused.backends.reference import ReferenceBackend
+from alsals_fused.backends import cuda_backend
+from alsals_fused.backends.base import (
+    CHUNK,
+    CTL_SIZE,
+    TABLE_COLS,
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    TableCol,
+    Verdict,
+    new_ctl,
+)
 
-CHUNK = 8192  # csrc/launch_table.h kChunk
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_SMALL = cuda_backend._gpt2_like_numels(148)
+GPT2_XL_COUNT = cuda_backend._gpt2_like_numels(580)
+
+
+# ================================ CPU: the launch planner ======================================
+@pytest.mark.parametrize("numels", [GPT2_SMALL, GPT2_XL_COUNT], ids=["148", "580"])
+def test_one_launch_per_pass(numels):
+    plan = cuda_backend.plan_launches(numels, torch.float32)
+    assert plan["tensors"] == len(numels)
+    assert plan["launches"] == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1}
+    assert plan["extension_calls"] == plan["launches"]
+    assert plan["programs"] == sum(-(-n // CHUNK) for n in numels)
+    assert plan["partials"] == {"grad_pass": plan["programs"], "step_pass": 2 * plan["programs"]}
+    assert plan["table_bytes"] == 8 * TABLE_COLS * len(numels)
+    assert plan["full_chunks"] + plan["tail_chunks"] == plan["programs"]
+
+
+def test_gpt2_small_shapes_are_gpt2():
+    assert len(GPT2_SMALL) == 148 and abs(sum(GPT2_SMALL) - 124.44e6) < 0.01e6
+
+
+@pytest.mark.parametrize("dtype,vec,groups", [(torch.float32, 4, 4), (torch.bfloat16, 8, 2),
+                                              (torch.float16, 8, 2)])
+def test_vector_loop_keeps_bytes_in_flight(dtype, vec, groups):
+    plan = cuda_backend.plan_launches([CHUNK * 3], dtype)
+    assert plan["vector_bytes"] == 16 and plan["elements_per_access"] == vec
+    assert plan["groups_per_thread"] == groups
+    assert plan["threads_per_program"] * vec * groups == CHUNK     # a chunk is one pass of the loop
+    assert plan["loads_in_flight"]["step_pass"] >= 12               # 16-byte loads per thread
+
+
+def test_planner_odd_and_empty_tensors():
+    numels = [0, 1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 0, 3 * CHUNK + 5]
+    plan = cuda_backend.plan_launches(numels)
+    assert plan["chunks"] == [0, 1, 1, 1, 1, 2, 0, 4]
+    assert plan["programs"] == 10 and plan["empty_tensors"] == 2
+    assert plan["full_chunks"] == 1 + 1 + 3 and plan["tail_chunks"] == 5
+    only_empty = cuda_backend.plan_launches([0, 0])
+    assert only_empty["programs"] == 1        # one program with no work runs the finisher
+    assert only_empty["launches"]["grad_pass"] == 1
+    with pytest.raises(ValueError, match="float64"):
+        cuda_backend.plan_launches([4], torch.float64)
+
+
+def test_planner_tensor_above_2_to_31_elements():
+    big = 2 ** 31 + 5
+    plan = cuda_backend.plan_launches([big, 10])
+    assert plan["int64_offsets"] and plan["max_numel"] == big
+    assert plan["chunks"] == [-(-big // CHUNK), 1]
+    assert plan["launches"]["step_pass"] == 1
+    sched = cuda_backend.build_schedule([big, 10])
+    assert sched.dtype == torch.int32 and sched.shape == (plan["programs"], 2)
+    last = sched[-2].tolist()
+    assert last == [0, big // CHUNK] and last[1] * CHUNK < big <= (last[1] + 1) * CHUNK
+    assert sched[-1].tolist() == [1, 0]
+
+
+def test_schedule_layout():
+    sched = cuda_backend.build_schedule([5, 0, 2 * CHUNK, 1])
+    assert sched.tolist() == [[0, 0], [2, 0], [2, 1], [3, 0]]
+    assert cuda_backend.build_schedule([0]).tolist() == [[-1, 0]]
+    assert cuda_backend.build_schedule([]).tolist() == [[-1, 0]]
+
+
+def test_extension_calls_per_step():
+    f = cuda_backend.extension_calls_per_step
+    assert f(searching=False)["total"] == 2 and f(searching=False)["d2h_copies"] == 0
+    one = f(searching=True, trials=1)
+    assert one == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1, "total": 4, "d2h_copies": 1}
+    assert one["total"] + one["d2h_copies"] <= 6                          # issue 8's target
+    two = f(searching=True, trials=2)
+    assert two["total"] - one["total"] + 1 <= 3                           # per extra trial
+    assert f(searching=True, trials=1, variant="adam_sls")["move_pass"] == 1   # update from w0
+    assert f(searching=True, trials=3, accepted=False)["move_pass"] == 4       # 2 + fix-up + restore
+
+
+# ============================ CPU: tables, one call per pass, caching ==========================
+def cpu_bucket(shapes, dtype=torch.float32, backups=True, wds=(0.0, 0.01, 0.1)):
+    gen = torch.Generator().manual_seed(0)
+    b = Bucket(device=torch.device("cpu"), dtype=dtype)
+    for i, shape in enumerate(shapes):
+        b.params.append(torch.randn(shape, generator=gen).to(dtype))
+        b.grads.append(torch.randn(shape, generator=gen).to(dtype))
+        b.exp_avgs.append(torch.zeros(shape))
+        b.exp_avg_sqs.append(torch.zeros(shape))
+        if backups:
+            b.backups.append(torch.zeros(shape, dtype=dtype))
+        b.weight_decays.append(wds[i % len(wds)])
+    return b
+
+
+def test_table_layout():
+    b = cpu_bucket([(3, 5), (0,), (CHUNK + 1,)])
+    t = cuda_backend._Table(b)
+    assert t.usable and t.table.dtype == torch.int64 and t.table.shape == (3, TABLE_COLS)
+    rows = t.table.tolist()
+    for i in (0, 2):
+        assert rows[i][TableCol.W] == b.params[i].data_ptr()
+        assert rows[i][TableCol.G] == b.grads[i].data_ptr()
+        assert rows[i][TableCol.M] == b.exp_avgs[i].data_ptr()
+        assert rows[i][TableCol.V] == b.exp_avg_sqs[i].data_ptr()
+        assert rows[i][TableCol.BACKUP] == b.backups[i].data_ptr()
+        assert rows[i][TableCol.NUMEL] == b.params[i].numel()
+    assert rows[1][TableCol.W] == 0 and rows[1][TableCol.NUMEL] == 0
+    wd = torch.tensor([r[TableCol.WD_BITS] for r in rows], dtype=torch.int64).view(torch.float64)
+    assert wd.tolist() == b.weight_decays
+    assert t.sched.tolist() == [[0, 0], [2, 0], [2, 1]] and t.programs == 3
+    assert t.storage == 0 and t.has_backups
+    no_backup = cuda_backend._Table(cpu_bucket([(4,)], torch.bfloat16, backups=False))
+    assert no_backup.table[0, TableCol.BACKUP] == 0 and no_backup.storage == 1
+
+
+def test_table_refuses_layouts_the_kernels_do_not_take():
+    b = cpu_bucket([(8, 4)])
+    b.grads[0] = b.grads[0].t().contiguous().t()        # column-major grad, row-major param
+    t = cuda_backend._Table(b)
+    assert not t.usable and "strides" in t.why_not
+    ok = cpu_bucket([(2, 3, 4, 5)])
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "backups"):   # channels_last, all of them
+        lst = getattr(ok, name)
+        lst[0] = lst[0].contiguous(memory_format=torch.channels_last)
+    assert cuda_backend._Table(ok).usable
+
+
+class RecordingOps:
+    """Stands in for torch.ops.alsals_fused: records every call (one call = one pass)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name not in cuda_backend.OPS:
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, args))
+
+
+def recording_backend():
+    backend = cuda_backend.CudaBackend.__new__(cuda_backend.CudaBackend)
+    backend._ops = RecordingOps()
+    backend._foreach = None
+    backend._scratch = {}
+    backend.table_builds = backend.grad_refreshes = 0
+    return backend
+
+
+def hp(search_dir=Dir.MOMENTUM, max_grad_norm=None):
+    return StepScalars(eta=0.05, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=0.271,
+                       bias_correction2=0.003, smoothing=0.99, search_dir=search_dir,
+                       max_grad_norm=max_grad_norm)
+
+
+@pytest.mark.parametrize("tensors", [148, 580])
+def test_one_extension_call_per_pass_and_cached_tables(tensors):
+    numels = [1 + (i * 37) % 300 for i in range(tensors)]
+    b = cpu_bucket([(n,) for n in numels])
+    backend = recording_backend()
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    out = torch.empty(VERDICT_SIZE, dtype=torch.float64)
+    for _ in range(3):
+        backend._ops.calls.clear()
+        backend.grad_pass([b], ctl, loss0, hp())
+        backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
+        backend.move_pass([b], hp(), ctl, src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.05,
+                          dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+        backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, beta3=0.99), out)
+        assert [c[0] for c in backend._ops.calls] == ["grad_pass", "step_pass", "move_pass", "verdict"]
+    assert backend.table_builds == 1 and backend.grad_refreshes == 0
+    name, args = backend._ops.calls[0]
+    tables, scheds, storages = args[:3]
+    assert len(tables) == len(scheds) == len(storages) == 1          # a few tensors, not 5 lists
+    assert tables[0].shape == (tensors, TABLE_COLS) and scheds[0].shape == (tensors, 2)
+    assert args[7] == -1.0                                            # max_grad_norm None
+    step_args = backend._ops.calls[1][1]
+    assert step_args[13] == int(Dir.MOMENTUM) and step_args[14] is True   # search_dir, searching
+
+
+def test_grad_column_refreshed_only_when_grads_move():
+    b = cpu_bucket([(5,), (7,)])
+    backend = recording_backend()
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    backend.grad_pass([b], ctl, loss0, hp())
+    table = b.cache["cuda"].table
+    b.grads = [g.clone() for g in b.grads]          # set_to_none: new storage ...
+    b.grads_version += 1                            # ... which the driver reports
+    backend.grad_pass([b], ctl, loss0, hp())
+    assert backend.grad_refreshes == 1 and backend.table_builds == 1
+    assert b.cache["cuda"].table is table
+    assert table[:, TableCol.G].tolist() == [g.data_ptr() for g in b.grads]
+    assert table[:, TableCol.W].tolist() == [p.data_ptr() for p in b.params]   # untouched
+    backend.step_pass([b], hp(), ctl, searching=False, write_backup=False)
+    assert backend.grad_refreshes == 1
+
+
+def test_several_buckets_one_call_and_finish_false():
+    b32, b16 = cpu_bucket([(5,)]), cpu_bucket([(9,), (CHUNK + 2,)], torch.bfloat16)
+    backend = recording_backend()
+    ctl = new_ctl("cpu")
+    sums = backend.step_pass([b32, b16], hp(), ctl, searching=True, write_backup=True, finish=False)
+    assert sums.shape == (2,) and sums.dtype == torch.float64
+    (name, args), = backend._ops.calls
+    assert args[2] == [0, 1] and [s.shape[0] for s in args[1]] == [1, 3]
+    partials = args[3]
+    assert partials.dtype == torch.float32 and partials.numel() >= 2 * 4
+    assert args[-1] is sums and args[-2] is False
+
+
+def test_layout_the_kernels_do_not_take_runs_on_foreach(monkeypatch):
+    b = cpu_bucket([(8, 4)])
+    b.grads[0] = b.grads[0].t().contiguous().t()
+    backend = recording_backend()
+    seen = []
+
+    class Foreach:
+        def grad_pass(self, buckets, ctl, loss0, hp, finish=True):
+            seen.append("grad_pass")
+
+    backend._foreach = Foreach()
+    backend.grad_pass([b], new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64), hp())
+    assert seen == ["grad_pass"] and backend._ops.calls == []
+
+
+def test_write_backup_without_backups_is_an_error():
+    backend = recording_backend()
+    with pytest.raises(ValueError, match="without backups"):
+        backend.step_pass([cpu_bucket([(3,)], backups=False)], hp(), new_ctl("cpu"), searching=True,
+                          write_backup=True)
+
+
+# ================================ CPU: the layout header =======================================
+def test_layout_header_is_current():
+    """csrc/alsals_layout.h is generated from base.py; regenerate it with
+    python -m alsals_fused.backends.cuda_backend --write-header"""
+    assert cuda_backend.LAYOUT_HEADER.read_text() == cuda_backend.layout_header()
+
+
+def test_layout_header_says_what_base_says():
+    text = cuda_backend.layout_header()
+    assert f"constexpr int CHUNK = {CHUNK};" in text and f"constexpr int CTL_SIZE = {CTL_SIZE};" in text
+    for enum in (Ctl, Verdict, Dir, TableCol):
+        block = re.search(rf"namespace {enum.__name__} {{ enum : int {{ (.*?) }}; }}", text).group(1)
+        assert dict(re.findall(r"(\w+) = (\d+),", block)) == {m.name: str(int(m)) for m in enum}
+    assert cuda_backend.layout_digest() in text
+
+
+def test_check_header_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cuda_backend, "LAYOUT_HEADER", tmp_path / "alsals_layout.h")
+    assert cuda_backend.main(["--check-header"]) == 1
+    assert cuda_backend.main(["--write-header", "--check-header"]) == 0
+    assert (tmp_path / "alsals_layout.h").read_text() == cuda_backend.layout_header()
+
+
+def test_kernel_sources_use_the_generated_names():
+    """No literal ctl/verdict/table indices or chunk sizes in the C++: they come from the header."""
+    for name in ("kernels.cu", "alsals_ops.cpp", "alsals_math.h", "passes.h"):
+        src = (ROOT / "csrc" / name).read_text()
+        no_sums = src.replace("out[0]", "").replace("out[1]", "")   # the finish=False sums
+        assert not re.search(r"ctl\[\d", src) and not re.search(r"out\[\d", no_sums), name
+        assert "4096" not in src and "8192" not in src, name
+        assert "<torch" not in src or name == "alsals_ops.cpp", f"{name} includes torch headers"
+    assert '#include "alsals_layout.h"' in (ROOT / "csrc" / "alsals_math.h").read_text()
+
+
+# ================================ CPU: build settings ==========================================
+def load_settings():
+    path = ROOT / "csrc" / "build_settings.py"
+    spec = importlib.util.spec_from_file_location("alsals_build_settings_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_settings_target_the_archs_once(monkeypatch):
+    mod = load_settings()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    kw = mod.extension_kwargs()
+    flags = " ".join(kw["extra_compile_args"]["nvcc"])
+    for arch in mod.ARCHS:
+        assert f"arch=compute_{arch},code=sm_{arch}" in flags
+    assert mod.ARCHS == ("80", "90") and mod.arch_list() == "8.0;9.0"
+    assert "-O3" in flags and "use_fast_math" not in flags
+    assert all((ROOT / s).is_file() for s in kw["sources"])
+    assert all((ROOT / "csrc" / h).is_file() for h in mod.HEADERS)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert "-gencode" not in mod.nvcc_flags()
+
+
+def test_one_source_list_and_arch_list():
+    """setup.py and the CI script load csrc/build_settings.py; CMakeLists.txt parses its two lines."""
+    mod = load_settings()
+    settings = (ROOT / "csrc" / "build_settings.py").read_text()
+    assert re.search(r"\nSOURCES = \(([^)]*)\)", settings) and re.search(r"\nARCHS = \(([^)]*)\)", settings)
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    code = "\n".join(line.split("#")[0] for line in cmake.splitlines())
+    for source in mod.SOURCES:
+        assert source not in code, f"CMakeLists.txt names {source}: it must read build_settings.py"
+    assert "8.0;9.0" not in code and "csrc/build_settings.py" in code
+    setup = (ROOT / "setup.py").read_text()
+    assert "sys.path" not in setup and "build_settings.py" in setup
+    assert "sys.path" not in Path(cuda_backend.__file__).read_text()
+    assert not (ROOT / "csrc_build.py").exists()
+    ci = (ROOT / ".ci" / "cuda_build.sh").read_text()
+    assert "8.0;9.0" not in ci and "pip\" install -v --no-build-isolation -e ." in ci
+
+
+def fake_toolkit(root: Path, with_libs=False) -> Path:
+    home = root / "cuda-13.0"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "include" / "cuda_runtime.h").write_text("")
+    if with_libs:
+        (home / "include" / "cusparse.h").write_text("")
+    return home
+
+
+def test_toolkit_found_behind_a_wrapper_script(tmp_path, monkeypatch):
+    """The nvcc on PATH is `exec /.../cuda-13.0/bin/nvcc "$@"` in another folder, CUDA_HOME unset."""
+    mod = load_settings()
+    home = fake_toolkit(tmp_path)
+    wrapper_dir = tmp_path / "usr-local-bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert mod.find_cuda_home() == home
+    assert mod.ensure_cuda_home() == home and os.environ["CUDA_HOME"] == str(home)
+    monkeypatch.setenv("CUDA_HOME", "/somewhere/else")      # an explicit setting wins
+    assert mod.ensure_cuda_home() == Path("/somewhere/else") and os.environ["CUDA_HOME"] == "/somewhere/else"
+
+
+def test_toolkit_headers_come_before_pip_headers(tmp_path, monkeypatch):
+    mod = load_settings()
+    home = fake_toolkit(tmp_path)
+    pip = tmp_path / "site" / "nvidia"
+    for pkg, header in (("cu13", "cusparse.h"), ("cudnn", "cudnn.h")):
+        (pip / pkg / "include").mkdir(parents=True)
+        (pip / pkg / "include" / header).write_text("")
+        (pip / pkg / "include" / "cuda_runtime.h").write_text("")   # another copy of the runtime
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    monkeypatch.setattr(mod.sysconfig, "get_paths", lambda: {"purelib": str(tmp_path / "site"),
+                                                             "platlib": str(tmp_path / "site")})
+    dirs = mod.include_dirs()
+    assert dirs[:2] == [str(mod.CSRC), str(home / "include")]
+    assert dirs[2:] == [str(pip / "cu13" / "include")]      # only the folder supplying cusparse.h
+    full = fake_toolkit(tmp_path / "full", with_libs=True)
+    for h in mod.LIBRARY_HEADERS:
+        (full / "include" / h).write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(full))
+    assert mod.include_dirs() == [str(mod.CSRC), str(full / "include")]
+
+
+# ================================ CPU: loading =================================================
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    for name, value in (("_module", None), ("_load_error", None), ("_loaded", False), ("_jit_failed", None)):
+        monkeypatch.setattr(cuda_backend, name, value)
+    real = importlib.import_module
+
+    def no_extension(name, *a, **k):
+        if name == "alsals_fused._C":
+            raise ImportError("No module named 'alsals_fused._C'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", no_extension)
+    return cuda_backend
+
+
+def test_missing_extension_says_how_to_build(fresh_loader, monkeypatch):
+    monkeypatch.delenv("ALSALS_FUSED_JIT", raising=False)
+    assert fresh_loader.load_extension() is None
+    assert "pip install --no-build-isolation -e ." in fresh_loader._load_error
+    assert "ALSALS_FUSED_JIT=1" in fresh_loader._load_error
+
+
+def test_failed_jit_build_is_not_retried(fresh_loader, monkeypatch):
+    monkeypatch.setenv("ALSALS_FUSED_JIT", "1")
+    builds = []
+
+    def failing_build():
+        builds.append(1)
+        raise RuntimeError("Error building extension 'alsals_fused_jit_C'")
+
+    monkeypatch.setattr(fresh_loader, "_jit_build", failing_build)
+    assert fresh_loader.load_extension() is None
+    assert "JIT build" in fresh_loader._load_error and "not retried" in fresh_loader._load_error
+    monkeypatch.setattr(fresh_loader, "_loaded", False)   # even a forced reload does not rebuild
+    assert fresh_loader.load_extension() is None
+    assert builds == [1]
+
+
+def test_stale_extension_is_refused(monkeypatch):
+    class Stale:
+        LAYOUT_DIGEST = "0000"
+        THREADS = cuda_backend.THREADS
+
+    monkeypatch.setattr(torch.ops, "alsals_fused", type("Ops", (), {op: None for op in cuda_backend.OPS})())
+    assert "rebuild" in cuda_backend._check_module(Stale())
+
+
+def test_cuda_backend_on_cpu_raises_with_reason():
+    from alsals_fused import ALSALS, BackendUnavailable, available_backends
+    from alsals_fused.backends import get_backend
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ALSALS([p], backend="cuda")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        opt.step(lambda: (p ** 2).sum())
+    reason = available_backends("cpu")["cuda"]
+    assert reason and "CUDA" in reason
+    with pytest.raises(BackendUnavailable, match="cannot run on cpu"):
+        get_backend("cuda", torch.device("cpu"))
+
+
+def test_unavailable_reason_says_how_to_build():
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    if torch.cuda.is_available() and cuda_backend.load_extension() is not None:
+        assert reason is None
+    elif not torch.cuda.is_available():
+        assert "CUDA GPU" in reason
+    else:
+        assert "pip install --no-build-isolation" in reason or "JIT" in reason
+
+
+# ================================ GPU: against the reference ===================================
 SHAPES = [(0,), (1,), (7,), (13, 17), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (5, 4099), (3, 3, 8209)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WDS = [0.0, 0.01, 0.1]
@@ -31,7 +480,6 @@ MOMENT_TOL = dict(rtol=1e-5, atol=1e-8)
 
 
 def _extension():
-    from alsals_fused.backends import cuda_backend
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     reason = cuda_backend.unavailable_reason(torch.device("cuda"))
@@ -48,12 +496,18 @@ def ext():
 
 
 @pytest.fixture
-def cuda():
+def be():
+    """The CUDA backend (the extension loaded, on a GPU)."""
     _extension()
+    from alsals_fused.backends import get_backend
     return get_backend("cuda", torch.device("cuda"))
 
 
-# -- buckets ------------------------------------------------------------------------------------
+def ref():
+    from alsals_fused.backends.reference import ReferenceBackend
+    return ReferenceBackend()
+
+
 def make_bucket(dtype, shapes=SHAPES, *, seed=0, backups=True, misaligned=False, wds=WDS) -> Bucket:
     """Random params/grads/moments on the GPU; misaligned=True makes every tensor a view at a
     one-element storage offset (the kernels' scalar path)."""
@@ -88,159 +542,176 @@ def clone_bucket(b: Bucket) -> Bucket:
                   weight_decays=list(b.weight_decays))
 
 
-def scalars(t=3, eta=0.05, momentum_search=True) -> StepScalars:
+def gpu_hp(t=3, eta=0.05, search_dir=Dir.MOMENTUM, max_grad_norm=None, smoothing=0.99) -> StepScalars:
     b1, b2 = 0.9, 0.999
     return StepScalars(eta=eta, beta1=b1, beta2=b2, eps=1e-8, bias_correction1=1 - b1 ** t,
-                       bias_correction2=1 - b2 ** t, momentum_search=momentum_search)
+                       bias_correction2=1 - b2 ** t, smoothing=smoothing, search_dir=search_dir,
+                       max_grad_norm=max_grad_norm)
 
 
-def ctrl_of(scale=1.0, skip=0.0, fallback=0.0) -> torch.Tensor:
-    return torch.tensor([scale, skip, fallback], dtype=torch.float32, device="cuda")
+def ctl_of(scale=1.0, skip=0.0, fallback=0.0, s=-0.02, h=0.01, pending=0.0) -> torch.Tensor:
+    ctl = new_ctl("cuda")
+    ctl[Ctl.SCALE], ctl[Ctl.SKIP], ctl[Ctl.FALLBACK] = scale, skip, fallback
+    ctl[Ctl.S], ctl[Ctl.H], ctl[Ctl.PENDING], ctl[Ctl.LOSS0] = s, h, pending, 1.5
+    return ctl
 
 
 def assert_bucket_close(a: Bucket, b: Bucket, *, backups=True, param_tol=None):
     tol = param_tol or TOL[a.dtype]
-    for i, (x, y) in enumerate(zip(a.params, b.params)):
-        torch.testing.assert_close(x.float(), y.float(), **tol, msg=lambda s: f"param {i}: {s}")
+    for i, (x, y) in enumerate(zip(a.params, b.params, strict=True)):
+        torch.testing.assert_close(x.float(), y.float(), **tol, msg=lambda s, i=i: f"param {i}: {s}")
     for name in ("exp_avgs", "exp_avg_sqs"):
-        for i, (x, y) in enumerate(zip(getattr(a, name), getattr(b, name))):
-            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda s: f"{name} {i}: {s}")
+        for i, (x, y) in enumerate(zip(getattr(a, name), getattr(b, name), strict=True)):
+            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda s, i=i, name=name: f"{name} {i}: {s}")
     if backups:
-        for x, y in zip(a.backups, b.backups):
+        for x, y in zip(a.backups, b.backups, strict=True):
             assert torch.equal(x, y)
 
 
 def assert_bucket_equal(a: Bucket, b: Bucket):
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "backups"):
-        for x, y in zip(getattr(a, name), getattr(b, name)):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
             assert torch.equal(x, y), name
 
 
-# -- the extension is there ---------------------------------------------------------------------
+def magnitude_sums(b: Bucket, hp: StepScalars, ctl: torch.Tensor) -> torch.Tensor:
+    """sum |g*d| over the bucket (the scale of the slope sums' rounding), on a copy."""
+    c = clone_bucket(b)
+    for i in range(len(c.grads)):
+        c.grads[i] = c.grads[i].abs()
+    return ref().step_pass([c], hp, ctl.clone(), searching=True, write_backup=False, finish=False).abs()
+
+
 @pytest.mark.cuda
 def test_ops_registered(ext):
-    for op in ("grad_sumsq", "step_pass", "move_pass"):
+    for op in cuda_backend.OPS:
         assert hasattr(torch.ops.alsals_fused, op)
-    assert ext.CHUNK == CHUNK
-    from alsals_fused.backends import cuda_backend
-    assert cuda_backend.unavailable_reason(torch.device("cuda")) is None
+    assert ext.CHUNK == CHUNK and ext.LAYOUT_DIGEST == cuda_backend.layout_digest()
+    from alsals_fused.backends import get_backend
     assert get_backend("auto", torch.device("cuda")).name == "cuda"
 
 
-# -- grad_sumsq ---------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_grad_sumsq(cuda, dtype, misaligned):
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_grad_pass(be, dtype, misaligned, max_grad_norm):
     b = make_bucket(dtype, misaligned=misaligned)
-    got = cuda.grad_sumsq(b)
-    want = ReferenceBackend().grad_sumsq(b)
-    assert got.dtype == torch.float64 and got.shape == () and got.device == b.device
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the reference sums in fp32 per tensor
-    assert torch.equal(cuda.grad_sumsq(b), got)  # deterministic
+    hp, loss0 = gpu_hp(max_grad_norm=max_grad_norm), torch.tensor(1.25, dtype=torch.float64, device="cuda")
+    sumsq = be.grad_pass([b], ctl_of(), loss0, hp, finish=False)
+    want = ref().grad_pass([b], ctl_of(), loss0, hp, finish=False)
+    assert sumsq.dtype == torch.float64 and sumsq.shape == ()
+    torch.testing.assert_close(sumsq, want, rtol=4e-6, atol=0)   # fp32 partials vs torch's fp32 sums
+    assert torch.equal(be.grad_pass([b], ctl_of(), loss0, hp, finish=False), sumsq)   # deterministic
+    from alsals_fused.backends import decisions
+    got, expect = ctl_of(fallback=1.0, pending=2.0), ctl_of(fallback=1.0, pending=2.0)
+    be.grad_pass([b], got, loss0, hp)
+    decisions.finish_grad(expect, sumsq, loss0, max_grad_norm)      # same sum: same bits
+    assert torch.equal(got, expect)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_grad_sumsq_not_finite(cuda, bad):
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 3e19])
+def test_grad_pass_not_finite(be, bad):
     b = make_bucket(torch.float32)
-    b.grads[-1].view(-1)[1234] = bad
-    got = cuda.grad_sumsq(b)
-    assert not torch.isfinite(got)
-    if bad != bad:
-        assert torch.isnan(got)
+    b.grads[-1].view(-1)[1234] = bad                  # 3e19: its fp32 square overflows
+    ctl = ctl_of(pending=1.0)
+    be.grad_pass([b], ctl, torch.tensor(1.0, dtype=torch.float64, device="cuda"), gpu_hp(max_grad_norm=1.0))
+    assert ctl[Ctl.SKIP].item() == 1.0 and ctl[Ctl.PENDING].item() == 2.0 and ctl[Ctl.SCALE].item() == 1.0
 
 
 @pytest.mark.cuda
-def test_grad_sumsq_empty_only(cuda):
-    b = make_bucket(torch.float32, shapes=[(0,), (0, 3)])
-    assert float(cuda.grad_sumsq(b)) == 0.0
+def test_grad_pass_empty_and_several_buckets(be):
+    loss0 = torch.tensor(0.5, dtype=torch.float64, device="cuda")
+    empty = make_bucket(torch.float32, shapes=[(0,), (0, 3)])
+    ctl = ctl_of(skip=1.0, scale=0.3)
+    be.grad_pass([empty], ctl, loss0, gpu_hp(max_grad_norm=1.0))
+    assert ctl[Ctl.SKIP].item() == 0.0 and ctl[Ctl.SCALE].item() == 1.0 and ctl[Ctl.LOSS0].item() == 0.5
+    buckets = [make_bucket(torch.float32, seed=1), make_bucket(torch.bfloat16, seed=2), empty]
+    got = be.grad_pass(buckets, ctl_of(), loss0, gpu_hp(), finish=False)
+    torch.testing.assert_close(got, ref().grad_pass(buckets, ctl_of(), loss0, gpu_hp(), finish=False),
+                               rtol=4e-6, atol=0)
 
 
-# -- step pass ----------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("searching,momentum_search", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("searching,search_dir", [(True, Dir.MOMENTUM), (True, Dir.GRAD), (False, Dir.MOMENTUM)])
 @pytest.mark.parametrize("scale", [1.0, 0.37])
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_step_pass(cuda, dtype, searching, momentum_search, scale, misaligned):
+def test_step_pass(be, dtype, searching, search_dir, scale, misaligned):
     b = make_bucket(dtype, misaligned=misaligned, seed=1)
     r = clone_bucket(b)
-    hp = scalars(momentum_search=momentum_search)
-    ctrl = ctrl_of(scale=scale)
-    dots = cuda.step_pass(b, hp, ctrl, searching=searching, write_backup=searching)
-    want = ReferenceBackend().step_pass(r, hp, ctrl.clone(), searching=searching, write_backup=searching)
+    hp = gpu_hp(search_dir=search_dir)
+    mags = magnitude_sums(b, hp, ctl_of(scale=scale))
+    got, want = ctl_of(scale=scale), ctl_of(scale=scale)
+    assert be.step_pass([b], hp, got, searching=searching, write_backup=searching) is None
+    ref().step_pass([r], hp, want, searching=searching, write_backup=searching)
     assert_bucket_close(b, r, backups=searching)
     if not searching:
-        assert dots is None
+        assert torch.equal(got, want)                  # a non-searching step writes no ctl slot
         return
-    assert dots.dtype == torch.float64 and dots.shape == (2,)
-    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-12)
-    if not momentum_search:
-        assert torch.equal(dots[0], dots[1])
+    slopes = got[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1]
+    assert (slopes - want[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1]).abs().le(1e-5 * mags + 1e-12).all()
+    from alsals_fused.backends import decisions
+    expect = ctl_of(scale=scale)
+    decisions.finish_slope(expect, slopes.clone(), hp.smoothing)     # the step finisher, same sums
+    assert torch.equal(got, expect)
+    if search_dir is Dir.GRAD:
+        assert got[Ctl.SLOPE] == got[Ctl.SLOPE_GRAD]
 
 
 @pytest.mark.cuda
-def test_step_pass_memory_efficient_no_backup(cuda):
-    b = make_bucket(torch.float32, backups=False, seed=2)
-    r = clone_bucket(b)
-    hp, ctrl = scalars(), ctrl_of()
-    dots = cuda.step_pass(b, hp, ctrl, searching=True, write_backup=False)
-    want = ReferenceBackend().step_pass(r, hp, ctrl, searching=True, write_backup=False)
-    assert_bucket_close(b, r, backups=False)
-    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-12)
+def test_step_pass_fallback_flag_and_finish_false(be):
+    b = make_bucket(torch.float32, seed=2)
+    c = clone_bucket(b)
+    hp = gpu_hp(smoothing=0.0)
+    ctl = ctl_of(s=0.0)
+    be.step_pass([b], hp, ctl, searching=True, write_backup=True)
+    sums = be.step_pass([c], hp, ctl_of(s=0.0), searching=True, write_backup=True, finish=False)
+    assert torch.equal(sums, ctl[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1])      # bit-identical run to run
+    assert ctl[Ctl.FALLBACK].item() == float(ctl[Ctl.S_NEW].item() <= 0)
+    neg = make_bucket(torch.float32, seed=3)
+    ctl2 = ctl_of(s=-1e6)                        # a very negative smoothed slope: s_new < 0
+    be.step_pass([neg], gpu_hp(smoothing=0.99), ctl2, searching=True, write_backup=True)
+    assert ctl2[Ctl.S_NEW].item() < 0 and ctl2[Ctl.FALLBACK].item() == 1.0
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_step_pass_skip_writes_nothing(cuda, dtype):
+def test_step_pass_skip_writes_nothing(be, dtype):
     b = make_bucket(dtype)
     before = clone_bucket(b)
-    dots = cuda.step_pass(b, scalars(), ctrl_of(skip=1.0), searching=True, write_backup=True)
+    ctl = ctl_of(skip=1.0)
+    want = ctl.clone()
+    be.step_pass([b], gpu_hp(), ctl, searching=True, write_backup=True)
     assert_bucket_equal(b, before)
-    assert torch.equal(dots, torch.zeros(2, dtype=torch.float64, device="cuda"))
-    assert cuda.step_pass(b, scalars(), ctrl_of(skip=1.0), searching=False, write_backup=False) is None
+    from alsals_fused.backends import decisions
+    decisions.finish_slope(want, torch.zeros(2, dtype=torch.float64, device=want.device), 0.99)
+    assert torch.equal(ctl, want)            # the finisher on zero sums, as the reference does
+    sums = be.step_pass([b], gpu_hp(), ctl, searching=True, write_backup=True, finish=False)
+    assert torch.equal(sums, torch.zeros(2, dtype=torch.float64, device="cuda"))
+    be.step_pass([b], gpu_hp(), ctl, searching=False, write_backup=False)
     assert_bucket_equal(b, before)
 
 
 @pytest.mark.cuda
-def test_step_pass_deterministic_and_launch_split(cuda, ext):
-    """Bit-identical sums run to run, and however the tiles are split across launches."""
-    b = make_bucket(torch.float32, seed=3)
-    runs = []
-    old = ext._set_max_blocks_per_launch(1 << 30)
-    try:
-        for max_blocks in (1 << 30, 1 << 30, 3, 1):
-            ext._set_max_blocks_per_launch(max_blocks)
-            c = clone_bucket(b)
-            runs.append((cuda.step_pass(c, scalars(), ctrl_of(), searching=True, write_backup=True), c))
-    finally:
-        ext._set_max_blocks_per_launch(old)
-    for dots, c in runs[1:]:
-        assert torch.equal(dots, runs[0][0])
-        assert_bucket_equal(c, runs[0][1])
-
-
-@pytest.mark.cuda
-def test_many_tensors_several_launches(cuda):
-    """More tensors than one launch table holds (48 segments)."""
-    shapes = [(n,) for n in range(1, 120)] + [(CHUNK * 2 + 3,)]
+def test_many_tensors_one_pass(be):
+    shapes = [(n,) for n in range(1, 600)] + [(CHUNK * 2 + 3,)]
     b = make_bucket(torch.bfloat16, shapes=shapes, seed=4)
     r = clone_bucket(b)
-    hp, ctrl = scalars(), ctrl_of(scale=0.5)
-    dots = cuda.step_pass(b, hp, ctrl, searching=True, write_backup=True)
-    want = ReferenceBackend().step_pass(r, hp, ctrl, searching=True, write_backup=True)
+    hp = gpu_hp()
+    got, want = ctl_of(scale=0.5), ctl_of(scale=0.5)
+    be.step_pass([b], hp, got, searching=True, write_backup=True)
+    ref().step_pass([r], hp, want, searching=True, write_backup=True)
     assert_bucket_close(b, r)
-    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(cuda.grad_sumsq(b), ReferenceBackend().grad_sumsq(r), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[Ctl.SLOPE_GRAD], want[Ctl.SLOPE_GRAD], rtol=1e-5, atol=1e-12)
 
 
-# -- move pass ----------------------------------------------------------------------------------
 MOVES = [  # (src_eta factor, src_dir, dst_eta factor, dst_dir, only_if_fallback)
-    (1.0, Dir.MOMENTUM, 1.0, Dir.SEARCH, True),   # the driver's fix-up after a fallback
-    (1.0, Dir.SEARCH, 0.9, Dir.SEARCH, False),    # backtrack
-    (1.0, Dir.SEARCH, 0.0, Dir.SEARCH, False),    # restore to w0
-    (1.0, Dir.SEARCH, 1.0, Dir.UPDATE, False),    # adam_sls/salsa: update from w0
+    (1.0, Dir.MOMENTUM, 1.0, Dir.UPDATE, True),   # the driver's fix-up after a fallback
+    (1.0, Dir.UPDATE, 0.9, Dir.UPDATE, False),    # backtrack
+    (1.0, Dir.UPDATE, 0.0, Dir.UPDATE, False),    # restore to w0
+    (1.0, Dir.GRAD, 1.0, Dir.UPDATE, False),      # adam_sls/salsa: update from w0
     (1.0, Dir.GRAD, 0.5, Dir.MOMENTUM, False),
 ]
 
@@ -250,23 +721,18 @@ MOVES = [  # (src_eta factor, src_dir, dst_eta factor, dst_dir, only_if_fallback
                                                (torch.bfloat16, True), (torch.float16, True)])
 @pytest.mark.parametrize("move", MOVES)
 @pytest.mark.parametrize("fallback", [0.0, 1.0])
-@pytest.mark.parametrize("momentum_search", [True, False])
-def test_move_pass(cuda, dtype, from_backup, move, fallback, momentum_search):
+def test_move_pass(be, dtype, from_backup, move, fallback):
     src_f, src_dir, dst_f, dst_dir, only_if_fallback = move
-    hp = scalars(momentum_search=momentum_search, eta=0.05)
+    hp = gpu_hp(eta=0.05)
     b = make_bucket(dtype, backups=from_backup, seed=5)
-    cuda.step_pass(b, hp, ctrl_of(scale=0.8), searching=True, write_backup=from_backup)
-    # Put the params at cand(src_eta, src_dir) exactly as the driver would have them (from w0 the
-    # step pass wrote the nominal direction; move there along the resolved source direction).
+    be.step_pass([b], hp, ctl_of(scale=0.8), searching=True, write_backup=from_backup)
     r = clone_bucket(b)
-    ref = ReferenceBackend()
-    ctrl = ctrl_of(scale=0.8, fallback=fallback)
-    src_eta, dst_eta = hp.eta * src_f, hp.eta * dst_f
-    kwargs = dict(src_eta=src_eta, src_dir=src_dir, dst_eta=dst_eta, dst_dir=dst_dir,
+    ctl = ctl_of(scale=0.8, fallback=fallback)
+    kwargs = dict(src_eta=hp.eta * src_f, src_dir=src_dir, dst_eta=hp.eta * dst_f, dst_dir=dst_dir,
                   from_backup=from_backup, only_if_fallback=only_if_fallback)
     before = clone_bucket(b)
-    cuda.move_pass(b, hp, ctrl, **kwargs)
-    ref.move_pass(r, hp, ctrl.clone(), **kwargs)
+    be.move_pass([b], hp, ctl, **kwargs)
+    ref().move_pass([r], hp, ctl.clone(), **kwargs)
     tol = TOL[dtype] if from_backup else dict(rtol=1e-5, atol=1e-6)
     assert_bucket_close(b, r, backups=from_backup, param_tol=tol)
     if only_if_fallback and not fallback:
@@ -275,128 +741,128 @@ def test_move_pass(cuda, dtype, from_backup, move, fallback, momentum_search):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("from_backup", [True, False])
-def test_move_pass_skip_writes_nothing(cuda, from_backup):
+def test_move_pass_skip_writes_nothing(be, from_backup):
     b = make_bucket(torch.float32, backups=from_backup)
     before = clone_bucket(b)
-    cuda.move_pass(b, scalars(), ctrl_of(skip=1.0, fallback=1.0), src_eta=0.05, src_dir=Dir.SEARCH,
-                   dst_eta=0.0, dst_dir=Dir.SEARCH, from_backup=from_backup)
+    be.move_pass([b], gpu_hp(), ctl_of(skip=1.0, fallback=1.0), src_eta=0.05, src_dir=Dir.UPDATE,
+                   dst_eta=0.0, dst_dir=Dir.UPDATE, from_backup=from_backup)
     assert_bucket_equal(b, before)
 
 
 @pytest.mark.cuda
-def test_in_place_restore_recovers_w0(cuda):
-    """memory_efficient: step, backtrack twice, restore: back at w0 within a few ulps."""
+def test_in_place_restore_recovers_w0(be):
     b = make_bucket(torch.float32, backups=False, seed=6)
     w0 = [p.clone() for p in b.params]
-    hp, ctrl = scalars(eta=0.1), ctrl_of()
-    cuda.step_pass(b, hp, ctrl, searching=True, write_backup=False)
+    hp, ctl = gpu_hp(eta=0.1), ctl_of()
+    be.step_pass([b], hp, ctl, searching=True, write_backup=False)
     eta = hp.eta
     for _ in range(2):
-        cuda.move_pass(b, hp, ctrl, src_eta=eta, src_dir=Dir.SEARCH, dst_eta=eta * 0.9,
-                       dst_dir=Dir.SEARCH, from_backup=False)
+        be.move_pass([b], hp, ctl, src_eta=eta, src_dir=Dir.UPDATE, dst_eta=eta * 0.9,
+                       dst_dir=Dir.UPDATE, from_backup=False)
         eta *= 0.9
-    cuda.move_pass(b, hp, ctrl, src_eta=eta, src_dir=Dir.SEARCH, dst_eta=0.0, dst_dir=Dir.SEARCH,
+    be.move_pass([b], hp, ctl, src_eta=eta, src_dir=Dir.UPDATE, dst_eta=0.0, dst_dir=Dir.UPDATE,
                    from_backup=False)
-    for p, q in zip(b.params, w0):
+    for p, q in zip(b.params, w0, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
-def test_layout_fallback_to_foreach(cuda):
-    """A gradient with other strides than its parameter: the bucket runs on foreach."""
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_verdict_matches_decisions(be, loss_dtype):
+    from alsals_fused.backends import decisions
+    losses = [1.5, 1.49, 1.4999999, 1.6, float("nan"), float("inf")]
+    for loss in losses:
+        for fb in (0.0, 1.0):
+            for skip in (0.0, 1.0):
+                ctl = ctl_of(fallback=fb, skip=skip, pending=2.0)
+                ctl[Ctl.SLOPE], ctl[Ctl.SLOPE_GRAD], ctl[Ctl.S_NEW] = 0.3, 0.4, 0.2
+                want_ctl = ctl.clone()
+                out = torch.full((VERDICT_SIZE,), -1.0, dtype=torch.float64, device="cuda")
+                want = out.clone()
+                dp = DecisionScalars(eta=0.05, c=0.5, beta3=0.99)
+                loss_try = torch.tensor(loss, dtype=loss_dtype, device="cuda")
+                be.verdict(ctl, loss_try, dp, out)
+                decisions.verdict(want_ctl, loss_try, dp, want)
+                assert torch.equal(out.nan_to_num(7.0), want.nan_to_num(7.0)), (loss, fb, skip, out, want)
+                assert torch.equal(ctl.nan_to_num(7.0), want_ctl.nan_to_num(7.0))
+
+
+@pytest.mark.cuda
+def test_layout_fallback_to_foreach(be):
     b = make_bucket(torch.float32, shapes=[(64, 32)], seed=7)
-    b.grads[0] = b.grads[0].t().contiguous().t()  # column-major
+    b.grads[0] = b.grads[0].t().contiguous().t()
     r = clone_bucket(b)
-    hp, ctrl = scalars(), ctrl_of()
-    dots = cuda.step_pass(b, hp, ctrl, searching=True, write_backup=True)
-    want = ReferenceBackend().step_pass(r, hp, ctrl, searching=True, write_backup=True)
+    hp, got, want = gpu_hp(), ctl_of(), ctl_of()
+    be.step_pass([b], hp, got, searching=True, write_backup=True)
+    ref().step_pass([r], hp, want, searching=True, write_backup=True)
     assert_bucket_close(b, r)
-    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.cuda
-def test_bad_arguments_have_clear_errors(ext):
+def test_bad_arguments_have_clear_errors(be):
     b = make_bucket(torch.float32, shapes=[(5,)])
+    be.grad_pass([b], ctl_of(), torch.tensor(1.0, dtype=torch.float64, device="cuda"), gpu_hp())
+    t = b.cache["cuda"]
     ops = torch.ops.alsals_fused
-    with pytest.raises((ValueError, RuntimeError), match="ctrl"):
-        ops.step_pass(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.backups, b.weight_decays,
-                      torch.zeros(3, dtype=torch.float64, device="cuda"), 0.1, 0.9, 0.999, 1e-8, 0.1, 0.001,
-                      True, True, True)
-    with pytest.raises((ValueError, RuntimeError), match="ctrl"):
-        ops.step_pass(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.backups, b.weight_decays,
-                      torch.zeros(2, device="cuda"), 0.1, 0.9, 0.999, 1e-8, 0.1, 0.001, True, True, True)
-    with pytest.raises((TypeError, RuntimeError), match="float64"):
-        ops.grad_sumsq([torch.zeros(4, dtype=torch.float64, device="cuda")])
+    with pytest.raises((ValueError, RuntimeError), match="ctl"):
+        ops.move_pass([t.table], [t.sched], [0], torch.zeros(3, device="cuda"), 1e-8, 0.1, 0.001,
+                      0.1, 0, 0.0, 0, True, False)
+    with pytest.raises((ValueError, RuntimeError), match="storage code"):
+        ops.move_pass([t.table], [t.sched], [3], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, False)
+    with pytest.raises((ValueError, RuntimeError), match="Dir"):
+        ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 3, 0.0, 0, True, False)
 
 
-# -- no host synchronization --------------------------------------------------------------------
 @pytest.mark.cuda
-def test_no_sync(cuda):
+def test_no_sync(be):
     b = make_bucket(torch.bfloat16, seed=8)
     b32 = make_bucket(torch.float32, backups=False, seed=9)
-    hp, ctrl = scalars(), ctrl_of(scale=0.9, fallback=1.0)
+    hp, ctl = gpu_hp(), ctl_of(scale=0.9)
+    loss0 = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    out = torch.empty(VERDICT_SIZE, dtype=torch.float64, device="cuda")
+    for bucket in (b, b32):      # tables built (their upload is non-blocking too)
+        be.grad_pass([bucket], ctl, loss0, hp)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        cuda.grad_sumsq(b)
-        cuda.step_pass(b, hp, ctrl, searching=True, write_backup=True)
-        cuda.step_pass(b, hp, ctrl, searching=False, write_backup=False)
-        cuda.move_pass(b, hp, ctrl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                       dst_dir=Dir.SEARCH, from_backup=True, only_if_fallback=True)
-        cuda.move_pass(b, hp, ctrl, src_eta=hp.eta, src_dir=Dir.SEARCH, dst_eta=0.0,
-                       dst_dir=Dir.SEARCH, from_backup=True)
-        cuda.step_pass(b32, hp, ctrl, searching=True, write_backup=False)
-        cuda.move_pass(b32, hp, ctrl, src_eta=hp.eta, src_dir=Dir.SEARCH, dst_eta=hp.eta * 0.9,
-                       dst_dir=Dir.SEARCH, from_backup=False)
+        be.grad_pass([b], ctl, loss0, hp)
+        be.step_pass([b], hp, ctl, searching=True, write_backup=True)
+        be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
+                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+        be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, beta3=0.99), out)
+        be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
+                       dst_dir=Dir.UPDATE, from_backup=True)
+        be.step_pass([b32], hp, ctl, searching=False, write_backup=False)
+        b.grads = [g.clone() for g in b.grads]
+        b.grads_version += 1
+        be.grad_pass([b], ctl, loss0, hp)              # the grad column refresh does not sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-
-
-@pytest.mark.cuda
-def test_non_searching_step_has_no_sync(ext):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(32, 4).cuda()
-    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 4, device="cuda")
-    opt = ALSALS(model.parameters(), backend="cuda", line_search_every=4)
-
-    def closure():
-        return torch.nn.functional.mse_loss(model(x), y)
-
-    opt.zero_grad()
-    opt.step(closure)                      # t=1 searches (reads are expected)
-    reads = opt.reads
-    opt.zero_grad()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step(closure)                  # t=2 does not search
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert opt.reads == reads and not opt.last_step.searched
 
 
 # -- trajectories through the optimizer ---------------------------------------------------------
-class Net(torch.nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.l1 = torch.nn.Linear(19, 37).to(dtype)
-        self.l2 = torch.nn.Linear(37, 3).to(dtype)
-        self.big = torch.nn.Parameter((torch.randn(CHUNK + 11, generator=gen) * 0.01).to(dtype))
-        self.empty = torch.nn.Parameter(torch.zeros(0, dtype=dtype))
-        with torch.no_grad():
-            for p in (*self.l1.parameters(), *self.l2.parameters()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x))) + self.big[:3] * self.big.square().sum() + self.empty.sum()
-
-
 def run_trajectory(backend, *, dtype=torch.float32, steps=24, variant="alsals", wd=0.0, **kw):
-    model = Net(dtype).cuda()
+    from alsals_fused import ALSALS
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.l1 = torch.nn.Linear(19, 37).to(dtype)
+            self.l2 = torch.nn.Linear(37, 3).to(dtype)
+            self.big = torch.nn.Parameter((torch.randn(CHUNK + 11, generator=gen) * 0.01).to(dtype))
+            with torch.no_grad():
+                for p in (*self.l1.parameters(), *self.l2.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+        def forward(self, x):
+            return self.l2(torch.tanh(self.l1(x))) + self.big[:3] * self.big.square().sum()
+
+    model = Net().cuda()
     groups = [{"params": [model.l1.weight, model.l2.weight, model.big], "weight_decay": wd},
-              {"params": [model.l1.bias, model.l2.bias, model.empty], "weight_decay": 0.0}]
+              {"params": [model.l1.bias, model.l2.bias], "weight_decay": 0.0}]
     opt = ALSALS(groups, variant=variant, backend=backend, **kw)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(32, 19, generator=gen).to("cuda", dtype), torch.randn(32, 3, generator=gen).cuda())
@@ -405,115 +871,38 @@ def run_trajectory(backend, *, dtype=torch.float32, steps=24, variant="alsals", 
     for k in range(steps):
         x, y = data[k % len(data)]
 
-        def closure():
+        def closure(x=x, y=y):
             return torch.nn.functional.mse_loss(model(x).float(), y)
 
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss = opt.step(closure)
         rec["loss"].append(float(loss))
         rec["eta"].append(opt.eta)
         rec["trials"].append(opt.last_step.trials)
         rec["accepted"].append(opt.last_step.accepted)
     rec["params"] = [p.detach().clone() for p in model.parameters()]
-    rec["state"] = [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
-                    for p in model.parameters() if p in opt.state]
-    rec["opt"] = opt
     return rec
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["alsals", "adam_sls", "salsa"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-@pytest.mark.parametrize("wd", [0.0, 0.05])
-@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_trajectory_matches_reference(cuda, variant, memory_efficient, wd, max_grad_norm):
+@pytest.mark.parametrize("wd,max_grad_norm", [(0.0, None), (0.05, 0.5)])
+def test_trajectory_matches_reference(be, variant, memory_efficient, wd, max_grad_norm):
     kw = dict(variant=variant, memory_efficient=memory_efficient, wd=wd, max_grad_norm=max_grad_norm)
     a = run_trajectory("cuda", **kw)
     b = run_trajectory("reference", **kw)
     assert a["trials"] == b["trials"] and a["accepted"] == b["accepted"]
     assert a["eta"] == pytest.approx(b["eta"], rel=1e-12)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
-    for x, y in zip(a["params"], b["params"]):
+    for x, y in zip(a["params"], b["params"], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-    for (ma, va), (mb, vb) in zip(a["state"], b["state"]):
-        torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-9)
-    assert all(type(be).__name__ == "CudaBackend" for be in a["opt"]._resolved.values())
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["alsals", "adam_sls", "salsa"])
-def test_trajectory_16bit(cuda, dtype, variant):
-    """16-bit params: one ulp per write, so decisions may part late; the runs stay close."""
-    a = run_trajectory("cuda", dtype=dtype, variant=variant, steps=20)
-    b = run_trajectory("reference", dtype=dtype, variant=variant, steps=20)
+def test_trajectory_16bit(be, dtype):
+    a = run_trajectory("cuda", dtype=dtype, steps=20)
+    b = run_trajectory("reference", dtype=dtype, steps=20)
     assert a["trials"][:3] == b["trials"][:3]
-    assert a["loss"][-1] == pytest.approx(b["loss"][-1], rel=0.05)
-    assert a["loss"][-1] < a["loss"][0]
-
-
-@pytest.mark.cuda
-def test_fp64_routes_to_foreach(cuda):
-    a = run_trajectory("cuda", dtype=torch.float64, steps=6)
-    b = run_trajectory("foreach", dtype=torch.float64, steps=6)
-    assert all(isinstance(be, ForeachBackend) for be in a["opt"]._resolved.values())
-    assert a["eta"] == b["eta"]
-    for x, y in zip(a["params"], b["params"]):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.cuda
-def test_skip_step_through_optimizer(cuda):
-    """A non-finite gradient: nothing moves, t does not advance."""
-    model = torch.nn.Linear(8, 2).cuda()
-    opt = ALSALS(model.parameters(), backend="cuda")
-    x = torch.randn(4, 8, device="cuda")
-    before = [p.detach().clone() for p in model.parameters()]
-
-    def closure():
-        return model(x).sum() * float("inf")
-
-    opt.zero_grad()
-    opt.step(closure)
-    assert opt.t == 0 and opt.last_step.skipped
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
-
-
-# -- off the GPU --------------------------------------------------------------------------------
-def test_cuda_backend_on_cpu_raises_with_reason():
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = ALSALS([p], backend="cuda")
-    with pytest.raises(BackendUnavailable, match="CUDA GPU"):
-        opt.step(lambda: (p ** 2).sum())
-    reason = available_backends("cpu")["cuda"]
-    assert reason and "CUDA" in reason
-    with pytest.raises(BackendUnavailable, match="cannot run on cpu"):
-        get_backend("cuda", torch.device("cpu"))
-
-
-def test_unavailable_reason_says_how_to_build():
-    from alsals_fused.backends import cuda_backend
-    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
-    if torch.cuda.is_available() and cuda_backend.load_extension() is not None:
-        assert reason is None
-    elif not torch.cuda.is_available():
-        assert "CUDA GPU" in reason
-    else:
-        assert "pip install --no-build-isolation" in reason or "JIT" in reason
-
-
-def test_build_settings_target_sm80_sm90(monkeypatch):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "csrc_build.py"
-    spec = importlib.util.spec_from_file_location("csrc_build", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    kw = mod.extension_kwargs()
-    flags = " ".join(kw["extra_compile_args"]["nvcc"])
-    assert "arch=compute_80,code=sm_80" in flags and "arch=compute_90,code=sm_90" in flags
-    assert "-O3" in flags and "use_fast_math" not in flags
-    assert all((path.parent / s).is_file() for s in kw["sources"])
+    assert a["loss"][-1] == pytest.approx(b["loss"][-1], rel=0.05) and a["loss"][-1] < a["loss"][0]

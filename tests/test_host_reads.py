@@ -23,13 +23,26 @@ def _steps(opt, model, x, y, n=6):
         yield lambda: opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
 
 
+def _hot_path():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "hot_path.py")
+    spec = importlib.util.spec_from_file_location("hot_path", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(available_backends("cpu")["triton"] is not None or torch.cuda.is_available(),
                     reason="needs the Triton interpreter on CPU")
 @pytest.mark.parametrize("variant", ["alsals", "adam_sls", "salsa"])
 def test_driver_with_the_triton_backend_reads_once_per_trial(monkeypatch, variant):
-    from alsals_fused.backends import triton_backend
-    for kernel in triton_backend._tk.KERNELS:   # launches become no-ops: only Python is checked
-        monkeypatch.setattr(type(kernel), "__getitem__", lambda self, grid: (lambda *a, **k: None))
+    # Launches go through TritonBackend._launch (contract v2); benchmarks/hot_path.py's stubs
+    # count them and fill what the finishers and the verdict kernel would write.
+    why = _hot_path().stub_triton([None], setattr=monkeypatch.setattr)
+    if why is not None:
+        pytest.skip(why)
     model = OddModel()
     x, y = make_data()
     opt = ALSALS(model.parameters(), backend="triton", variant=variant, max_trials=3,

@@ -4,6 +4,6 @@
 the backend launches; ``aot`` compiles that list ahead of time (``python -m
 alsals_fused.triton_kernels.aot --arch 80 90``).
 """
-from .kernels import (BLOCK, FINISH_BLOCK, FINISH_WARPS, ITERS, KERNELS, MODE_FALLBACK,  # noqa: F401
-                      MODE_GRAD, MODE_MOMENTUM, NUM_WARPS, TABLE_COLS, finish_kernel,
-                      grad_sumsq_kernel, move_kernel, specializations, step_kernel)
+from .kernels import (BLOCK, FINISH_CTL, FINISH_NONE, FINISH_SUM, FINISHERS, ITERS,  # noqa: F401
+                      KERNELS, NUM_WARPS, VERDICT_WARPS, grad_kernel, move_kernel,
+                      specializations, step_kernel, verdict_kernel)

@@ -1,17 +1,28 @@
-"""The Triton backend: each pass is one fused launch over every tensor of a bucket.
+"""The Triton backend (contract v2, ``base.py``): fused multi-tensor passes and device decisions.
 
-Kernels live in ``alsals_fused.triton_kernels`` (see its docstring for the table/schedule layout).
-This module builds the per-bucket device tables, caches them, and launches:
+Kernels live in ``alsals_fused.triton_kernels`` (see its docstring for the table/schedule layout
+and the "last program finishes" ticket).  Per step, for one bucket:
 
-- ``grad_sumsq``: ``grad_sumsq_kernel`` (fp32 partials) + ``finish_kernel`` (fp64 sum).
-- ``step_pass``: ``step_kernel`` (+ ``finish_kernel`` when searching: fp32 partials -> fp64 [2]).
-- ``move_pass``: ``move_kernel`` (one launch; skip/fallback decided on the device).
+- ``grad_pass``: one ``grad_kernel`` launch (sum of g*g; its last program runs the grad
+  finisher into ``ctl``: no separate finisher launch).
+- ``step_pass``: one ``step_kernel`` launch (ADAM step, backup, candidate; when searching its
+  last program runs the step finisher into ``ctl``).
+- ``move_pass``: one ``move_kernel`` launch (skip/fallback/UPDATE decided on the device; a pass
+  with nothing to do returns in every program after reading two ctl slots).
+- ``verdict``: one ``verdict_kernel`` launch (one program).
 
-Nothing here reads a device value on the host: SEARCH/UPDATE, the skip flag and
-``only_if_fallback`` are resolved inside the kernels from ``ctrl``.  Tables are keyed on the
-tensors' data_ptr, numel and dtype (never id()), rebuilt when any of them changes (grads freed by
-``zero_grad(set_to_none=True)`` usually come back at the same addresses), and uploaded from pinned
-memory with a non-blocking copy, so a rebuild does not sync either.
+With several buckets (dtypes) a pass launches once per bucket and only the last launch
+finishes (its last program adds every bucket's partials: the earlier launches are complete by
+stream order).  Every launch goes through ``TritonBackend._launch`` (one place to count or stub
+launches; ``benchmarks/hot_path.py`` replaces it) and no torch operation runs on the hot path:
+partials, counters and tables are allocated when a plan is built.
+
+Nothing here reads a device value on the host.  Tables are cached per bucket in
+``bucket.cache`` (a bucket's tensors other than its grads are fixed for its lifetime, base.py);
+when the driver bumps ``bucket.grads_version`` only the grad column is rewritten: on the host
+table through ctypes (no torch op), then one non-blocking copy to the device from a pinned
+staging buffer that is reused only once its previous copy has completed (a CUDA event query, not
+a sync).  With unchanged addresses a pass does no table work at all.
 
 Layouts: a parameter may be non-contiguous if it is dense (e.g. channels_last or transposed) and
 its grad, moments and backup share its strides: the kernels then walk its storage in memory
@@ -20,16 +31,17 @@ tensor's shape and strides.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .base import CTRL_SIZE, Bucket, Dir, StepScalars
+from .base import CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, DecisionScalars, Dir, StepScalars, TableCol
 
 
 def _import_kernels():
@@ -68,6 +80,7 @@ except ImportError as exc:  # triton missing (or too old): unavailable_reason sa
     _tk = None
     _IMPORT_ERROR = str(exc)
 
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one: torch.device("cuda") != torch.device("cuda:0") as objects,
     though a bucket built on the former holds tensors that report the latter."""
@@ -80,7 +93,19 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_CACHE_SIZE = 8   # tables kept per backend (several optimizers, or grads that move around)
+_LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
+_G = int(TableCol.G)
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_MISALIGNED = (15).__and__          # address -> nonzero unless 16-byte aligned
+_pack_d = struct.Struct("<d").pack
+_unpack_q = struct.Struct("<q").unpack
+
+
+def _bits(x: float) -> int:
+    """The int64 bit pattern of a float64 (how fp64 host scalars reach the kernels)."""
+    return _unpack_q(_pack_d(x))[0]
 
 
 def _interpreted() -> bool:
@@ -127,27 +152,158 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _direction_mode(direction: Dir, hp: StepScalars) -> int:
-    """Dir -> kernel mode; the part that depends on ctrl[FALLBACK] stays for the device."""
-    if direction is Dir.MOMENTUM:
-        return _tk.MODE_MOMENTUM
-    if direction is Dir.GRAD:
-        return _tk.MODE_GRAD
-    if direction is Dir.SEARCH:
-        return _tk.MODE_FALLBACK if hp.momentum_search else _tk.MODE_GRAD
-    return _tk.MODE_FALLBACK      # UPDATE
+class _HostTable:
+    """A CPU int64 [T, TABLE_COLS] table and, on CUDA, its device copy.
+
+    Host writes go through ctypes (no torch op).  Uploads copy into a pinned staging buffer that
+    is reused only when the CUDA event recorded after its last copy has completed (queried, never
+    waited on), then one non-blocking copy to the device."""
+
+    def __init__(self, rows: List[List[int]], device: torch.device):
+        self.rows = max(1, len(rows))
+        self.host = torch.zeros((self.rows, TABLE_COLS), dtype=torch.int64)
+        self.view = (ctypes.c_int64 * (self.rows * TABLE_COLS)).from_address(self.host.data_ptr())
+        for i, row in enumerate(rows):
+            self.view[i * TABLE_COLS:(i + 1) * TABLE_COLS] = row
+        self.device = device
+        self._staging: List[Tuple[Tensor, object]] = []
+        if device.type == "cuda":
+            self.table = torch.empty((self.rows, TABLE_COLS), dtype=torch.int64, device=device)
+            self.upload()
+        else:
+            self.table = self.host      # the kernels (interpreter) read the host table itself
+
+    def set_column(self, col: int, values: List[int]) -> None:
+        self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = values
+
+    def upload(self) -> None:
+        if self.device.type != "cuda":
+            return
+        buf = None
+        for i, (staging, event) in enumerate(self._staging):
+            if event.query():
+                buf = self._staging.pop(i)[0]
+                break
+        if buf is None:
+            buf = torch.empty_like(self.host, pin_memory=True)
+        nbytes = self.rows * TABLE_COLS * 8
+        ctypes.memmove(buf.data_ptr(), self.host.data_ptr(), nbytes)
+        self.table.copy_(buf, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._staging.append((buf, event))
 
 
-class _Plan:
-    """The device tables of one set of tensors."""
+class _BucketPlan:
+    """The device tables of one bucket (cached in ``bucket.cache``)."""
 
-    __slots__ = ("table", "sched", "programs", "has_backups")
+    __slots__ = ("dtype_name", "has_backups", "numels", "others_aligned", "aligned", "table",
+                 "sched", "n_fast", "n_prog", "grads_version", "chunk", "device", "contiguous",
+                 "all_aligned")
 
-    def __init__(self, table: Tensor, sched: Tensor, programs: int, has_backups: bool):
-        self.table, self.sched, self.programs, self.has_backups = table, sched, programs, has_backups
+    def __init__(self, backend: "TritonBackend", bucket: Bucket):
+        backend._validate(bucket)
+        self.chunk = backend.chunk
+        self.device = bucket.device
+        self.dtype_name = _DTYPE_NAMES[bucket.dtype]
+        self.has_backups = bool(bucket.backups) or not bucket.params   # (nothing to back up)
+        self.numels = [p.numel() for p in bucket.params]
+        self.contiguous = all(map(_is_contiguous, bucket.params))
+        rows, self.others_aligned = [], []
+        for i, p in enumerate(bucket.params):
+            others = [p.data_ptr(), bucket.exp_avgs[i].data_ptr(), bucket.exp_avg_sqs[i].data_ptr()]
+            backup = bucket.backups[i].data_ptr() if self.has_backups else 0
+            others.append(backup)
+            self.others_aligned.append(all(a % 16 == 0 for a in others))
+            row = [0] * TABLE_COLS
+            row[TableCol.W], row[TableCol.M], row[TableCol.V] = others[0], others[1], others[2]
+            row[TableCol.BACKUP] = backup
+            row[TableCol.G] = bucket.grads[i].data_ptr() if bucket.grads else 0
+            row[TableCol.NUMEL] = self.numels[i]
+            row[TableCol.WD_BITS] = _bits(float(bucket.weight_decays[i]))
+            rows.append(row)
+        self.table = _HostTable(rows, bucket.device)
+        # built outside a pass (no grads yet): the first pass with grads fills the column
+        self.grads_version = bucket.grads_version if (bucket.grads or not bucket.params) else -1
+        self.aligned = None
+        self.sched = None
+        self._schedule([r[TableCol.G] for r in rows])
+        backend.table_builds += 1
+
+    def _schedule(self, grad_ptrs: List[int]) -> None:
+        """Programs: aligned full chunks first (the unmasked specialization), then tails and
+        misaligned tensors' chunks (masked).  Python ints only: nothing read from a device."""
+        aligned = [a and g % 16 == 0 for a, g in zip(self.others_aligned, grad_ptrs)]
+        if aligned == self.aligned:
+            return
+        chunk = self.chunk
+        fast, slow = [], []
+        for row, (n, ok) in enumerate(zip(self.numels, aligned)):
+            full = n // chunk if ok else 0
+            count = -(-n // chunk)
+            if count >= 2 ** 31:
+                raise ValueError("ALSALS triton backend: a tensor has more than 2**31 chunks")
+            fast.extend((row, c) for c in range(full))
+            slow.extend((row, c) for c in range(full, count))
+        pairs = fast + slow
+        sched = torch.tensor(pairs if pairs else [(0, 0)], dtype=torch.int32).reshape(-1, 2)
+        if self.device.type == "cuda":
+            sched = sched.pin_memory().to(self.device, non_blocking=True)
+        self.sched, self.n_fast, self.n_prog, self.aligned = sched, len(fast), len(pairs), aligned
+        self.all_aligned = all(aligned)
+
+    def refresh_grads(self, backend: "TritonBackend", bucket: Bucket) -> None:
+        """The driver bumped grads_version: rewrite the grad column (and the schedule if an
+        alignment changed); nothing else.  Kept to a few C-level maps over the list (it may run
+        every step: with set_to_none the allocator can hand grads back at permuted addresses):
+        shape, dtype and device are the driver's check (autograd guarantees them for .grad);
+        the layout check here is one is_contiguous() per grad when every param is contiguous."""
+        grads = bucket.grads
+        if len(grads) != len(self.numels):
+            raise ValueError(f"ALSALS triton backend: bucket has {len(self.numels)} params but "
+                             f"{len(grads)} grads (grads are read during a pass only)")
+        if not (self.contiguous and all(map(_is_contiguous, grads))):
+            for i, (p, g) in enumerate(zip(bucket.params, grads)):
+                backend._check_like(i, p, "grad", g, bucket.dtype)
+        ptrs = list(map(_data_ptr, grads))
+        self.table.set_column(_G, ptrs)
+        self.table.upload()
+        if not (self.all_aligned and not any(map(_MISALIGNED, ptrs))):
+            self._schedule(ptrs)
+        self.grads_version = bucket.grads_version
+        backend.grad_refreshes += 1
+
+
+class _ListPlan:
+    """What a pass over one list of buckets needs: the buckets' plans, where each bucket's
+    partials start, and the shared partials buffer and ticket counters (allocated once)."""
+
+    __slots__ = ("plans", "offsets", "n_parts", "partials", "counters", "dummy_table",
+                 "dummy_sched", "device", "cuda_index", "ctl")
+
+    def __init__(self, backend: "TritonBackend", buckets: Sequence[Bucket], device: torch.device):
+        self.plans = [backend._bucket_plan(b) for b in buckets]
+        self.offsets, total = [], 0
+        for bp in self.plans:
+            self.offsets.append(total)
+            total += bp.n_prog
+        self.n_parts = total
+        self.device = device
+        self.partials = torch.empty(2 * max(1, total), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(2, dtype=torch.int32, device=device)   # grad, step tickets
+        self.dummy_table = torch.zeros(TABLE_COLS, dtype=torch.int64, device=device)
+        self.dummy_sched = torch.zeros(2, dtype=torch.int32, device=device)
+        self.cuda_index = device.index if device.type == "cuda" else None
+        self.ctl = None           # the last ctl checked against this plan
 
 
 class TritonBackend:
+    """Contract v2 on Triton kernels.
+
+    Launch hook: every kernel launch is ``self._launch(kernel, grid, *args, **meta)``, with the
+    arguments in the kernel's order (``kernel.arg_names``; ``describe_launch`` maps them to names
+    and says whether the launch writes ctl/out: a stub must fill what the kernel would)."""
+
     name = "triton"
 
     def __init__(self, block: Optional[int] = None, iters: Optional[int] = None):
@@ -155,38 +311,82 @@ class TritonBackend:
         if _tk is None:
             raise ImportError(f"the Triton backend needs triton ({_IMPORT_ERROR})")
         self.block = block or _tk.BLOCK
-        self.iters = iters or _tk.ITERS
+        self.iters = iters or (_tk.ITERS if block is None else 1)
         self.chunk = self.block * self.iters
-        self._plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
-        self._scheds: "OrderedDict[tuple, Tuple[Tensor, int]]" = OrderedDict()
-        self.table_builds = 0     # telemetry for tests: how often a table was (re)built
+        self._cache_key = f"triton:{self.block}x{self.iters}"
+        self._lists: "OrderedDict[tuple, _ListPlan]" = OrderedDict()
+        self._cx: Dict[tuple, dict] = {}
+        self.table_builds = 0     # telemetry for tests: bucket tables built
+        self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype in _DTYPE_NAMES and unavailable_reason(device) is None
 
-    # -- tables -------------------------------------------------------------------------------
-    def _plan(self, bucket: Bucket) -> _Plan:
-        # Checked on every pass, so kept cheap (C-level map over the lists).
-        ptr, backups = Tensor.data_ptr, bucket.backups
-        numels = tuple(map(Tensor.numel, bucket.params))
-        key = (bucket.device, bucket.dtype, len(backups), tuple(map(ptr, bucket.params)),
-               tuple(map(ptr, bucket.grads)), tuple(map(ptr, bucket.exp_avgs)),
-               tuple(map(ptr, bucket.exp_avg_sqs)), tuple(map(ptr, backups)), numels,
-               tuple(bucket.weight_decays))
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        plan = self._build(bucket, numels)
-        self._plans[key] = plan
-        if len(self._plans) > _CACHE_SIZE:
-            self._plans.popitem(last=False)
-        return plan
+    # -- the launch hook ------------------------------------------------------------------------
+    def _launch(self, kernel, grid, *args, **meta) -> None:
+        kernel[grid](*args, **meta)
+
+    @staticmethod
+    def describe_launch(kernel, args: tuple, meta: dict) -> dict:
+        """For launch stubs: ``{"kernel": name, "role": None | "grad" | "step" | "verdict",
+        "args": {name: value}}``.  role "grad"/"step": the launch's last program runs that
+        finisher (``args["finish"]`` is FINISH_CTL: ctl written as decisions.finish_grad /
+        finish_slope would; FINISH_SUM: the fp64 sums written to ``args["out"]``).  role
+        "verdict": ``decisions.verdict`` into ``args["out"]`` and ctl.  fp64 scalars are in the
+        ``*_bits`` arguments (``struct.unpack('<d', struct.pack('<q', bits))``)."""
+        fn = getattr(kernel, "fn", kernel)
+        name = getattr(fn, "__name__", str(fn))
+        names = list(kernel.arg_names)
+        named = dict(zip(names, args))
+        role = _tk.FINISHERS.get(name)
+        if role in ("grad", "step") and named.get("finish", 0) == _tk.FINISH_NONE:
+            role = None
+        if role == "step" and not meta.get("SEARCHING", False):
+            role = None
+        return {"kernel": name, "role": role, "args": named}
+
+    # -- plans --------------------------------------------------------------------------------
+    def _bucket_plan(self, bucket: Bucket) -> _BucketPlan:
+        bp = bucket.cache.get(self._cache_key)
+        if bp is None:
+            bp = _BucketPlan(self, bucket)
+            bucket.cache[self._cache_key] = bp
+        return bp
+
+    def _plan(self, buckets: Sequence[Bucket], ctl: Tensor) -> _ListPlan:
+        key = tuple(b.uid for b in buckets)
+        lp = self._lists.get(key)
+        if lp is None:
+            device = buckets[0].device if buckets else ctl.device
+            lp = _ListPlan(self, buckets, device)
+            self._lists[key] = lp
+            if len(self._lists) > _CACHE_SIZE:
+                self._lists.popitem(last=False)
+        if lp.ctl is not ctl:
+            self._check_ctl(ctl, lp.device)
+            lp.ctl = ctl
+        for bp, b in zip(lp.plans, buckets):
+            if bp.grads_version != b.grads_version:
+                bp.refresh_grads(self, b)
+        return lp
+
+    def _check_like(self, i: int, p: Tensor, what: str, t: Tensor, dtype: torch.dtype) -> None:
+        if t.dtype != dtype or t.device != p.device or t.shape != p.shape:
+            raise ValueError(
+                f"ALSALS triton backend: the {what} of parameter {i} is {t.dtype} "
+                f"{tuple(t.shape)} on {t.device}; expected {dtype} {tuple(p.shape)} on {p.device}")
+        if t.numel() > 1 and _layout(t) != _layout(p):
+            raise ValueError(
+                f"ALSALS triton backend: parameter {i} of shape {tuple(p.shape)} has strides "
+                f"{p.stride()} but its {what} has strides {t.stride()}; the fused kernels need "
+                "one memory layout for both (or use backend='foreach')")
 
     def _validate(self, bucket: Bucket) -> None:
         n = len(bucket.params)
-        lists = {"grads": bucket.grads, "exp_avgs": bucket.exp_avgs,
-                 "exp_avg_sqs": bucket.exp_avg_sqs, "weight_decays": bucket.weight_decays}
+        lists = {"exp_avgs": bucket.exp_avgs, "exp_avg_sqs": bucket.exp_avg_sqs,
+                 "weight_decays": bucket.weight_decays}
+        if bucket.grads:
+            lists["grads"] = bucket.grads
         if bucket.backups:
             lists["backups"] = bucket.backups
         for name, lst in lists.items():
@@ -195,11 +395,6 @@ class TritonBackend:
         if bucket.dtype not in _DTYPE_NAMES:
             raise ValueError(f"ALSALS triton backend: unsupported dtype {bucket.dtype}")
         for i, p in enumerate(bucket.params):
-            others = [("grad", bucket.grads[i], bucket.dtype),
-                      ("exp_avg", bucket.exp_avgs[i], torch.float32),
-                      ("exp_avg_sq", bucket.exp_avg_sqs[i], torch.float32)]
-            if bucket.backups:
-                others.append(("backup", bucket.backups[i], bucket.dtype))
             if p.dtype != bucket.dtype or not _same_device(p.device, bucket.device):
                 raise ValueError(f"ALSALS triton backend: parameter {i} is {p.dtype} on {p.device}, "
                                  f"its bucket is {bucket.dtype} on {bucket.device}")
@@ -208,146 +403,120 @@ class TritonBackend:
                     f"ALSALS triton backend: parameter {i} of shape {tuple(p.shape)} has strides "
                     f"{p.stride()}, which do not cover its elements densely (an overlapping or "
                     "strided view); pass a contiguous parameter (or use backend='foreach')")
+            others = [("exp_avg", bucket.exp_avgs[i], torch.float32),
+                      ("exp_avg_sq", bucket.exp_avg_sqs[i], torch.float32)]
+            if bucket.grads:
+                others.append(("grad", bucket.grads[i], bucket.dtype))
+            if bucket.backups:
+                others.append(("backup", bucket.backups[i], bucket.dtype))
             for what, t, dtype in others:
-                if t.dtype != dtype or t.device != p.device or t.shape != p.shape:
-                    raise ValueError(
-                        f"ALSALS triton backend: the {what} of parameter {i} is {t.dtype} "
-                        f"{tuple(t.shape)} on {t.device}; expected {dtype} {tuple(p.shape)} on "
-                        f"{p.device}")
-                if t.numel() > 1 and _layout(t) != _layout(p):
-                    raise ValueError(
-                        f"ALSALS triton backend: parameter {i} of shape {tuple(p.shape)} has "
-                        f"strides {p.stride()} but its {what} has strides {t.stride()}; the fused "
-                        "kernels need one memory layout for both (or use backend='foreach')")
+                self._check_like(i, p, what, t, dtype)
 
-    def _upload(self, host: Tensor, device: torch.device) -> Tensor:
-        if device.type != "cuda":
-            return host
-        # Pinned staging + non_blocking: no host sync; torch's pinned caching allocator does not
-        # hand the staging block out again before the copy has completed.
-        return host.pin_memory().to(device, non_blocking=True)
-
-    def _schedule(self, numels: tuple, device: torch.device) -> Tuple[Tensor, int]:
-        key = (device, self.chunk, numels)
-        hit = self._scheds.get(key)
-        if hit is not None:
-            self._scheds.move_to_end(key)
-            return hit
-        # Python ints only: no tensor is read back on the host, even here.
-        counts = [-(-n // self.chunk) for n in numels]
-        if counts and max(counts) >= 2 ** 31:
-            raise ValueError("ALSALS triton backend: a tensor has more than 2**31 chunks")
-        pairs = [(row, c) for row, count in enumerate(counts) for c in range(count)]
-        programs = len(pairs)
-        sched = torch.tensor(pairs, dtype=torch.int32).reshape(programs, 2)
-        hit = (self._upload(sched, device), programs)
-        self._scheds[key] = hit
-        if len(self._scheds) > _CACHE_SIZE:
-            self._scheds.popitem(last=False)
-        return hit
-
-    def _build(self, bucket: Bucket, numels: tuple) -> _Plan:
-        self._validate(bucket)
-        has_backups = bool(bucket.backups)
-        rows: List[List[int]] = []
-        for i, p in enumerate(bucket.params):
-            wd_bits = struct.unpack("<q", struct.pack("<d", float(bucket.weight_decays[i])))[0]
-            rows.append([p.data_ptr(), bucket.grads[i].data_ptr(), bucket.exp_avgs[i].data_ptr(),
-                         bucket.exp_avg_sqs[i].data_ptr(),
-                         bucket.backups[i].data_ptr() if has_backups else 0,
-                         p.numel(), wd_bits, 0])
-        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, _tk.TABLE_COLS)
-        table = self._upload(host, bucket.device)
-        sched, programs = self._schedule(numels, bucket.device)
-        self.table_builds += 1
-        return _Plan(table, sched, programs, has_backups)
-
-    # -- helpers ------------------------------------------------------------------------------
     @staticmethod
-    def _device_ctx(device: torch.device):
-        if device.type == "cuda" and device.index is not None \
-                and device.index != torch.cuda.current_device():
-            return torch.cuda.device(device)
+    def _check_ctl(ctl: Tensor, device: torch.device) -> None:
+        if ctl.dtype != torch.float64 or ctl.numel() != CTL_SIZE \
+                or not _same_device(ctl.device, device) or not ctl.is_contiguous():
+            raise ValueError(f"ALSALS triton backend: ctl must be a contiguous float64 tensor of "
+                             f"{CTL_SIZE} on {device}; got {ctl.dtype} {tuple(ctl.shape)} on "
+                             f"{ctl.device}")
+
+    @staticmethod
+    def _device_ctx(lp: _ListPlan):
+        if lp.cuda_index is not None and lp.cuda_index != torch.cuda.current_device():
+            return torch.cuda.device(lp.cuda_index)
         return nullcontext()
 
-    @staticmethod
-    def _check_ctrl(ctrl: Tensor, device: torch.device) -> None:
-        if ctrl.dtype != torch.float32 or ctrl.numel() != CTRL_SIZE or not _same_device(ctrl.device, device) \
-                or not ctrl.is_contiguous():
-            raise ValueError(f"ALSALS triton backend: ctrl must be a contiguous float32 tensor of "
-                             f"{CTRL_SIZE} on {device}; got {ctrl.dtype} {tuple(ctrl.shape)} on "
-                             f"{ctrl.device}")
-
-    def _finish(self, partials: Tensor, out: Tensor, n: int, k: int) -> None:
-        cx = _tk.kernels.finish_constexprs(k)
-        _tk.finish_kernel[(1,)](partials, out, n, num_warps=_tk.FINISH_WARPS, **cx)
+    def _constexprs(self, kind: str, *key) -> dict:
+        cx = self._cx.get((kind,) + key)
+        if cx is None:
+            make = {"grad": _tk.kernels.grad_constexprs, "step": _tk.kernels.step_constexprs,
+                    "move": _tk.kernels.move_constexprs}[kind]
+            cx = dict(make(*key, block=self.block, iters=self.iters), num_warps=_tk.NUM_WARPS)
+            self._cx[(kind,) + key] = cx
+        return cx
 
     # -- the passes ---------------------------------------------------------------------------
-    def grad_sumsq(self, bucket: Bucket) -> Tensor:
-        if not bucket.params:
-            return torch.zeros((), dtype=torch.float64, device=bucket.device)
-        plan = self._plan(bucket)
-        if plan.programs == 0:
-            return torch.zeros((), dtype=torch.float64, device=bucket.device)
-        out = torch.empty((), dtype=torch.float64, device=bucket.device)   # the finisher fills it
-        partials = torch.empty(plan.programs, dtype=torch.float32, device=bucket.device)
-        cx = _tk.kernels.sumsq_constexprs(_DTYPE_NAMES[bucket.dtype], self.block, self.iters)
-        with self._device_ctx(bucket.device):
-            _tk.grad_sumsq_kernel[(plan.programs,)](plan.table, plan.sched, partials,
-                                                    num_warps=_tk.NUM_WARPS, **cx)
-            self._finish(partials, out, plan.programs, 1)
-        return out
+    def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                  finish: bool = True) -> Optional[Tensor]:
+        lp = self._plan(buckets, ctl)
+        out = ctl if finish else torch.empty((), dtype=torch.float64, device=lp.device)
+        mode = _tk.FINISH_CTL if finish else _tk.FINISH_SUM
+        clip = hp.max_grad_norm is not None
+        norm_bits = _bits(float(hp.max_grad_norm)) if clip else 0
+        work = [(bp, off) for bp, off in zip(lp.plans, lp.offsets) if bp.n_prog]
+        kernel = _tk.grad_kernel
+        with self._device_ctx(lp):
+            if not work:   # nothing to sum: one program runs the finisher on sumsq = 0
+                self._launch(kernel, (1,), lp.dummy_table, lp.dummy_sched, lp.partials,
+                             lp.counters, ctl, loss0, out, 0, 0, 0, 0, 1, mode, int(clip),
+                             norm_bits, **self._constexprs("grad", "fp32"))
+            last = len(work) - 1
+            for k, (bp, off) in enumerate(work):
+                self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, lp.partials,
+                             lp.counters, ctl, loss0, out, off, lp.n_parts, bp.n_fast, bp.n_prog,
+                             bp.n_prog, mode if k == last else _tk.FINISH_NONE, int(clip),
+                             norm_bits, **self._constexprs("grad", bp.dtype_name))
+        return None if finish else out
 
-    def step_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, searching: bool,
-                  write_backup: bool) -> Optional[Tensor]:
-        def zeros():
-            return torch.zeros(2, dtype=torch.float64, device=bucket.device) if searching else None
-
-        if not bucket.params:
-            return zeros()
-        self._check_ctrl(ctrl, bucket.device)
-        plan = self._plan(bucket)
-        if write_backup and not plan.has_backups:
+    def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
+                  write_backup: bool, finish: bool = True) -> Optional[Tensor]:
+        lp = self._plan(buckets, ctl)
+        if write_backup and not all(bp.has_backups for bp in lp.plans):
             raise ValueError("ALSALS triton backend: write_backup=True but the bucket has no backups")
-        if plan.programs == 0:
-            return zeros()
-        # [sum(g*d_nominal), sum(g*g*p)], written by the finisher (zeros when ctrl[SKIP] is set)
-        dots = torch.empty(2, dtype=torch.float64, device=bucket.device) if searching else None
-        partials = torch.empty((plan.programs if searching else 1, 2), dtype=torch.float32,
-                               device=bucket.device)
-        cx = _tk.kernels.step_constexprs(_DTYPE_NAMES[bucket.dtype], searching,
-                                         hp.momentum_search, write_backup, self.block, self.iters)
-        with self._device_ctx(bucket.device):
-            # Per-step scalars go in as fp32 arguments: not specialized on, so no recompilation.
-            _tk.step_kernel[(plan.programs,)](
-                plan.table, plan.sched, ctrl, partials, float(hp.eta), float(hp.beta1),
-                float(hp.beta2), float(1 - hp.beta1), float(1 - hp.beta2), float(hp.eps),
-                float(hp.bias_correction1), float(hp.bias_correction2),
-                num_warps=_tk.NUM_WARPS, **cx)
-            if searching:
-                self._finish(partials, dots, plan.programs, 2)
-        return dots
+        out = ctl
+        mode = _tk.FINISH_NONE
+        if searching:
+            mode = _tk.FINISH_CTL
+            if not finish:
+                out = torch.empty(2, dtype=torch.float64, device=lp.device)
+                mode = _tk.FINISH_SUM
+        search_dir = hp.search_dir if searching else Dir.MOMENTUM
+        b3 = float(hp.smoothing)
+        scalars = (float(hp.eta), float(hp.beta1), float(hp.beta2), float(1 - hp.beta1),
+                   float(1 - hp.beta2), float(hp.eps), float(hp.bias_correction1),
+                   float(hp.bias_correction2), _bits(b3), _bits(1 - b3))
+        work = [(bp, off) for bp, off in zip(lp.plans, lp.offsets) if bp.n_prog]
+        kernel = _tk.step_kernel
+        with self._device_ctx(lp):
+            if not work and searching:   # no elements: one program finishes on zero sums
+                self._launch(kernel, (1,), lp.dummy_table, lp.dummy_sched, ctl, lp.partials,
+                             lp.counters, out, 0, 0, 0, 0, 1, mode, *scalars,
+                             **self._constexprs("step", "fp32", True, search_dir, False))
+            last = len(work) - 1
+            for k, (bp, off) in enumerate(work):
+                self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, ctl, lp.partials,
+                             lp.counters, out, off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
+                             mode if k == last else _tk.FINISH_NONE, *scalars,
+                             **self._constexprs("step", bp.dtype_name, bool(searching),
+                                                search_dir, bool(write_backup)))
+        return out if (searching and not finish) else None
 
-    def move_pass(self, bucket: Bucket, hp: StepScalars, ctrl: Tensor, *, src_eta: float,
+    def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        if not bucket.params:
-            return
-        self._check_ctrl(ctrl, bucket.device)
-        plan = self._plan(bucket)
-        if from_backup and not plan.has_backups:
+        lp = self._plan(buckets, ctl)
+        if from_backup and not all(bp.has_backups for bp in lp.plans):
             raise ValueError("ALSALS triton backend: from_backup=True but the bucket has no backups")
-        if not from_backup and bucket.dtype != torch.float32:
+        if not from_backup and any(bp.dtype_name != "fp32" for bp in lp.plans):
             raise ValueError("ALSALS triton backend: in-place moves (memory_efficient=True) need "
-                             f"fp32 parameters; got {bucket.dtype}")
-        if plan.programs == 0:
-            return
-        cx = _tk.kernels.move_constexprs(_DTYPE_NAMES[bucket.dtype], from_backup,
-                                         _direction_mode(src_dir, hp), _direction_mode(dst_dir, hp),
-                                         self.block, self.iters)
-        with self._device_ctx(bucket.device):
-            _tk.move_kernel[(plan.programs,)](
-                plan.table, plan.sched, ctrl, int(bool(only_if_fallback)), float(src_eta),
-                float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
-                float(hp.bias_correction1), float(hp.bias_correction2),
-                num_warps=_tk.NUM_WARPS, **cx)
+                             "fp32 parameters; got "
+                             + ", ".join(bp.dtype_name for bp in lp.plans if bp.dtype_name != "fp32"))
+        scalars = (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
+                   float(hp.bias_correction1), float(hp.bias_correction2))
+        kernel = _tk.move_kernel
+        oif = int(bool(only_if_fallback))
+        with self._device_ctx(lp):
+            for bp in lp.plans:
+                if bp.n_prog:
+                    self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, ctl, bp.n_fast,
+                                 bp.n_prog, oif, *scalars,
+                                 **self._constexprs("move", bp.dtype_name, bool(from_backup),
+                                                    Dir(src_dir), Dir(dst_dir)))
+
+    def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
+        b3 = float(dp.beta3)
+        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out, _bits(float(dp.c) * float(dp.eta)),
+                     _bits(b3), _bits(1 - b3), num_warps=_tk.VERDICT_WARPS)
+
+
+__all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]

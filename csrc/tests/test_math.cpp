@@ -3,6 +3,7 @@
 // brute-force nearest-even search.  Run by ctest (see CMakeLists.txt).
 #include "alsals_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -144,8 +145,8 @@ static void test_direction_math() {
       const double dm = (double(m) / bc1) / denom_d, dg = double(g) / denom_d;
       EXPECT(std::fabs(momentum_direction(m, bc1, denom) - dm) <= 1e-6 * (std::fabs(dm) + 1e-6), "m_hat*p");
       EXPECT(std::fabs(grad_direction(g, denom) - dg) <= 1e-6 * (std::fabs(dg) + 1e-6), "g*p");
-      EXPECT(same_bits(direction(kMomentum, g, m, denom, bc1), momentum_direction(m, bc1, denom)), "dir M");
-      EXPECT(same_bits(direction(kGrad, g, m, denom, bc1), grad_direction(g, denom)), "dir G");
+      EXPECT(same_bits(direction(Dir::MOMENTUM, g, m, denom, bc1), momentum_direction(m, bc1, denom)), "dir M");
+      EXPECT(same_bits(direction(Dir::GRAD, g, m, denom, bc1), grad_direction(g, denom)), "dir G");
       // The exact fp32 expressions of base.py, operation for operation.
       EXPECT(same_bits(adam_denom(v, bc2, eps), sqrtf(v / bc2) + eps), "denom bits");
       const float w0 = U(rng), eta = 0.01f * (1 + i % 7), wd = (i % 3) * 0.05f;
@@ -170,13 +171,89 @@ static void test_direction_math() {
 }
 
 static void test_resolve() {
-  for (int fb = 0; fb < 2; ++fb)
-    for (int ms = 0; ms < 2; ++ms) {
-      EXPECT(resolve_direction(kMomentum, fb, ms) == kMomentum, "MOMENTUM stays");
-      EXPECT(resolve_direction(kGrad, fb, ms) == kGrad, "GRAD stays");
-      EXPECT(resolve_direction(kSearch, fb, ms) == ((fb || !ms) ? kGrad : kMomentum), "SEARCH");
-      EXPECT(resolve_direction(kUpdate, fb, ms) == (fb ? kGrad : kMomentum), "UPDATE");
-    }
+  for (int fb = 0; fb < 2; ++fb) {
+    EXPECT(resolve_dir(Dir::MOMENTUM, fb) == Dir::MOMENTUM, "MOMENTUM stays");
+    EXPECT(resolve_dir(Dir::GRAD, fb) == Dir::GRAD, "GRAD stays");
+    EXPECT(resolve_dir(Dir::UPDATE, fb) == (fb ? Dir::GRAD : Dir::MOMENTUM), "UPDATE");
+  }
+}
+
+// The decisions against base.py's formulas written out again (as decisions.py computes them).
+static bool same64(double a, double b) { return std::memcmp(&a, &b, sizeof(a)) == 0 || (a != a && b != b); }
+
+static void test_decisions() {
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  // Grad finisher.
+  const double sumsqs[] = {0.0, 0.25, 4.0, 1e30, inf, nan};
+  const double losses[] = {2.0, -1.0, inf, nan};
+  const double norms[] = {-1.0, 0.0, 0.5, 1e9};
+  for (double sumsq : sumsqs)
+    for (double l0 : losses)
+      for (double mgn : norms) {
+        double ctl[CTL_SIZE] = {};
+        ctl[Ctl::PENDING] = 2.0;
+        ctl[Ctl::FALLBACK] = 1.0;
+        ctl[Ctl::H] = 0.5;
+        finish_grad(ctl, sumsq, l0, mgn);
+        const bool finite = std::isfinite(l0) && std::isfinite(sumsq);
+        const double scale = finite && mgn >= 0 ? std::min(1.0, (1.0 / (std::sqrt(sumsq) + 1e-6)) * mgn) : 1.0;
+        EXPECT(same64(ctl[Ctl::SCALE], scale), "finish_grad SCALE %g (sumsq %g, L0 %g, mgn %g)", ctl[Ctl::SCALE],
+               sumsq, l0, mgn);
+        EXPECT(ctl[Ctl::SKIP] == (finite ? 0.0 : 1.0) && ctl[Ctl::PENDING] == (finite ? 2.0 : 3.0), "SKIP/PENDING");
+        EXPECT(ctl[Ctl::FALLBACK] == 0.0 && same64(ctl[Ctl::LOSS0], l0) && ctl[Ctl::H] == 0.5, "FALLBACK/LOSS0/H");
+      }
+  // Step finisher.
+  const double slopes[] = {0.3, -0.3, 0.0, 1e-300, nan};
+  for (double slope : slopes)
+    for (double s_old : {0.0, 0.2, -0.5})
+      for (double beta3 : {0.0, 0.99})
+        for (int skip = 0; skip < 2; ++skip) {
+          double ctl[CTL_SIZE] = {};
+          ctl[Ctl::S] = s_old;
+          ctl[Ctl::SKIP] = skip;
+          finish_step(ctl, slope, 0.7, beta3);
+          const double s_new = beta3 * s_old + (1 - beta3) * slope;
+          EXPECT(ctl[Ctl::SLOPE] == slope || slope != slope, "SLOPE");
+          EXPECT(ctl[Ctl::SLOPE_GRAD] == 0.7 && same64(ctl[Ctl::S_NEW], s_new), "S_NEW %g vs %g", ctl[Ctl::S_NEW], s_new);
+          EXPECT(ctl[Ctl::FALLBACK] == ((!skip && s_new <= 0) ? 1.0 : 0.0), "FALLBACK");
+          EXPECT(ctl[Ctl::S] == s_old, "S unchanged by the step finisher");
+        }
+  // Verdict: every branch (accept by Armijo, by L == L0, reject, not finite, skipped, fallback).
+  const double tries[] = {1.0, 0.99, 0.999999, 1.2, nan, inf, -inf};
+  for (double l : tries)
+    for (int fb = 0; fb < 2; ++fb)
+      for (int skip = 0; skip < 2; ++skip)
+        for (double beta3 : {0.0, 0.99}) {
+          double ctl[CTL_SIZE] = {}, out[VERDICT_SIZE];
+          ctl[Ctl::LOSS0] = 1.0;
+          ctl[Ctl::FALLBACK] = fb;
+          ctl[Ctl::SKIP] = skip;
+          ctl[Ctl::SLOPE] = 0.3;
+          ctl[Ctl::SLOPE_GRAD] = 0.4;
+          ctl[Ctl::S_NEW] = 0.2;
+          ctl[Ctl::H] = 0.01;
+          ctl[Ctl::S] = 0.1;
+          ctl[Ctl::PENDING] = 1.0;
+          const double eta = 0.05, c = 0.5;
+          verdict(ctl, l, eta, c, beta3, out);
+          const double diff = 1.0 - l, h_new = 0.01 * beta3 + diff * (1 - beta3);
+          const bool test = fb ? diff >= 0.4 * (c * eta) : h_new >= 0.2 * (c * eta);
+          const bool ok = !skip && std::isfinite(l) && (l == 1.0 || test);
+          EXPECT(out[Verdict::ACCEPT] == (ok ? 1.0 : 0.0), "ACCEPT (L %g fb %d skip %d beta3 %g)", l, fb, skip, beta3);
+          EXPECT(out[Verdict::FINITE] == (skip ? 0.0 : 1.0) && out[Verdict::FALLBACK] == fb, "FINITE/FALLBACK");
+          EXPECT(out[Verdict::LOSS0] == 1.0 && same64(out[Verdict::LOSS_TRY], l), "losses");
+          EXPECT(out[Verdict::SLOPE_USED] == (fb ? 0.4 : 0.3) && out[Verdict::PENDING] == 1.0, "SLOPE_USED/PENDING");
+          EXPECT(same64(out[Verdict::H_NEW], h_new), "H_NEW %g vs %g", out[Verdict::H_NEW], h_new);
+          EXPECT(ctl[Ctl::PENDING] == 0.0, "PENDING consumed");
+          const bool commit = ok && !fb;
+          EXPECT(same64(ctl[Ctl::H], commit ? h_new : 0.01) && ctl[Ctl::S] == (commit ? 0.2 : 0.1), "H/S commit");
+        }
+  // The accepted-at-equality guard with a slope that would reject.
+  double ctl[CTL_SIZE] = {}, out[VERDICT_SIZE];
+  ctl[Ctl::LOSS0] = 0.5;
+  ctl[Ctl::S_NEW] = 1e9;
+  verdict(ctl, 0.5, 1.0, 0.5, 0.99, out);
+  EXPECT(out[Verdict::ACCEPT] == 1.0, "L == L0 is accepted");
 }
 
 static void test_storage() {
@@ -193,6 +270,7 @@ int main() {
   test_bf16();
   test_direction_math();
   test_resolve();
+  test_decisions();
   test_storage();
   if (failures) {
     std::printf("alsals_math_test: %d failure(s)\n", failures);

@@ -1,0 +1,294 @@
+"""ALSALS checkpoints: a versioned state_dict format, validated in full before anything changes.
+
+Format (``FORMAT_VERSION = 2``)::
+
+    {"state": {index_or_fqn: {"exp_avg": Tensor, "exp_avg_sq": Tensor}, ...},
+     "param_groups": [{"params": [...], "weight_decay": float, "lr": float,
+                       "alsals": HOST},          # group 0 only
+                      {...}, ...]}
+
+    HOST = {"format": 2, "variant": str, "hyper": {Hyper fields}, "eta": float, "t": int,
+            "counters": {name: int}, "fast": float | None, "slow": float | None,
+            "last_search_t": int, "h": float, "s": float, "pending_skips": int}
+
+The host state lives inside ``param_groups[0]`` (not at the top level) because
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
+keep only ``state`` and ``param_groups`` (and every key of a group).  The device scalars h, s and
+the pending-skip count are stored as Python numbers (exact: they are float64 on the device), so
+the checkpoint does not depend on the device or the backend that wrote it.
+
+Format 1 (written by the first release): the same ``state`` and ``param_groups`` plus a top-level
+``"alsals"`` entry with h, s and pending_skips as 0-dim tensors (or None before the first step);
+it still loads.
+
+``validate(opt, state_dict)`` checks everything (group count and sizes, parameter indices,
+required keys, tensor shapes, dtypes and devices, finiteness of the moments, hyperparameters
+through ``config.make_hyper``'s own validation, a finite positive eta inside the range a search
+can represent, integer t and counters) and returns a ``LoadPlan`` holding the already-converted
+values; ``ALSALS.load_state_dict`` applies it with assignments that cannot fail, so an invalid
+checkpoint raises ``CheckpointError`` (a ValueError naming what is wrong) and leaves the optimizer
+exactly as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+from torch import Tensor
+
+from .config import Hyper, make_hyper, validate_search_range, validate_weight_decay
+
+FORMAT_VERSION = 2
+HOST_KEY = "alsals"                     # key of the host state inside param_groups[0]
+# The live param_groups[0] holds this under HOST_KEY (state_dict() replaces it with the host
+# state): torch.distributed.checkpoint's flatten_optimizer_state_dict=True restores only the
+# group keys that the live groups have.
+HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
+HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
+             "pending_skips")
+
+
+class CheckpointError(ValueError):
+    """An ALSALS state_dict that cannot be loaded; the message names what is wrong."""
+
+
+def _fail(msg: str) -> None:
+    raise CheckpointError(f"ALSALS.load_state_dict: {msg}")
+
+
+def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """m and v are fp32, fp64 for fp64 params (ALGORITHM.md section 1)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast, slow,
+               last_search_t: int, h: float, s: float, pending_skips: int) -> Dict[str, Any]:
+    return {"format": FORMAT_VERSION, "variant": hyper.variant, "hyper": dataclasses.asdict(hyper),
+            "eta": float(eta), "t": int(t), "counters": {k: int(v) for k, v in counters.items()},
+            "fast": fast, "slow": slow, "last_search_t": int(last_search_t), "h": float(h),
+            "s": float(s), "pending_skips": int(pending_skips)}
+
+
+def attach(state_dict: dict, host: Dict[str, Any]) -> dict:
+    """Put the host state into param_groups[0] (where the DCP helpers keep it)."""
+    if state_dict["param_groups"]:
+        state_dict["param_groups"][0][HOST_KEY] = host
+    return state_dict
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+@dataclass
+class LoadPlan:
+    """Everything load_state_dict assigns, already validated and converted."""
+
+    hyper: Hyper
+    host: Dict[str, Any]                               # HOST with plain Python values
+    weight_decays: List[float]                         # one per group
+    state: Dict[Tensor, Dict[str, Tensor]] = field(default_factory=dict)   # param -> new state
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                                 # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _int(value, name: str, *, minimum: int = 0) -> int:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(f"{name}={value!r} is invalid; expected an int >= {minimum}")
+    return int(value)
+
+
+def _float(value, name: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        _fail(f"{name}={value!r} is invalid; expected a finite float")
+    return float(value)
+
+
+def _host_of(state_dict: dict) -> Dict[str, Any]:
+    groups = state_dict["param_groups"]
+    host = groups[0].get(HOST_KEY) if groups and isinstance(groups[0], dict) else None
+    if host is None or host == HOST_PLACEHOLDER:
+        host = state_dict.get("alsals")                # format 1: top level
+        if host is None:
+            _fail("this state_dict was not saved by ALSALS (no host state in param_groups[0]"
+                  f"[{HOST_KEY!r}] nor at the top level)")
+        if not isinstance(host, dict):
+            _fail(f"the host state is a {type(host).__name__}, not a dict")
+        host = dict(host)
+        host.setdefault("format", 1)
+    if not isinstance(host, dict):
+        _fail(f"the host state is a {type(host).__name__}, not a dict")
+    version = host.get("format")
+    if version not in (1, FORMAT_VERSION):
+        _fail(f"checkpoint format {version!r} is not supported (this version reads 1 and "
+              f"{FORMAT_VERSION}); was it written by a newer alsals_fused?")
+    missing = [k for k in HOST_KEYS if k not in host]
+    if missing:
+        _fail(f"the host state lacks {missing} (format {version})")
+    return host
+
+
+def _check_hyper(saved, variant: str) -> Hyper:
+    if not isinstance(saved, dict):
+        _fail(f"hyper is a {type(saved).__name__}, not a dict")
+    names = [f.name for f in dataclasses.fields(Hyper)]
+    missing = [n for n in names if n not in saved]
+    unknown = sorted(set(saved) - set(names))
+    if missing or unknown:
+        _fail(f"hyper has missing keys {missing} / unknown keys {unknown}")
+    if saved["variant"] != variant:
+        _fail(f"hyper['variant']={saved['variant']!r} differs from variant={variant!r}")
+    given = {k: v for k, v in saved.items() if k != "variant"}
+    if isinstance(given["betas"], list):
+        given["betas"] = tuple(given["betas"])
+    optional_none = {"max_grad_norm"}
+    for k, v in given.items():
+        if v is None and k not in optional_none:
+            _fail(f"hyper[{k!r}]=None is invalid")
+    try:
+        hyper = make_hyper(variant, **given)           # the constructor's own checks
+    except (ValueError, TypeError) as exc:
+        _fail(f"saved hyperparameters are invalid: {exc}")
+    return hyper
+
+
+def validate(opt, state_dict) -> LoadPlan:
+    """Check ``state_dict`` against ``opt`` completely; raise CheckpointError, change nothing."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        _fail("expected a dict with 'state' and 'param_groups'")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
+        _fail("param_groups must be a list of dicts")
+    if not isinstance(saved_state, dict):
+        _fail("state must be a dict")
+    host = _host_of(state_dict)
+
+    variant = host["variant"]
+    if variant != opt.hyper.variant:
+        _fail(f"saved with variant={variant!r}, this optimizer has variant={opt.hyper.variant!r}")
+    hyper = _check_hyper(host["hyper"], variant)
+
+    # Groups and parameter indices.
+    if len(saved_groups) != len(opt.param_groups):
+        _fail(f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer "
+              f"{len(opt.param_groups)}")
+    index: Dict[Any, Tensor] = {}
+    weight_decays: List[float] = []
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        if "params" not in saved:
+            _fail(f"param_groups[{gi}] has no 'params'")
+        ids = list(saved["params"])
+        if len(ids) != len(group["params"]):
+            _fail(f"param_groups[{gi}] has {len(ids)} parameters in the checkpoint, "
+                  f"{len(group['params'])} in this optimizer")
+        for key, p in zip(ids, group["params"]):
+            if key in index:
+                _fail(f"parameter index {key!r} appears twice in param_groups")
+            index[key] = p
+        if "weight_decay" not in saved:
+            _fail(f"param_groups[{gi}] has no 'weight_decay'")
+        try:
+            validate_weight_decay(saved["weight_decay"])
+        except ValueError as exc:
+            _fail(f"param_groups[{gi}]: {exc}")
+        weight_decays.append(float(saved["weight_decay"]))
+
+    # Per-parameter state: keys, shapes, dtypes, devices, values.
+    new_state: Dict[Tensor, Dict[str, Tensor]] = {}
+    for key, s in saved_state.items():
+        if key not in index:
+            _fail(f"state has an entry for parameter {key!r}, which no param_group lists")
+        p = index[key]
+        if not isinstance(s, dict):
+            _fail(f"state[{key!r}] is a {type(s).__name__}, not a dict")
+        missing = [n for n in MOMENT_KEYS if n not in s]
+        unknown = sorted(set(s) - set(MOMENT_KEYS))
+        if missing or unknown:
+            _fail(f"state[{key!r}] has missing keys {missing} / unknown keys {unknown}")
+        want = moment_dtype(p.dtype)
+        entry = {}
+        for n in MOMENT_KEYS:
+            v = s[n]
+            where = f"state[{key!r}][{n!r}]"
+            if not isinstance(v, Tensor):
+                _fail(f"{where} is a {type(v).__name__}, not a tensor")
+            if tuple(v.shape) != tuple(p.shape):
+                _fail(f"{where} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
+            if v.dtype != want:
+                _fail(f"{where} is {v.dtype}; moments of {p.dtype} parameters are {want}")
+            if v.device.type == "meta":
+                _fail(f"{where} is on the meta device (holds no values)")
+            if _is_dtensor(p) != _is_dtensor(v):
+                _fail(f"{where} is {'a DTensor' if _is_dtensor(v) else 'a plain tensor'} and its "
+                      f"parameter {'is' if _is_dtensor(p) else 'is not'} a DTensor: load sharded "
+                      "state through torch.distributed.checkpoint (set_optimizer_state_dict)")
+            if _is_dtensor(p) and (v.device_mesh != p.device_mesh or v.placements != p.placements):
+                _fail(f"{where} is sharded as {v.placements} on {v.device_mesh}, its parameter as "
+                      f"{p.placements} on {p.device_mesh}")
+            lv = _local(v)
+            if lv.numel() and not bool(torch.isfinite(lv).all()):
+                _fail(f"{where} holds non-finite values")
+            if n == "exp_avg_sq" and lv.numel() and bool((lv < 0).any()):
+                _fail(f"{where} holds negative values")
+            entry[n] = v.to(device=p.device, copy=True)
+        new_state[p] = entry
+
+    # Host scalars.
+    eta = _float(host["eta"], "eta")
+    if eta <= 0:
+        _fail(f"eta={eta!r} is invalid; expected a finite float > 0")
+    try:
+        validate_search_range(eta, hyper, name="eta", check_growth=False)
+    except ValueError as exc:
+        _fail(str(exc))
+    t = _int(host["t"], "t")
+    counters = host["counters"]
+    if not isinstance(counters, dict):
+        _fail(f"counters is a {type(counters).__name__}, not a dict")
+    missing = [k for k in COUNTER_KEYS if k not in counters]
+    if missing:
+        _fail(f"counters lacks {missing}")
+    counters = {k: _int(v, f"counters[{k!r}]") for k, v in counters.items()}
+    fast, slow = host["fast"], host["slow"]
+    if (fast is None) != (slow is None):
+        _fail(f"fast={fast!r} and slow={slow!r}: both None (no search yet) or both floats")
+    if fast is not None:
+        fast, slow = _float(fast, "fast"), _float(slow, "slow")
+        if fast <= 0 or slow <= 0:
+            _fail(f"fast={fast!r}, slow={slow!r}: the 'auto' EMAs of eta must be > 0")
+    last = _int(host["last_search_t"], "last_search_t")
+    if last > t:
+        _fail(f"last_search_t={last} is after t={t}")
+    h = 0.0 if host["h"] is None else _float(host["h"], "h")
+    s_ = 0.0 if host["s"] is None else _float(host["s"], "s")
+    pending = host["pending_skips"]
+    if pending is None:
+        pending = 0
+    elif isinstance(pending, (Tensor, float)):
+        pf = _float(pending, "pending_skips")
+        if pf < 0 or pf != int(pf):
+            _fail(f"pending_skips={pf!r} is invalid; expected an int >= 0")
+        pending = int(pf)
+    pending = _int(pending, "pending_skips")
+    clean = {"eta": eta, "t": t, "counters": counters, "fast": fast, "slow": slow,
+             "last_search_t": last, "h": h, "s": s_, "pending_skips": pending}
+    return LoadPlan(hyper=hyper, host=clean, weight_decays=weight_decays, state=new_state)

@@ -1,0 +1,112 @@
+"""Data-parallel and sharded training support for the ALSALS driver (ALGORITHM.md section 6).
+
+Two kinds of reduction, over two kinds of group:
+
+* Losses (L0 and every trial loss) are averaged over the **data-parallel group**
+  (``process_group=``), so every rank takes the same decisions.  Under DDP that is the world; under
+  FSDP2 on a 1-D mesh also the world; under HSDP (a 2-D ``(replicate, shard)`` mesh) still every
+  rank, because each rank sees its own mini-batch.
+* Partial sums over parameters (the gradient sum of squares, the two slopes) are added over the
+  **shard group only**: the mesh dimensions along which a DTensor parameter is ``Shard``-ed.  A
+  replicated dimension holds the same values on every member and must not be added again (on a
+  2-D mesh only the shard dimension is reduced).  Plain (non-DTensor) parameters are replicated:
+  their sums are not reduced at all, unless ``sharded=True`` says the user shards them over
+  ``process_group`` by hand (the reduction is then over ``process_group``).
+
+The backends never see a DTensor: the driver hands them the local shards (``to_local()``, which
+shares storage with the DTensor), so every backend's passes run unchanged on FSDP2 parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:                                  # pragma: no cover (torch without distributed)
+    DTensor = None
+    Shard = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The local shard of a DTensor (same storage), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """The mesh dimensions a DTensor parameter is sharded over."""
+
+    mesh: object                                     # DeviceMesh (hashable)
+    dims: Tuple[int, ...]
+
+    def groups(self) -> List[object]:
+        return [self.mesh.get_group(d) for d in self.dims]
+
+
+BY_PROCESS_GROUP = "process_group"                   # key: plain tensors with sharded=True
+
+
+def shard_key(p: Tensor, sharded: bool) -> Optional[Hashable]:
+    """None (replicated: no reduction), a ShardSpec (DTensor), or BY_PROCESS_GROUP."""
+    if is_dtensor(p):
+        dims = tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+        if not dims or p.device_mesh.size() == 1:
+            return None
+        return ShardSpec(p.device_mesh, dims)
+    return BY_PROCESS_GROUP if sharded else None
+
+
+def needs_process_group(params: Sequence[Tensor]) -> bool:
+    """DTensor parameters on a mesh of more than one rank: losses must be averaged."""
+    return any(is_dtensor(p) and p.device_mesh.size() > 1 for p in params)
+
+
+def all_reduce_sum(value: Tensor, group) -> Tensor:
+    import torch.distributed as dist
+    dist.all_reduce(value, group=group)              # SUM (gloo has no AVG)
+    return value
+
+
+def mean_over(value: Tensor, group) -> Tensor:
+    """Average a (loss) tensor over ``group``; a copy, never in place (it may alias the user's)."""
+    if group is None:
+        return value
+    import torch.distributed as dist
+    value = all_reduce_sum(value.clone(), group)
+    return value / dist.get_world_size(group)
+
+
+def sum_partials(partials: Sequence[Tensor], keys: Sequence[Optional[Hashable]], process_group) -> Tensor:
+    """Add per-bucket partial sums (all the same shape), reducing each over its shard group.
+
+    Buckets with the same key are added locally first, in bucket order, then reduced with one
+    collective per key (keys in order of first appearance, the same on every rank).
+    """
+    by_key: dict = {}
+    for value, key in zip(partials, keys):     # a copy: a backend may reuse its output buffer
+        by_key[key] = value.clone() if key not in by_key else by_key[key] + value
+    total = None
+    for key, value in by_key.items():
+        if key is BY_PROCESS_GROUP:
+            value = all_reduce_sum(value, process_group)
+        elif key is not None:
+            for group in key.groups():
+                value = all_reduce_sum(value, group)
+        total = value if total is None else total + value
+    return total
+
+
+def world_size(group) -> int:
+    import torch.distributed as dist
+    return dist.get_world_size(group) if group is not None else 1
+
+
+__all__ = ["is_dtensor", "local", "ShardSpec", "shard_key", "needs_process_group", "mean_over",
+           "sum_partials", "world_size", "BY_PROCESS_GROUP"]

@@ -1,0 +1,387 @@
+"""Gradients the optimizer did not compute, and the checks that keep ``step()`` honest.
+
+``ALSALS`` inherits ``UserGradientsMixin``; the line-search driver (``optimizer.py``) calls the
+few hooks below at the start and the end of ``step()``.  Nothing here imports a framework.
+
+The API (README: "Gradients you computed yourself")::
+
+    opt.zero_grad()
+    with opt.micro_batch(trial=lambda: loss_fn(model(x), y)) as mb:   # RNG captured here
+        loss = loss_fn(model(x), y)
+        loss.backward()              # or scaler.scale(loss).backward(), accelerator.backward(loss)
+        mb.loss = loss               # the loss whose gradient is now in p.grad (before GradScaler)
+    clip_grad_norm_(model.parameters(), 1.0)    # optional: the search uses p.grad as it is
+    loss = opt.step()                # or scaler.step(opt); the line search, trials call `trial`
+
+Several ``micro_batch`` blocks before one ``step()`` form one accumulation window: the window's
+loss L0 is the sum of ``scale * mb.loss`` and a trial forward the sum of ``scale * trial()`` over
+its micro-batches, in order, with the RNG replayed from where the window's first micro-batch
+started (so every micro-batch sees its own dropout masks again).  Each trial therefore costs one
+forward over every micro-batch of the window.  A cheaper, documented subset: open the window
+(``micro_batch``) only around the micro-batches the trials should evaluate, for example the last
+one, and run the others' forward/backward outside it; L0 and the trials are then that subset's
+loss while the gradient is the whole window's.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Param-group keys ALSALS reads.  "lr" and "betas" are mirrors (of eta and of the global betas);
+# "param_names" is torch's (named_parameters); anything else would be silently ignored.
+GROUP_KEYS = ("params", "weight_decay", "betas", "param_names")
+MARKED = 8          # gradients watched for a backward outside step() (see _all_params)
+
+FIX_HINT = (
+    "ALSALS picks the step size itself (param_groups[i]['lr'] is a read-only mirror of eta); "
+    "detach the scheduler (with the Hugging Face Trainer use "
+    "alsals_fused.integrations.transformers.ALSALSTrainer, which installs a schedule that only "
+    "reports eta), set the first step size with init_step_size=, and use torch.optim.AdamW if "
+    "you want a learning-rate schedule."
+)
+
+USER_GRADIENTS_HELP = (
+    "To step on gradients you computed yourself (gradient accumulation, your own clipping, "
+    "GradScaler, a framework that owns backward), run your forward/backward inside "
+    "`with opt.micro_batch(trial=lambda: loss_fn(model(x), y)) as mb: ...; mb.loss = loss` and "
+    "then call opt.step() (README: 'Gradients you computed yourself'). Lightning: return ALSALS "
+    "from configure_optimizers (handled); Hugging Face Trainer: "
+    "alsals_fused.integrations.transformers.ALSALSTrainer; accelerate: "
+    "alsals_fused.integrations.accelerate.micro_batch."
+)
+
+CLOSURE_RAN_BACKWARD = (
+    "ALSALS: the closure passed to step() ran backward itself (the LBFGS convention). ALSALS's "
+    "closure must only return the loss: step() runs backward once, then calls the closure again "
+    "under no_grad for every trial forward. " + USER_GRADIENTS_HELP
+)
+
+ACCUMULATED_BEFORE_STEP = (
+    "ALSALS: step(closure) runs backward itself, but p.grad already holds gradients computed "
+    "after the last zero_grad()/step() (for example your own loss.backward() or clip_grad_norm_ "
+    "before step(closure)); they would be added to the closure's gradient. Call opt.zero_grad() "
+    "right before step(closure), or, to step on the gradients you computed, " + USER_GRADIENTS_HELP
+)
+
+STALE_GRADS_WARNING = (
+    "ALSALS: p.grad still holds the previous step's gradient, and step(closure) adds this step's "
+    "gradient to it; call opt.zero_grad() before each step()."
+)
+
+
+class MicroBatch:
+    """One micro-batch of a gradient window (``opt.micro_batch``); set ``.loss`` inside the block."""
+
+    def __init__(self, trial: Callable[[], Tensor], scale: float):
+        if not callable(trial):
+            raise TypeError("ALSALS.micro_batch(trial=...) takes a callable that returns this "
+                            "micro-batch's loss without calling backward (it runs under no_grad)")
+        self.trial = trial
+        self.scale = float(scale)
+        self.loss: Optional[Tensor] = None
+
+
+class GradientWindow:
+    """The micro-batches whose gradients are in p.grad, their losses, and the RNG state before them."""
+
+    def __init__(self, rng):
+        self.rng = rng                      # optimizer._RngState captured before the first forward
+        self.parts: List[MicroBatch] = []
+        self.buffers_module: Optional[torch.nn.Module] = None   # set by framework adapters
+
+    def loss(self) -> Tensor:
+        total = None
+        for mb in self.parts:
+            value = mb.loss.detach().reshape(())
+            value = value if mb.scale == 1.0 else value * mb.scale
+            total = value if total is None else total + value
+        return total
+
+    def trial(self) -> Tensor:
+        total = None
+        for mb in self.parts:
+            value = mb.trial()
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise TypeError("ALSALS: a micro_batch trial must return the micro-batch's scalar "
+                                f"loss as a torch.Tensor; got {type(value).__name__}")
+            value = value.reshape(())
+            value = value if mb.scale == 1.0 else value * mb.scale
+            total = value if total is None else total + value
+        return total
+
+
+def _grad_marks(params) -> List[Optional[Tuple[Any, int]]]:
+    """Which gradient object each parameter holds and its version counter (host-side, no read)."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+
+def _changed(params, marks) -> Optional[bool]:
+    """True if a gradient was written since ``marks`` (None: no record), False if all are as recorded.
+
+    A gradient set to None since is not a change (nothing can accumulate into it)."""
+    if marks is None:
+        return True if any(p.grad is not None for p in params) else None
+    any_grad = False
+    for p, mark in zip(params, marks):
+        g = p.grad
+        if g is None:
+            continue
+        any_grad = True
+        if mark is None or mark[0]() is not g or g._version != mark[1]:
+            return True
+    return False if any_grad else None
+
+
+class UserGradientsMixin:
+    """The parts of ALSALS that face training code which runs backward itself."""
+
+    # -- construction ---------------------------------------------------------------------------
+    @staticmethod
+    def _reject_adamw_arguments(lr) -> None:
+        if lr is not None:
+            raise TypeError(f"ALSALS has no lr= (got lr={lr!r}): the line search picks the step size "
+                            "at every step. Use init_step_size= for the first step size "
+                            "(default 0.1); param_groups[i]['lr'] reports the current one.")
+
+    def _check_group_keys(self, param_group: dict) -> None:
+        """Unknown param-group keys would be silently ignored: reject them (construction and add_param_group)."""
+        if not isinstance(param_group, dict):
+            return
+        if "lr" in param_group:
+            raise ValueError("ALSALS: a param group sets 'lr', but ALSALS has one step size for all "
+                             "groups, picked by the line search; remove 'lr' (init_step_size= sets "
+                             "the first step size)")
+        unknown = sorted(set(param_group) - set(GROUP_KEYS))
+        if unknown:
+            raise ValueError(f"ALSALS: unknown param-group key(s) {unknown}; ALSALS reads "
+                             f"{list(GROUP_KEYS[:2])} per group (betas must equal the global "
+                             "betas=); the others are global constructor arguments")
+        if "betas" in param_group and tuple(param_group["betas"]) != tuple(self.hyper.betas):
+            raise ValueError("ALSALS: betas are global (one ADAM state schedule for the line "
+                             "search); pass betas= to the constructor instead of per group")
+
+    def _keep_buffer_module(self, buffers) -> None:
+        """buffers=model: keep the module and read its buffers at each step (models move later)."""
+        self._buffer_module = buffers if isinstance(buffers, torch.nn.Module) else None
+
+    def _current_buffers(self) -> List[Tensor]:
+        module = self._buffer_module
+        if module is not None:
+            self._buffers = list(module.buffers())
+        buffers = self._buffers
+        snap = self._buffer_snapshot
+        if len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+                                            for s, b in zip(snap, buffers)):
+            self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
+        return buffers
+
+    # -- visible state ----------------------------------------------------------------------------
+    @property
+    def chosen_backends(self) -> dict:
+        """{(device, dtype): backend name} as resolved so far (filled at the first step)."""
+        return {key: getattr(b, "name", type(b).__name__) for key, b in self._resolved.items()}
+
+    def __repr__(self) -> str:
+        from ..config import VARIANT_DEFAULTS
+        defaults = VARIANT_DEFAULTS[self.hyper.variant]
+        parts = [f"variant={self.hyper.variant!r}"]
+        for name, value in vars(self.hyper).items():
+            if name != "variant" and value != getattr(defaults, name):
+                parts.append(f"{name}={value!r}")
+        parts.append(f"backend={self.backend_name!r}")
+        if self._resolved:
+            chosen = ", ".join(f"{d}/{str(t).replace('torch.', '')}: {n}"
+                               for (d, t), n in self.chosen_backends.items())
+            parts.append(f"chosen=[{chosen}]")
+        if self._buffer_module is not None or self._buffers:
+            kept = "module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"
+            parts.append(f"buffers={kept}")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        parts.append(f"groups={len(sizes)} ({sum(sizes)} params)")
+        parts.append(f"eta={self.eta:.4g}, t={self.t}")
+        return f"ALSALS({', '.join(parts)})"
+
+    # -- no silent no-ops (start of every step) -------------------------------------------------
+    def _check_mirrors(self) -> None:
+        """param_groups[i]['lr'] mirrors eta and ['betas'] the global betas; a write means someone
+        (a scheduler, SWALR, the user) expects it to do something: say so instead of ignoring it."""
+        eta, betas = self.eta, tuple(self.hyper.betas)
+        for i, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            if lr != eta:
+                raise RuntimeError(
+                    f"ALSALS: param_groups[{i}]['lr'] was set to {lr!r} but eta is {eta!r}. Likely "
+                    "causes: a learning-rate scheduler attached to this optimizer "
+                    "(torch.optim.lr_scheduler.*, transformers' default linear schedule, "
+                    "swa_utils.SWALR, Lightning's lr_scheduler_configs) or code that sets the lr "
+                    "by hand. " + FIX_HINT)
+            g_betas = group.get("betas", betas)
+            if tuple(g_betas) != betas:
+                raise RuntimeError(
+                    f"ALSALS: param_groups[{i}]['betas'] was set to {tuple(g_betas)!r} but ALSALS "
+                    f"uses betas={betas!r}. Likely cause: a scheduler that cycles momentum "
+                    "(OneCycleLR, CyclicLR with cycle_momentum=True). " + FIX_HINT)
+
+    def _check_grads_before_closure(self) -> None:
+        """step(closure) runs backward: gradients written since zero_grad()/the last step would add up."""
+        from .accelerate import accumulation_steps, stepped_by_accelerate
+        n = accumulation_steps()
+        if n > 1 and stepped_by_accelerate():
+            raise RuntimeError(
+                f"ALSALS: accelerate accumulates gradients over {n} micro-batches and calls the "
+                "optimizer's step() only on a window's last one, so a closure given to step() "
+                "would see that micro-batch only. Run each micro-batch inside "
+                "alsals_fused.integrations.accelerate.micro_batch(accelerator, optimizer, trial) "
+                "and call optimizer.step() without a closure (README: accelerate).")
+        changed = _changed(self._all_params(), getattr(self, "_grad_marks", None))
+        if changed:
+            raise RuntimeError(ACCUMULATED_BEFORE_STEP)
+        if changed is False and not getattr(self, "_warned_stale", False):
+            self._warned_stale = True
+            warnings.warn(STALE_GRADS_WARNING, stacklevel=4)
+
+    def _check_closure_result(self, loss: Tensor) -> None:
+        """Before step()'s backward: did the closure run backward itself (gradients written since
+        the check at the start of step), or build a loss without autograd?"""
+        if _changed(self._all_params(), getattr(self, "_grad_marks", None)):
+            raise RuntimeError(CLOSURE_RAN_BACKWARD)
+        if loss.requires_grad:
+            return
+        raise RuntimeError("ALSALS: the loss does not require grad; the closure must build it from "
+                           "the parameters with autograd enabled. " + USER_GRADIENTS_HELP)
+
+    @staticmethod
+    def _explain_backward_error(exc: RuntimeError) -> None:
+        if "backward through the graph a second time" in str(exc):
+            raise RuntimeError(CLOSURE_RAN_BACKWARD) from exc
+        raise exc
+
+    def _all_params(self) -> List[Tensor]:
+        """The parameters whose gradients are watched: a fixed sample of at most MARKED of them
+        (first, last and evenly between), so the check costs a few microseconds whatever the
+        model's size; a backward outside step() writes (nearly) every parameter's gradient."""
+        key = (getattr(self, "_groups_version", None), len(self.param_groups))
+        cached = getattr(self, "_marked", None)
+        if cached is None or cached[0] != key:
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+            n = len(params)
+            picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
+            cached = self._marked = (key, [params[i] for i in picks])
+        return cached[1]
+
+    def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
+        """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
+        which gradients the step saw, so a later backward outside step() is detected."""
+        if loss is not None and self.last_step is not None:
+            self.last_step.loss = loss
+        self._grad_marks = _grad_marks(self._all_params())
+        self._window = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._grad_marks = _grad_marks(self._all_params())
+        self._window = None
+
+    # -- gradients the optimizer did not compute -------------------------------------------------
+    @staticmethod
+    def _is_framework_closure(closure) -> bool:
+        return is_framework_closure(closure)
+
+    def micro_batch(self, trial: Callable[[], Tensor], *, scale: float = 1.0):
+        """Context manager around a forward/backward you run yourself; see the module docstring.
+
+        ``trial()`` returns this micro-batch's loss at the current parameters without calling
+        backward (it runs under no_grad, with the RNG replayed).  ``scale`` multiplies both
+        ``mb.loss`` and ``trial()``: pass the factor your backward applied that ``mb.loss`` does
+        not include (accelerate's ``backward`` divides by gradient_accumulation_steps)."""
+        return _MicroBatchContext(self, MicroBatch(trial, scale))
+
+    def _open_window(self) -> GradientWindow:
+        window = getattr(self, "_window", None)
+        if window is None:
+            from ..optimizer import _RngState
+            window = self._window = GradientWindow(_RngState(self._param_devices()))
+        return window
+
+    def _step_user_gradients(self, closure) -> Optional[Tensor]:
+        """step() without a closure (or with a framework's closure): search on p.grad as it is."""
+        if closure is not None:
+            adapter = framework_adapter(closure)
+            window = adapter.run(self)
+            if window is None:       # the framework skipped this step (training_step returned None)
+                return None
+        else:
+            window = getattr(self, "_window", None)
+            if window is None or not window.parts:
+                from ..optimizer import CLOSURE_HELP
+                raise TypeError(CLOSURE_HELP + "\n" + USER_GRADIENTS_HELP)
+        self._window = None
+        searching = self._searches_at(self.t + 1)
+        loss = window.loss()
+        saved_module = self._buffer_module
+        if window.buffers_module is not None and saved_module is None and not self._buffers:
+            self._buffer_module = window.buffers_module
+        try:
+            with torch.no_grad():
+                result = self._update(window.trial, loss, searching, window.rng if searching else None)
+        finally:
+            self._buffer_module = saved_module
+        return self._finish_step(result)
+
+
+class _MicroBatchContext:
+    def __init__(self, opt, mb: MicroBatch):
+        self.opt, self.mb = opt, mb
+
+    def __enter__(self) -> MicroBatch:
+        self.window = self.opt._open_window()        # first micro-batch: captures the RNG
+        return self.mb
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            return False
+        if not isinstance(self.mb.loss, Tensor) or self.mb.loss.numel() != 1:
+            raise TypeError("ALSALS.micro_batch: set mb.loss to this micro-batch's scalar loss "
+                            "tensor (the one you ran backward on) inside the with block")
+        self.mb.loss = self.mb.loss.detach()        # keep no graph alive until step()
+        self.window.parts.append(self.mb)
+        return False
+
+
+def with_load_state_dict_hooks(load_state_dict):
+    """Wrap ``load_state_dict`` so torch's pre and post hooks fire, as torch's optimizers do."""
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state_dict):
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        load_state_dict(self, state_dict)
+        for group in self.param_groups:      # the betas mirror follows the loaded hyperparameters
+            group["betas"] = tuple(self.hyper.betas)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+    return wrapper
+
+
+# -- frameworks whose closure runs backward itself -------------------------------------------------
+def is_framework_closure(closure) -> bool:
+    """Lightning's automatic-optimization closure (a partial of its precision plugin's wrapper)."""
+    if not isinstance(closure, functools.partial):
+        return False
+    module = getattr(closure.func, "__module__", None) or ""
+    return module.startswith(("lightning.", "pytorch_lightning."))
+
+
+def framework_adapter(closure):
+    if is_framework_closure(closure):
+        from .lightning import LightningClosureAdapter
+        return LightningClosureAdapter(closure)
+    raise TypeError("ALSALS: unrecognised framework closure")

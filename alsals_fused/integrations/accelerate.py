@@ -1,0 +1,62 @@
+"""accelerate with ALSALS (imports nothing from accelerate).
+
+Without accumulation, ``optimizer.step(closure)`` works as in a plain loop; accelerate's wrapper
+returns None, so read the step's loss from the ALSALS object (``opt.last_step.loss``, a 0-dim
+tensor) or compute it in the closure.
+
+With ``accelerator.accumulate()`` (gradient_accumulation_steps > 1) accelerate runs the inner
+``step()`` only on a window's last micro-batch, so a closure given to ``step()`` would see that one
+micro-batch only; ALSALS refuses that with an error pointing here.  Instead run each micro-batch's
+forward/backward inside ``micro_batch``, and every micro-batch is seen by the gradient and by
+every trial forward::
+
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            with micro_batch(accelerator, optimizer, lambda: loss_fn(model(x), y)) as mb:
+                loss = loss_fn(model(x), y)
+                accelerator.backward(loss)
+                mb.loss = loss
+            optimizer.step()          # the line search, at the window's last micro-batch
+            optimizer.zero_grad()
+"""
+from __future__ import annotations
+
+import sys
+
+
+def unwrap(optimizer):
+    from ..optimizer import ALSALS
+    seen = optimizer
+    while not isinstance(seen, ALSALS):
+        inner = getattr(seen, "optimizer", None)
+        if inner is None or inner is seen:
+            raise TypeError(f"expected an ALSALS optimizer (possibly wrapped), got {type(optimizer).__name__}")
+        seen = inner
+    return seen
+
+
+def micro_batch(accelerator, optimizer, trial):
+    """``opt.micro_batch`` with the 1/gradient_accumulation_steps that ``accelerator.backward`` applies."""
+    return unwrap(optimizer).micro_batch(trial, scale=1.0 / accelerator.gradient_accumulation_steps)
+
+
+def accumulation_steps() -> int:
+    """gradient_accumulation_steps of the live Accelerator (1 if accelerate is not in use)."""
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return 1
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None) or {}
+    kwargs = shared.get("plugin_kwargs") or {}
+    return int(kwargs.get("num_steps", 1) or 1)
+
+
+def stepped_by_accelerate(depth: int = 8) -> bool:
+    """Is this step() called by accelerate's AcceleratedOptimizer (a few frames up)?"""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") == "accelerate.optimizer":
+            return True
+        frame = frame.f_back
+    return False

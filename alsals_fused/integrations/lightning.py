@@ -1,0 +1,87 @@
+"""Lightning, automatic optimization: return ALSALS from ``configure_optimizers``, nothing else.
+
+Lightning calls ``optimizer.step(closure=...)`` with a closure that runs ``training_step``,
+``zero_grad`` (first micro-batch of an accumulation window), ``backward``, the
+``on_before_optimizer_step`` hooks and gradient clipping, and returns the detached loss.
+``ALSALS.step`` recognises that closure (``_api.is_framework_closure``) and hands it here:
+
+- the gradient: the closure is run once as Lightning means it (RNG captured before it);
+- the trials: ``training_step`` alone on the same batch, through the strategy (so precision and
+  autocast apply), under no_grad with the same random numbers, with ``self.log`` / ``self.log_dict``
+  muted so trial losses never reach the logs, and without backward;
+- the module's buffers (BatchNorm statistics) are protected around the trials unless the
+  optimizer was given ``buffers=`` explicitly;
+- ``accumulate_grad_batches=N``: Lightning calls the optimizer only on the last micro-batch of a
+  window, so the trials evaluate that micro-batch (a documented subset): L0 and the trial loss are
+  its ``training_step`` loss, the slope uses the whole window's gradient.
+- ``training_step`` returning None skips the step, as with any optimizer.
+
+This module imports nothing from Lightning; the closure's objects are reached by attribute.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._api import GradientWindow, MicroBatch
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def _muted_logging(module):
+    """Trial forwards must not log: shadow LightningModule.log/log_dict for their duration."""
+    had = {name: name in vars(module) for name in ("log", "log_dict")}
+    for name in had:
+        object.__setattr__(module, name, _noop)
+    try:
+        yield
+    finally:
+        for name, own in had.items():
+            if not own:
+                object.__delattr__(module, name)
+
+
+class LightningClosureAdapter:
+    def __init__(self, closure):
+        # closure = functools.partial(precision._wrap_closure, lightning_module, optimizer, Closure)
+        self.closure = closure
+        self.inner = closure.args[-1] if closure.args else closure.keywords.get("closure")
+        step_fn = getattr(self.inner, "_step_fn", None)
+        loop = getattr(getattr(step_fn, "func", None), "__self__", None)
+        self.trainer = getattr(loop, "trainer", None)
+        if step_fn is None or self.trainer is None:
+            raise RuntimeError("ALSALS: this Lightning version's closure is not the one "
+                               "alsals_fused.integrations.lightning knows (Closure._step_fn); "
+                               "use manual optimization with opt.micro_batch + opt.step()")
+        self.step_fn = step_fn
+        self.accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+
+    def run(self, opt) -> Optional[GradientWindow]:
+        opt._window = None
+        window = opt._open_window()                 # RNG captured before training_step
+        loss = self.closure()                       # forward, zero_grad, backward, clipping
+        if loss is None:
+            opt._window = None
+            return None
+        mb = MicroBatch(self._trial, float(self.accumulate))
+        mb.loss = loss                              # Lightning divides it by accumulate_grad_batches
+        window.parts.append(mb)
+        window.buffers_module = self.trainer.lightning_module
+        return window
+
+    def _trial(self) -> Tensor:
+        module = self.trainer.lightning_module
+        with _muted_logging(module), torch.no_grad():
+            result = self.step_fn()
+        loss = getattr(result, "closure_loss", None)
+        if loss is None:
+            raise RuntimeError("ALSALS: training_step returned no loss during a line-search trial "
+                               "(it returned one for the gradient); it must return the loss for "
+                               "the same batch every time it is called")
+        return loss.detach()

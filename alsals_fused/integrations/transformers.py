@@ -1,0 +1,104 @@
+"""Hugging Face ``Trainer`` with ALSALS: ``ALSALSTrainer`` (imports transformers when imported).
+
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    trainer = ALSALSTrainer(model=model, args=args, train_dataset=ds,
+                            alsals_kwargs={"variant": "alsals"})     # or optimizers=(ALSALS(...), None)
+    trainer.train()
+
+What it changes in ``Trainer``:
+- ``create_optimizer``: ALSALS over Trainer's two weight-decay groups (``args.weight_decay``),
+  ``buffers=model``, plus ``alsals_kwargs``.  ``args.learning_rate`` is not used (the line search
+  picks the step size; ``init_step_size`` is the first one).
+- ``create_scheduler``: ``EtaSchedule``, which only reports eta (so Trainer logs eta as
+  ``learning_rate``) instead of the default linear schedule, which would write to the lr.
+- ``training_step``: each micro-batch's forward/backward runs inside ``opt.micro_batch``, so when
+  Trainer calls ``optimizer.step()`` (after ``gradient_accumulation_steps`` micro-batches and after
+  its own ``max_grad_norm`` clipping of p.grad, which the search then uses), the line search
+  evaluates every micro-batch of the window: each trial forward is Trainer's own ``training_step``
+  on that micro-batch under no_grad with backward switched off, so its loss is scaled exactly as
+  the gradient's was.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+from transformers import Trainer
+
+from ..optimizer import ALSALS
+from .accelerate import unwrap
+
+
+class EtaSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler that writes nothing and reports eta (``param_groups[i]['lr']``)."""
+
+    def __init__(self, optimizer):   # no LRScheduler.__init__: it would write to the lr
+        self.optimizer = optimizer
+        self.last_epoch = 0
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self._last_lr = list(self.base_lrs)
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return self.get_lr()
+
+    def step(self, epoch=None):
+        self.last_epoch += 1
+        self._last_lr = self.get_lr()
+
+
+@contextlib.contextmanager
+def _backward_off(accelerator):
+    accelerator.backward = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del accelerator.backward
+
+
+class ALSALSTrainer(Trainer):
+    def __init__(self, *args, alsals_kwargs: Optional[dict] = None, **kwargs):
+        self.alsals_kwargs = dict(alsals_kwargs or {})
+        self._alsals_window_step = None
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            kwargs = {"buffers": opt_model, **self.alsals_kwargs}
+            self.optimizer = ALSALS([g for g in groups if g["params"]], **kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = EtaSchedule(optimizer if optimizer is not None else self.optimizer)
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = unwrap(self.optimizer)
+        if self._alsals_window_step != self.state.global_step:   # a new accumulation window
+            opt._window = None                                     # (a skipped step leaves one open)
+            self._alsals_window_step = self.state.global_step
+        trial = functools.partial(self._alsals_trial, model, dict(inputs), num_items_in_batch,
+                                  self.current_gradient_accumulation_steps)
+        with opt.micro_batch(trial) as mb:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            mb.loss = loss
+        return loss
+
+    def _alsals_trial(self, model, inputs, num_items_in_batch, accumulation_steps):
+        saved = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = accumulation_steps
+        try:
+            with _backward_off(self.accelerator):
+                return Trainer.training_step(self, model, dict(inputs), num_items_in_batch)
+        finally:
+            self.current_gradient_accumulation_steps = saved

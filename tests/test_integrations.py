@@ -1,0 +1,547 @@
+"""Issue 9: where users train.  One test (at least) per row of the issue's table, plus the API.
+
+Every framework test uses the real package (lightning, transformers, accelerate: the `test`
+extra installs them) on CPU with tiny models built from configs and in-memory data.
+"""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from alsals_fused import ALSALS
+
+
+def tiny(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
+
+
+def data(n=24, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    return x, x[:, :1] * 2 - x[:, 1:2] + 0.1 * torch.randn(n, 1, generator=gen)
+
+
+def mse(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- gradients the optimizer did not compute (item 1) ------------------------------------------
+
+def test_micro_batch_accumulation_equals_one_full_batch_step():
+    x, y = data(24)
+    full, acc = tiny(), tiny()
+    opt_full, opt_acc = ALSALS(full.parameters()), ALSALS(acc.parameters())
+    chunks = list(zip(x.chunk(3), y.chunk(3)))
+    for _ in range(5):
+        opt_full.zero_grad()
+        opt_full.step(lambda: mse(full, x, y))
+        opt_acc.zero_grad()
+        for xb, yb in chunks:
+            with opt_acc.micro_batch(lambda xb=xb, yb=yb: mse(acc, xb, yb), scale=1 / 3) as mb:
+                loss = mse(acc, xb, yb)
+                (loss / 3).backward()
+                mb.loss = loss
+        loss = opt_acc.step()
+        assert isinstance(loss, torch.Tensor)
+        torch.testing.assert_close(loss, mse(acc, x, y).detach() * 0 + loss)   # a 0-dim tensor
+        assert opt_acc.last_step.trials == opt_full.last_step.trials
+        assert opt_acc.eta == pytest.approx(opt_full.eta, rel=1e-9)
+    torch.testing.assert_close(flat(acc), flat(full), rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batch_trials_replay_each_micro_batchs_dropout_without_autograd():
+    model = tiny(dropout=0.5)
+    opt = ALSALS(model.parameters(), init_step_size=50.0)      # several trials
+    x, y = data(16)
+    chunks = list(zip(x.chunk(2), y.chunk(2)))
+    masks = {0: [], 1: []}
+    grad_enabled = []
+
+    def loss_of(i, xb, yb):
+        grad_enabled.append(torch.is_grad_enabled())
+        masks[i].append(torch.rand(3))             # stands for the dropout draws
+        return mse(model, xb, yb)
+
+    torch.manual_seed(7)
+    opt.zero_grad()
+    for i, (xb, yb) in enumerate(chunks):
+        with opt.micro_batch(lambda i=i, xb=xb, yb=yb: loss_of(i, xb, yb), scale=0.5) as mb:
+            loss = loss_of(i, xb, yb)
+            (loss * 0.5).backward()
+            mb.loss = loss
+    opt.step()
+    trials = opt.last_step.trials
+    assert trials > 1
+    for i in (0, 1):
+        assert len(masks[i]) == 1 + trials, "every micro-batch is evaluated by every trial"
+        assert all(torch.equal(m, masks[i][0]) for m in masks[i])
+    assert not torch.equal(masks[0][0], masks[1][0])
+    assert grad_enabled == [True, True] + [False] * (2 * trials), "trials run without autograd"
+
+
+def test_own_clipping_through_micro_batch_is_the_gradient_used():
+    w = nn.Parameter(torch.tensor([3.0, -4.0]))
+    opt = ALSALS([w], line_search_every=10 ** 6)
+    with opt.micro_batch(lambda: (w ** 2).sum() / 2) as mb:
+        mb.loss = (w ** 2).sum() / 2
+        mb.loss.backward()                         # g = w, |g| = 5
+    torch.nn.utils.clip_grad_norm_([w], 1.0)
+    opt.step()
+    torch.testing.assert_close(opt.state[w]["exp_avg"], torch.tensor([3.0, -4.0]) / (5 + 1e-6) * 0.1)
+
+
+def test_step_without_closure_or_gradients_shows_both_ways():
+    opt = ALSALS([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(TypeError, match="(?s)def closure.*micro_batch"):
+        opt.step()
+
+
+def test_grad_scaler_unscaled_gradients_and_skipped_inf_steps():
+    x, y = data(16)
+    plain, scaled = tiny(), tiny()
+    opt_p, opt_s = ALSALS(plain.parameters()), ALSALS(scaled.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for _ in range(3):
+        opt_p.zero_grad()
+        opt_p.step(lambda: mse(plain, x, y))
+        opt_s.zero_grad()
+        with opt_s.micro_batch(lambda: mse(scaled, x, y)) as mb:
+            mb.loss = mse(scaled, x, y)
+            scaler.scale(mb.loss).backward()
+        scaler.step(opt_s)
+        scaler.update()
+    assert torch.equal(flat(plain), flat(scaled)), "power-of-two unscaling is exact"
+    before, t = flat(scaled), opt_s.t
+    opt_s.zero_grad()
+    with opt_s.micro_batch(lambda: mse(scaled, x, y)) as mb:
+        mb.loss = mse(scaled, x, y)
+        scaler.scale(mb.loss * float("inf")).backward()
+    scaler.step(opt_s)                             # inf gradients: the scaler skips the step
+    scaler.update()
+    assert torch.equal(flat(scaled), before) and opt_s.t == t
+    opt_s.zero_grad()                              # ... and the open window is dropped
+    assert opt_s._window is None
+
+
+# -- no silent no-ops (item 3) -------------------------------------------------------------------
+
+def test_own_backward_then_step_closure_raises_with_the_fix():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    opt.zero_grad()
+    mse(model, x, y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(RuntimeError, match="(?s)already holds gradients.*micro_batch"):
+        opt.step(lambda: mse(model, x, y))
+
+
+def test_backward_after_model_zero_grad_is_detected_too():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    opt.step(lambda: mse(model, x, y))
+    model.zero_grad()                               # not the optimizer's: grads -> None
+    mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="already holds gradients"):
+        opt.step(lambda: mse(model, x, y))
+
+
+def test_forgotten_zero_grad_warns_once():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    opt.step(lambda: mse(model, x, y))
+    with pytest.warns(UserWarning, match="zero_grad"):
+        opt.step(lambda: mse(model, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: mse(model, x, y))
+
+
+@pytest.mark.parametrize("retain", [False, True, "attached"])
+def test_closure_that_runs_backward_gets_a_clear_error(retain):
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+
+    def lbfgs_closure():
+        opt.zero_grad()
+        loss = mse(model, x, y)
+        loss.backward(retain_graph=bool(retain))
+        return loss.detach() if retain is True else loss
+
+    with pytest.raises(RuntimeError, match="(?s)ran backward itself.*micro_batch"):
+        opt.step(lbfgs_closure)
+
+
+def test_lr_keyword_points_to_init_step_size():
+    with pytest.raises(TypeError, match="init_step_size"):
+        ALSALS([nn.Parameter(torch.zeros(2))], lr=1e-3)
+
+
+def test_unknown_param_group_keys_are_rejected():
+    w, v = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown param-group key.*momentum"):
+        ALSALS([{"params": [w], "momentum": 0.9}])
+    with pytest.raises(ValueError, match="'lr'.*init_step_size"):
+        ALSALS([{"params": [w], "lr": 1e-3}])
+    opt = ALSALS([w])
+    with pytest.raises(ValueError, match="unknown param-group key.*amsgrad"):
+        opt.add_param_group({"params": [v], "amsgrad": True})
+    with pytest.raises(ValueError, match="betas are global"):
+        opt.add_param_group({"params": [v], "betas": (0.8, 0.9)})
+    opt.add_param_group({"params": [v], "weight_decay": 0.1})       # the one per-group key
+
+
+SCHEDULERS = {
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+    "linear": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.5, total_iters=4),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda k: 0.9 ** k),
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    "swalr": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.01, anneal_epochs=2),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_schedulers_fail_loudly_at_the_next_step(name):
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    sched = SCHEDULERS[name](opt)                  # OneCycleLR / CyclicLR: no missing-beta1 error
+    opt.zero_grad()
+    try:
+        opt.step(lambda: mse(model, x, y))
+        sched.step()
+        opt.zero_grad()
+        opt.step(lambda: mse(model, x, y))
+    except RuntimeError as exc:
+        assert "Likely cause" in str(exc) and "init_step_size" in str(exc), exc
+    else:
+        pytest.fail(f"{name}: a scheduler's write to lr was silently ignored")
+
+
+def test_manual_lr_write_fails_loudly():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    opt.step(lambda: mse(model, x, y))
+    assert opt.param_groups[0]["lr"] == opt.eta
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['lr'\] was set to 0.001"):
+        opt.step(lambda: mse(model, x, y))
+
+
+# -- buffers follow the model (item 4) -----------------------------------------------------------
+
+def test_buffers_model_follows_the_model_after_it_moves():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    model = make()
+    opt = ALSALS(model.parameters(), init_step_size=20.0, buffers=model)
+    model.double()                                  # a move after construction: new buffer tensors
+    opt.step(lambda: mse(model, x, y))
+    assert opt.last_step.trials > 1
+    reference = make().double()
+    reference(x)                                    # one training-mode forward
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=0, atol=0)
+
+
+# -- visible state (item 5) ------------------------------------------------------------------------
+
+def test_chosen_backends_and_repr():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters(), c=0.3, max_grad_norm=1.0)
+    text = repr(opt)
+    assert "variant='alsals'" in text and "c=0.3" in text and "max_grad_norm=1.0" in text
+    assert "smoothing" not in text, "defaults are not repeated"
+    opt.step(lambda: mse(model, x, y))
+    assert opt.chosen_backends == {(torch.device("cpu"), torch.float32): "foreach"}
+    assert "cpu/float32: foreach" in repr(opt)
+
+
+def test_last_step_loss_is_a_tensor_on_every_step():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters(), line_search_every=2)
+    kinds = []
+    for _ in range(4):
+        opt.zero_grad()
+        reads = opt.reads
+        loss = opt.step(lambda: mse(model, x, y))
+        assert opt.reads - reads == opt.last_step.trials, "no extra device read"
+        kinds.append((opt.last_step.searched, type(opt.last_step.loss)))
+        assert opt.last_step.loss is loss
+    assert kinds == [(True, torch.Tensor), (False, torch.Tensor)] * 2
+
+
+def test_load_state_dict_fires_torch_hooks():
+    w = nn.Parameter(torch.ones(3))
+    saved = ALSALS([w], c=0.2).state_dict()
+    opt = ALSALS([w])
+    calls = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("pre", o is opt, "alsals" in sd["param_groups"][0])))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.hyper.c)))
+    opt.load_state_dict(saved)
+    assert calls == [("pre", True, True), ("post", 0.2)]
+
+
+# -- Lightning --------------------------------------------------------------------------------------
+
+def _lightning_module(**opt_kwargs):
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                     nn.Dropout(0.2), nn.Linear(16, 1))
+            self.backwards = 0
+            self.logged = 0
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            self.logged += 1
+            return loss
+
+        def on_after_backward(self):
+            self.backwards += 1
+
+        def configure_optimizers(self):
+            return ALSALS(self.parameters(), **opt_kwargs)
+
+    return Module()
+
+
+def _loader(n=64, batch=16):
+    x, y = data(n)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def _pl_trainer(tmp_path, steps, **kwargs):
+    import lightning.pytorch as pl
+    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, **kwargs)
+
+
+def test_lightning_automatic_optimization_trains_checkpoints_and_resumes(tmp_path):
+    module = _lightning_module()
+    trainer = _pl_trainer(tmp_path, 4)
+    before = flat(module)
+    trainer.fit(module, _loader())
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, ALSALS) and opt.t == 4 and opt.counters["trials"] >= 4
+    assert not torch.equal(flat(module), before)
+    assert module.backwards == 4, "one backward per step, none per trial"
+    assert module.logged == 4 + opt.counters["trials"] and trainer.logged_metrics["train_loss"] is not None
+    assert isinstance(opt.last_step.loss, torch.Tensor)
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    eta, counters = opt.eta, dict(opt.counters)
+
+    resumed = _lightning_module()
+    trainer2 = _pl_trainer(tmp_path, 6)
+    trainer2.fit(resumed, _loader(), ckpt_path=ckpt)
+    opt2 = trainer2.optimizers[0]
+    assert opt2.t == 6 and opt2.counters["steps"] == counters["steps"] + 2
+    assert opt2.last_step is not None and eta > 0
+
+
+def test_lightning_trials_do_not_log_and_batchnorm_sees_one_forward(tmp_path):
+    module = _lightning_module(init_step_size=50.0)        # several trials on the first step
+    trainer = _pl_trainer(tmp_path, 1)
+    x, y = data(16)
+    torch.manual_seed(0)
+    reference = _lightning_module().net
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16))
+    opt = trainer.optimizers[0]
+    assert opt.last_step.trials > 1
+    reference.train()
+    reference(x)
+    torch.testing.assert_close(module.net[1].running_mean, reference[1].running_mean)
+    assert trainer.logged_metrics["train_loss"].item() == pytest.approx(opt.last_step.loss.item())
+
+
+def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):
+    module = _lightning_module()
+    trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    trainer.fit(module, _loader(n=64, batch=16))
+    opt = trainer.optimizers[0]
+    assert opt.t == 2 and module.backwards == 4
+    # the trials evaluate the window's last micro-batch (documented subset)
+    assert module.logged == 4 + opt.counters["trials"]
+
+
+# -- Hugging Face Trainer -----------------------------------------------------------------------------
+
+def _hf_setup(tmp_path, **args):
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        resid_pdrop=0.1, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 32, (32, 12), generator=gen)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    defaults = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                    dataloader_num_workers=0, disable_tqdm=True)
+    defaults.update(args)
+    return model, dataset, TrainingArguments(**defaults)
+
+
+def test_hf_trainer_runs_the_line_search_and_logs_eta(tmp_path):
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    model, dataset, args = _hf_setup(tmp_path, gradient_accumulation_steps=2)
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a, k: forwards.append(torch.is_grad_enabled()), with_kwargs=True)
+    etas = []
+
+    trainer = ALSALSTrainer(model=model, args=args, train_dataset=dataset)
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            etas.append(trainer.optimizer.optimizer.eta if hasattr(trainer.optimizer, "optimizer")
+                        else trainer.optimizer.eta)
+
+    trainer.add_callback(Record())
+    trainer.train()
+    from alsals_fused.integrations.accelerate import unwrap
+    opt = unwrap(trainer.optimizer)
+    assert opt.t == 3
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert logged == etas and len(logged) == 3
+    # every micro-batch seen by the gradient and by every trial forward, no backward per trial
+    assert forwards.count(True) == 3 * 2
+    assert forwards.count(False) == 2 * opt.counters["trials"]
+
+
+def test_hf_trainer_clips_before_the_search_and_accepts_a_passed_optimizer(tmp_path):
+    from alsals_fused.integrations.transformers import ALSALSTrainer, EtaSchedule
+    model, dataset, args = _hf_setup(tmp_path, max_steps=1, max_grad_norm=1e-3)
+    opt = ALSALS(model.parameters(), line_search_every=10 ** 6)
+    trainer = ALSALSTrainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, None))
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, EtaSchedule)
+    m = torch.cat([s["exp_avg"].reshape(-1) for s in opt.state.values()])
+    assert (m / 0.1).norm().item() == pytest.approx(1e-3, rel=1e-3), "the search used the clipped gradient"
+
+
+def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):
+    from alsals_fused.integrations.accelerate import unwrap
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    model, dataset, args = _hf_setup(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    first = ALSALSTrainer(model=model, args=args, train_dataset=dataset)
+    first.train()
+    opt = unwrap(first.optimizer)
+    eta, t = opt.eta, opt.t
+    model2, dataset, args2 = _hf_setup(tmp_path, max_steps=3, save_strategy="no")
+    second = ALSALSTrainer(model=model2, args=args2, train_dataset=dataset)
+    second.train(resume_from_checkpoint=True)
+    opt2 = unwrap(second.optimizer)
+    assert t == 2 and opt2.t == 3 and opt2.counters["steps"] == 3
+    logged = [h["learning_rate"] for h in second.state.log_history if h.get("step") == 3 and "learning_rate" in h]
+    assert logged == [opt2.eta] and eta > 0
+
+
+def test_plain_hf_trainer_with_alsals_explains_the_adapter(tmp_path):
+    from transformers import Trainer
+    model, dataset, args = _hf_setup(tmp_path, max_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      optimizers=(ALSALS(model.parameters()), None))
+    with pytest.raises((TypeError, RuntimeError), match="ALSALSTrainer"):
+        trainer.train()
+
+
+# -- accelerate ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_accelerate_step_closure_and_the_loss(fresh_accelerate):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    model, aopt = accelerator.prepare(model, opt)
+    x, y = data()
+    for _ in range(2):
+        aopt.zero_grad()
+        assert aopt.step(lambda: mse(model, x, y)) is None     # accelerate's wrapper
+        assert isinstance(opt.last_step.loss, torch.Tensor)     # the step's loss, as the README says
+    assert opt.t == 2
+
+
+def test_accelerate_accumulate_sees_every_micro_batch(fresh_accelerate):
+    from accelerate import Accelerator
+
+    from alsals_fused.integrations.accelerate import micro_batch
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    model, aopt = accelerator.prepare(model, opt)
+    x, y = data(32)
+    seen = []
+
+    def loss_of(i, xb, yb):
+        seen.append((i, torch.is_grad_enabled()))
+        return mse(model, xb, yb)
+
+    for i, (xb, yb) in enumerate(zip(x.chunk(4), y.chunk(4))):
+        with accelerator.accumulate(model):
+            with micro_batch(accelerator, aopt, lambda i=i, xb=xb, yb=yb: loss_of(i, xb, yb)) as mb:
+                loss = loss_of(i, xb, yb)
+                accelerator.backward(loss)
+                mb.loss = loss
+            aopt.step()
+            aopt.zero_grad()
+    assert opt.t == 2
+    for i in range(4):
+        trials = [s for s in seen if s == (i, False)]
+        assert (i, True) in seen and len(trials) >= 1, f"micro-batch {i} not seen by the trials"
+    # the same result as one step over each pair of micro-batches
+    ref = tiny()
+    ref_opt = ALSALS(ref.parameters())
+    for k in range(2):
+        ref_opt.zero_grad()
+        ref_opt.step(lambda k=k: mse(ref, x[16 * k:16 * k + 16], y[16 * k:16 * k + 16]))
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_accumulate_with_a_step_closure_is_refused(fresh_accelerate):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny()
+    model, aopt = accelerator.prepare(model, ALSALS(model.parameters()))
+    x, y = data()
+    with pytest.raises(RuntimeError, match="integrations.accelerate.micro_batch"):
+        for _ in range(2):
+            with accelerator.accumulate(model):
+                aopt.step(lambda: mse(model, x, y))
+                aopt.zero_grad()
