@@ -374,7 +374,7 @@ def flat(model) -> Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
 
 
-def assert_same_extra_state(a, b, path: str = "alsals") -> None:
+def assert_same_extra_state(a, b, path: str = "state_dict") -> None:
     """The optimizer's own state_dict entries (eta, t, counters, device state...) are identical."""
     if isinstance(a, Tensor):
         assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), path
