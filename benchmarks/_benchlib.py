@@ -12,7 +12,7 @@ Configuration comes from the environment so that ``gpu_suite.py`` can drive pyte
 ``ALSALS_BENCH_THREADS``  CPU intra-op threads (default 1: repeatable on shared machines)
 ``ALSALS_BENCH_JSONL``   append one JSON line per finished row to this file (partial results)
 
-Byte counts are ALGORITHM.md section 7's, per fp32 parameter; "GB/s" below is always the *ideal*
+Byte counts are docs/algorithm.md section 7's, per fp32 parameter; "GB/s" below is always the *ideal*
 byte count of the work divided by the measured time (effective bandwidth), compared with a plain
 device-to-device copy (CPU: memcpy) of the same number of elements timed in the same run.
 """
@@ -33,11 +33,11 @@ import torch.nn as nn
 from alsals_fused.examples.models import ByteGPT, lm_loss
 from alsals_fused.examples.models import GPTConfig as ModelConfig
 
-# -- bytes moved per fp32 parameter (ALGORITHM.md section 7) -----------------------------------
+# -- bytes moved per fp32 parameter (docs/algorithm.md section 7) ------------------------------
 BYTES_PER_PARAM = {
     "copy": 8,         # read src, write dst
     "adam": 28,        # fused ADAM: read g, m, v, w (16); write m, v, w (12)
-    "grad_sumsq": 4,   # the non-finite / clipping pre-pass: read g
+    "grad_pass": 4,    # the non-finite / clipping pre-pass: read g
     "step_pass": 32,   # read g, m, v, w (16); write m, v, the w0 backup and the candidate (16)
     "accepted": 36,    # a step whose first trial is accepted: pre-pass (4) + step pass (32)
     "backtrack": 16,   # one extra trial: read w0, m, v; write w (12 with a stored direction)

@@ -79,7 +79,8 @@ def markdown_tables(rows: Iterable[dict]) -> str:
             frac = r.get("frac_copy")
             out.append(f"| {r['row']} | {_ms(s.get('median'))} | {_ms(s.get('min'))} | "
                        f"{s.get('rounds', '-')} | {r.get('bytes_per_param', '-')} | "
-                       f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(frac * 100 if frac else None, '.0f')}{'%' if frac else ''} | "
+                       f"{_fmt(r.get('gbps'), '.1f')} | "
+                       f"{_fmt(frac * 100 if frac else None, '.0f')}{'%' if frac else ''} | "
                        f"{_fmt(r.get('reads_per_step'))} | {_fmt(r.get('syncs_per_step'), '.3g', 'n/a')} | "
                        f"{_fmt(r.get('state_bytes_per_param'))} |")
     return "\n".join(out)
@@ -104,33 +105,36 @@ def targets(rows: Iterable[dict]) -> List[dict]:
                 add(f"{b}: step pass / copy bandwidth", label, sp["frac_copy"], ">= 0.85",
                     sp["frac_copy"] >= 0.85, f"{sp['gbps']} vs {sp['copy_gbps']} GB/s")
             acc = _median(micro.get((label, f"alsals-{b}-accepted")))
-            if acc and adam:
-                ratio = acc / _median(adam)
+            adam_t = _median(adam)
+            if acc and adam and adam_t:
+                ratio = acc / adam_t
                 add(f"{b}: accepted-step work / torch {adam['row']}", label, ratio, "<= 1.3",
                     ratio <= 1.3)
             full = _median(micro.get((label, f"alsals-{b}-opt.step")))
-            if full and salsa:
-                ratio = _median(salsa) / full
+            salsa_t = _median(salsa)
+            if full and salsa_t:
+                ratio = salsa_t / full
                 add(f"{b}: speedup of opt.step over the SaLSA package", label, ratio, ">= 10",
                     ratio >= 10)
     # Informational: per-step overhead of foreach against the reference loop (small GPT sets).
     for (label, row), r in sorted(micro.items()):
         if row == "alsals-foreach-opt.step" and (label, "alsals-reference-opt.step") in micro:
-            ref = _median(micro[(label, "alsals-reference-opt.step")])
-            add("foreach / reference opt.step time", label, _median(r) / ref, "(info)", None,
-                f"{_median(r) * 1e3:.3g} ms vs {ref * 1e3:.3g} ms")
+            ref, mine = _median(micro[(label, "alsals-reference-opt.step")]), _median(r)
+            if ref and mine:
+                add("foreach / reference opt.step time", label, mine / ref, "(info)", None,
+                    f"{mine * 1e3:.3g} ms vs {ref * 1e3:.3g} ms")
     e2e = {(r["set"], r["row"]): r for r in rows if r.get("kind") == "e2e"}
     for label in sorted({s for s, _ in e2e}):
         adam = e2e.get((label, "adam-fused")) or e2e.get((label, "adam-foreach"))
         if not adam or not adam.get("tokens_per_s"):
             continue
         for run, goal in (("alsals-auto", 0.93), ("alsals-every1", None)):
-            r = e2e.get((label, run))
-            if r and r.get("tokens_per_s"):
-                ratio = r["tokens_per_s"] / adam["tokens_per_s"]
+            e2e_row = e2e.get((label, run))
+            if e2e_row and e2e_row.get("tokens_per_s"):
+                ratio = e2e_row["tokens_per_s"] / adam["tokens_per_s"]
                 add(f"end to end tokens/s: {run} / {adam['row']}", label, ratio,
                     f">= {goal}" if goal else "(info)", ratio >= goal if goal else None,
-                    f"{r.get('forwards_per_step')} forwards/step")
+                    f"{e2e_row.get('forwards_per_step')} forwards/step")
     return out
 
 

@@ -10,14 +10,13 @@ No test asserts anything about timing.
 """
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _benchlib as lib  # noqa: E402
-import _report  # noqa: E402
+# pytest puts this folder on sys.path before importing this file (rootdir-less conftest, "prepend"
+# import mode), so the benchmark helpers import as top-level modules.
+import _benchlib as lib
+import _report
 
 _ROWS = []
 

@@ -240,7 +240,8 @@ class Suite:
     def markdown(self) -> str:
         d, env = self.doc, self.doc["env"]
         _, _, png = self.paths()
-        lines = [f"# ALSALS GPU suite: {env.get('gpu') or ('CPU dry run' if self.mode == 'dry-run' else 'unknown GPU')}",
+        gpu = env.get('gpu') or ('CPU dry run' if self.mode == 'dry-run' else 'unknown GPU')
+        lines = [f"# ALSALS GPU suite: {gpu}",
                  "",
                  f"mode {self.mode}; started {d['suite']['started']}; elapsed {d['suite'].get('elapsed_s')} s "
                  f"of {d['suite']['budget_s']} s; commit {str(d['git'].get('commit'))[:12]}"

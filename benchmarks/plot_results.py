@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Dict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _report  # noqa: E402
+import _report  # this folder is on sys.path: run as a script, or imported by gpu_suite.py
 
 
 def plot(rows, out: str, title: str = "") -> str:
@@ -27,8 +26,9 @@ def plot(rows, out: str, title: str = "") -> str:
     cmap = plt.get_cmap("tab20")
     color = {p: cmap(i % 20) for i, p in enumerate(paths)}
     fig, axes = plt.subplots(1, 2, figsize=(15, 7.5))
-    for ax, kind in zip(axes, ("step", "pass")):
-        lines, scatter = {}, {}
+    for ax, kind in zip(axes, ("step", "pass"), strict=True):
+        lines: Dict[str, list] = {}
+        scatter: Dict[str, list] = {}
         for r in micro:
             if (r.get("group") or "").split(" ")[0] != kind:
                 continue
@@ -39,10 +39,10 @@ def plot(rows, out: str, title: str = "") -> str:
         for path in sorted(set(lines) | set(scatter)):
             style = "--" if path == "copy" else "-"
             if path in lines:
-                xs, ys = zip(*sorted(lines[path]))
+                xs, ys = zip(*sorted(lines[path]), strict=True)
                 ax.plot(xs, ys, style, marker="o", markersize=4, color=color[path], label=path)
             if path in scatter:
-                xs, ys = zip(*sorted(scatter[path]))
+                xs, ys = zip(*sorted(scatter[path]), strict=True)
                 ax.plot(xs, ys, "none", marker="s", markersize=6, markerfacecolor="none",
                         color=color[path], label=None if path in lines else path)
         ax.set_xscale("log")

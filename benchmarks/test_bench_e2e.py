@@ -118,8 +118,9 @@ def test_e2e(bench, run):
             "autocast": "bf16" if lib.IS_CUDA else "fp32",
         })
         if isinstance(trainer.opt, ALSALS):
+            resolved = getattr(trainer.opt, "_resolved", {}).values()
             bench.extra_info.update({"eta": trainer.opt.eta, "counters": dict(trainer.opt.counters),
-                                     "backend": sorted({b.name for b in getattr(trainer.opt, "_resolved", {}).values()})})
+                                     "backend": sorted({b.name for b in resolved})})
     finally:
         box.clear()
         lib.free_memory()

@@ -4,19 +4,23 @@ Gradients are fixed random tensors, so a row times optimizer work only (no forwa
 Groups (compare rows within one):
 
 ``step <set>``  copy | torch Adam for-loop, foreach, fused | per ALSALS backend: ``accepted``
-                (the optimizer work of a step whose first trial is accepted: grad_sumsq pre-pass,
-                step pass with its candidate and slope sums, the slope finisher, the fallback check,
-                and one ``.tolist()`` standing for the decision read) and ``opt.step`` (the whole
-                driver with a trivial closure: no model, first trial accepted) | the salsa-optimizer
-                package's step doing the same (installed only)
-``pass <set>``  copy | per backend: ``step_pass``, ``backtrack`` (one move_pass: an extra trial),
-                ``grad_sumsq``
+                (the driver's own step after the gradient, ``ALSALS._update``, on a step whose
+                first trial is accepted: gradient pre-pass, step pass with its candidate and slope
+                finisher, the fallback fix-up, one verdict and its read, the commit; a model-free
+                closure stands in for the trial forward) and ``opt.step`` (the whole driver with a
+                trivial closure: no model, first trial accepted) | the salsa-optimizer package's
+                step doing the same (installed only)
+``pass <set>``  copy | per backend, on the driver's own plan, step scalars and ``ctl``:
+                ``step_pass`` (with its finisher), ``backtrack`` (one move_pass: an extra trial),
+                ``grad_pass`` (the gradient norm and the grad finisher)
 
-extra_info carries GB/s from ALGORITHM.md section 7's byte counts (``_benchlib.BYTES_PER_PARAM``)
-against the copy of the same run, host reads/syncs per step and optimizer-state bytes per param.
+extra_info carries GB/s from the byte counts of docs/algorithm.md section 7
+(``_benchlib.BYTES_PER_PARAM``) against the copy of the same run, host reads/syncs per step and
+optimizer-state bytes per param.
 """
 from __future__ import annotations
 
+import functools
 import traceback
 
 import pytest
@@ -24,13 +28,14 @@ import torch
 
 import _benchlib as lib
 from alsals_fused import ALSALS
-from alsals_fused.backends import available_backends, get_backend
-from alsals_fused.backends.base import FALLBACK, Bucket, Dir, StepScalars
+from alsals_fused.backends import available_backends
+from alsals_fused.backends.base import Dir
+from alsals_fused.optimizer import _RngState
 
 BACKENDS = ("reference", "foreach", "triton", "cuda")
 ADAM = {"adam-forloop": {"foreach": False}, "adam-foreach": {"foreach": True},
         "adam-fused": {"fused": True}}
-PASSES = ("step_pass", "backtrack", "grad_sumsq")
+PASSES = ("step_pass", "backtrack", "grad_pass")
 SMOKE_PATHS = {"copy", "adam-foreach", "adam-fused", "salsa-pkg", "alsals-reference-accepted",
                "alsals-foreach-accepted", "alsals-foreach-opt.step", "alsals-foreach-step_pass",
                "alsals-foreach-backtrack"}
@@ -76,42 +81,32 @@ def _cases():
     return cases
 
 
-def _hp(eta: float = ETA, t: int = 100) -> StepScalars:
-    b1, b2 = 0.9, 0.999
-    return StepScalars(eta=eta, beta1=b1, beta2=b2, eps=1e-8, bias_correction1=1 - b1 ** t,
-                       bias_correction2=1 - b2 ** t, momentum_search=True)
+def _driver(ps: lib.ParamSet, backend: str):
+    """An ALSALS optimizer over the set with one step taken (plan, moments, backups, ctl exist) and
+    its model-free closure.  Every row below runs the driver's own code on it: nothing here
+    rebuilds the driver's scalars, control vector or decisions."""
+    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
+    opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
+    closure = _trivial_closure(z)
+    with torch.enable_grad():
+        opt.step(closure)
+    return opt, closure
 
 
-def _bucket(ps: lib.ParamSet) -> Bucket:
-    """The driver's bucket for these params: fp32 moments and w0 backups, no weight decay."""
-    b = Bucket(device=lib.DEVICE, dtype=torch.float32)
-    for p in ps.params:
-        w = p.detach()
-        b.params.append(w)
-        b.grads.append(p.grad)
-        b.exp_avgs.append(torch.zeros_like(w))
-        b.exp_avg_sqs.append(torch.zeros_like(w))
-        b.backups.append(torch.empty_like(w))
-        b.weight_decays.append(0.0)
-    return b
+def _accepted_step(opt: ALSALS, closure) -> None:
+    """A searching step after its gradient, as ``ALSALS.step`` runs it (``_update``: parameter
+    plan, gradient pre-pass, step pass, fallback fix-up, one accepted trial with its verdict and
+    read, commit), with a model-free closure in place of the forwards and no backward."""
+    loss = torch.tensor(BIG_LOSS, device=lib.DEVICE)
+    opt._update(closure, loss, True, _RngState(opt._param_devices()))
 
 
-def _ctrl() -> torch.Tensor:
-    return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32, device=lib.DEVICE)
-
-
-def _accepted_work(backend, bucket: Bucket, hp: StepScalars, s: torch.Tensor):
-    """What ALSALS's optimizer does on a step whose first trial is accepted, minus the forwards."""
-    sumsq = backend.grad_sumsq(bucket)
-    finite = torch.isfinite(sumsq)
-    one = torch.ones((), dtype=torch.float64, device=lib.DEVICE)
-    ctrl = torch.stack([one, (~finite).to(torch.float64), torch.zeros_like(one)]).to(torch.float32)
-    dots = backend.step_pass(bucket, hp, ctrl, searching=True, write_backup=True)
-    s_new = 0.99 * s + 0.01 * dots[0]
-    ctrl[FALLBACK] = (s_new <= 0).to(torch.float32)
-    backend.move_pass(bucket, hp, ctrl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                      dst_dir=Dir.SEARCH, from_backup=True, only_if_fallback=True)
-    return torch.stack([finite.to(torch.float64), s_new, dots[0], dots[1]]).tolist()
+def _one_pass(ps: lib.ParamSet, path: str):
+    """(backend, buckets, step scalars, ctl) of the driver's plan, gradients loaded."""
+    opt, _ = _driver(ps, path.split("-")[1])
+    plan = opt._refresh_plan()
+    (backend, buckets), = plan.groups
+    return opt, backend, buckets, opt._step_scalars(plan, True)
 
 
 def _trivial_closure(z: torch.Tensor):
@@ -172,28 +167,15 @@ def _run_adam(bench, ps, path):
     return extra
 
 
-def _backend(path):
-    return get_backend(path.split("-")[1], lib.DEVICE)
-
-
-def _prepared_bucket(backend, ps):
-    """A bucket whose moments and backups hold a few steps of history (not zeros)."""
-    bucket, hp = _bucket(ps), _hp()
-    for _ in range(2):
-        backend.step_pass(bucket, hp, _ctrl(), searching=True, write_backup=True)
-    return bucket, hp
-
-
 def _run_accepted(bench, ps, path):
-    backend = _backend(path)
-    bucket, hp = _prepared_bucket(backend, ps)
-    s = torch.zeros((), dtype=torch.float64, device=lib.DEVICE)
-    work = lambda: _accepted_work(backend, bucket, hp, s)  # noqa: E731
+    opt, closure = _driver(ps, path.split("-")[1])
+    work = functools.partial(_accepted_step, opt, closure)
     lib.run_rows(bench, work)
+    last = opt.last_step
+    assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
     extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
     extra["syncs_per_step"] = lib.count_syncs(work, 3)
-    extra["state_bytes_per_param"] = round(
-        lib.tensor_bytes([bucket.exp_avgs, bucket.exp_avg_sqs, bucket.backups]) / ps.numel, 3)
+    extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
     return extra
 
 
@@ -239,30 +221,27 @@ def _run_salsa(bench, ps, path):
 
 
 def _run_step_pass(bench, ps, path):
-    backend = _backend(path)
-    bucket, hp = _prepared_bucket(backend, ps)
-    ctrl = _ctrl()
-    lib.run_rows(bench, lambda: backend.step_pass(bucket, hp, ctrl, searching=True, write_backup=True))
+    opt, backend, buckets, hp = _one_pass(ps, path)
+    lib.run_rows(bench, lambda: backend.step_pass(buckets, hp, opt._ctl, searching=True, write_backup=True))
     return lib.bandwidth_info(ps.spec, "step_pass", _median(bench))
 
 
 def _run_backtrack(bench, ps, path):
-    backend = _backend(path)
-    bucket, hp = _prepared_bucket(backend, ps)
-    ctrl = _ctrl()
-    lib.run_rows(bench, lambda: backend.move_pass(
-        bucket, hp, ctrl, src_eta=hp.eta, src_dir=Dir.SEARCH, dst_eta=hp.eta * 0.9,
-        dst_dir=Dir.SEARCH, from_backup=True))
+    opt, backend, buckets, hp = _one_pass(ps, path)
+    backend.step_pass(buckets, hp, opt._ctl, searching=True, write_backup=True)   # a fresh backup
+    lib.run_rows(bench, lambda: backend.move_pass(   # the move of an extra alsals trial
+        buckets, hp, opt._ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=hp.eta * 0.9,
+        dst_dir=Dir.UPDATE, from_backup=True))
     return lib.bandwidth_info(ps.spec, "backtrack", _median(bench))
 
 
-def _run_grad_sumsq(bench, ps, path):
-    backend = _backend(path)
-    bucket = _bucket(ps)
-    lib.run_rows(bench, lambda: backend.grad_sumsq(bucket))
-    return lib.bandwidth_info(ps.spec, "grad_sumsq", _median(bench))
+def _run_grad_pass(bench, ps, path):
+    opt, backend, buckets, hp = _one_pass(ps, path)
+    loss0 = torch.tensor(BIG_LOSS, dtype=torch.float64, device=lib.DEVICE)
+    lib.run_rows(bench, lambda: backend.grad_pass(buckets, opt._ctl, loss0, hp))
+    return lib.bandwidth_info(ps.spec, "grad_pass", _median(bench))
 
 
 _RUNNERS = {"copy": _run_copy, **{k: _run_adam for k in ADAM}, "salsa-pkg": _run_salsa,
             "accepted": _run_accepted, "opt.step": _run_opt_step, "step_pass": _run_step_pass,
-            "backtrack": _run_backtrack, "grad_sumsq": _run_grad_sumsq}
+            "backtrack": _run_backtrack, "grad_pass": _run_grad_pass}

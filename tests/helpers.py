@@ -1,7 +1,7 @@
 """Small models and trajectory runners shared by the backend comparison tests."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -42,25 +42,27 @@ def make_data(n=24, dtype=torch.float32, seed=1):
 
 
 def trajectory(backend: str, *, steps=22, dtype=torch.float32, variant="alsals", seed=0,
-               batches=4, **opt_kwargs) -> Dict[str, List]:
+               batches=4, **opt_kwargs) -> Dict[str, Any]:
     """Train OddModel for ``steps`` steps; record everything a backend is responsible for."""
     model = OddModel(dtype, seed)
     opt = ALSALS(model.groups(), variant=variant, backend=backend, **opt_kwargs)
     data = [make_data(dtype=dtype, seed=seed + 10 + i) for i in range(batches)]
     torch.manual_seed(seed)
-    rec = {"eta": [], "trials": [], "accepted": [], "params": [], "m": [], "v": [], "loss": []}
+    rec: Dict[str, Any] = {"eta": [], "trials": [], "accepted": [], "params": [], "m": [], "v": [], "loss": []}
     for k in range(steps):
         x, y = data[k % batches]
 
-        def closure():
+        def closure(x=x, y=y):
             return torch.nn.functional.mse_loss(model(x).float(), y.float())
 
         opt.zero_grad()
         loss = opt.step(closure)
         rec["loss"].append(float(loss))
         rec["eta"].append(opt.eta)
-        rec["trials"].append(opt.last_step.trials)
-        rec["accepted"].append(opt.last_step.accepted)
+        info = opt.last_step
+        assert info is not None
+        rec["trials"].append(info.trials)
+        rec["accepted"].append(info.accepted)
         rec["params"].append([p.detach().clone() for p in model.parameters()])
         rec["m"].append([opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state])
         rec["v"].append([opt.state[p]["exp_avg_sq"].clone() for p in model.parameters() if p in opt.state])
@@ -76,6 +78,7 @@ def assert_same_trajectory(a, b, *, rtol, atol, param_atol=None):
         assert abs(a["eta"][step] - b["eta"][step]) <= 1e-12 * abs(a["eta"][step]), f"eta at {step}"
         for key, tol in (("params", param_atol), ("m", None), ("v", None)):
             assert len(a[key][step]) == len(b[key][step]), f"{key} at {step}: different tensor counts"
-            for x, y in zip(a[key][step], b[key][step]):
+            where = f"{key} at step {step}"
+            for x, y in zip(a[key][step], b[key][step], strict=True):
                 torch.testing.assert_close(x, y, rtol=rtol, atol=atol if tol is None else tol,
-                                           msg=lambda s: f"{key} at step {step}: {s}")
+                                           msg=lambda s, where=where: f"{where}: {s}")
