@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from helpers import OddModel, make_data
 
 from alsals_fused import ALSALS
+from helpers import OddModel, make_data
 
 CPU_BACKENDS = ["reference", "foreach"]
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from alsals_fused.backends import get_backend
-from alsals_fused.backends import decisions
+from alsals_fused.backends import decisions, get_backend
 from alsals_fused.backends.base import CTL_SIZE, VERDICT_SIZE, Ctl, DecisionScalars, Verdict, new_ctl
 
 NAN, INF = math.nan, math.inf

@@ -28,9 +28,19 @@ tl = triton.language
 from alsals_fused import ALSALS  # noqa: E402
 from alsals_fused.backends import decisions  # noqa: E402
 from alsals_fused.backends import triton_backend as tb  # noqa: E402
-from alsals_fused.backends.base import (CHUNK, CTL_SIZE, VERDICT_SIZE, Bucket, Ctl,  # noqa: E402
-                                        DecisionScalars, Dir, StepScalars, TableCol, Verdict,
-                                        new_ctl)
+from alsals_fused.backends.base import (  # noqa: E402
+    CHUNK,
+    CTL_SIZE,
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    TableCol,
+    Verdict,
+    new_ctl,
+)
 from alsals_fused.backends.reference import ReferenceBackend  # noqa: E402
 
 # With its index: tensors on "cuda" report "cuda:0", and torch.device("cuda") != "cuda:0".
@@ -825,7 +835,7 @@ def test_kernels_take_layout_constants_from_base():
 
 # -- the AOT list covers every launch the driver issues ----------------------------------------------
 def test_aot_specializations_cover_every_launch(monkeypatch):
-    from alsals_fused.triton_kernels import aot   # importable without compiling
+    from alsals_fused.triton_kernels import aot  # importable without compiling
     if os.environ.get("TRITON_INTERPRET") == "1":   # refuses to run under the interpreter
         assert aot.main(["--arch", "80"]) == 2
     specs = K.specializations()

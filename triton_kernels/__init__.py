@@ -4,6 +4,19 @@
 the backend launches; ``aot`` compiles that list ahead of time (``python -m
 alsals_fused.triton_kernels.aot --arch 80 90``).
 """
-from .kernels import (BLOCK, FINISH_CTL, FINISH_NONE, FINISH_SUM, FINISHERS, ITERS,  # noqa: F401
-                      KERNELS, NUM_WARPS, VERDICT_WARPS, grad_kernel, move_kernel,
-                      specializations, step_kernel, verdict_kernel)
+from .kernels import (  # noqa: F401
+                      BLOCK,
+                      FINISH_CTL,
+                      FINISH_NONE,
+                      FINISH_SUM,
+                      FINISHERS,
+                      ITERS,
+                      KERNELS,
+                      NUM_WARPS,
+                      VERDICT_WARPS,
+                      grad_kernel,
+                      move_kernel,
+                      specializations,
+                      step_kernel,
+                      verdict_kernel,
+)

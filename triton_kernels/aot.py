@@ -210,8 +210,9 @@ def main(argv=None) -> int:
         where, _, n = spec.rpartition("=")
         name, _, variant = where.partition(":")
         limits.append((name, variant, int(n)))
-    from .kernels import specializations
     import triton
+
+    from .kernels import specializations
     specs = [s for s in specializations() if args.only in s[0].__name__]
     failures = spilled = over = 0
     rows = []

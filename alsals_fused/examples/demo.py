@@ -34,9 +34,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..optimizer import ALSALS
 from .data import TextCorpus, fixed_starts, get_batch, load_corpus, random_starts
 from .models import ByteGPT, GPTConfig, lm_loss
-from ..optimizer import ALSALS
 
 OPTIMIZERS = ("adaptive", "alsals", "adam", "adam_sls")
 PNG_NAME = "demo.png"

@@ -8,9 +8,9 @@ newer version can check that it resumes a format-1 checkpoint bit-identically.
 import os
 
 import torch
-from helpers import OddModel, make_data
 
 from alsals_fused import ALSALS
+from helpers import OddModel, make_data
 
 data = [make_data(seed=s) for s in range(3)]
 
