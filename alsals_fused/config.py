@@ -1,4 +1,4 @@
-"""Variants, their defaults (ALGORITHM.md section 2) and argument validation."""
+"""Variants, their defaults (docs/algorithm.md section 2) and argument validation."""
 from __future__ import annotations
 
 import math

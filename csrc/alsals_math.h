@@ -1,4 +1,4 @@
-// The element-wise math of ALSALS (ALGORITHM.md section 1, backends/base.py), shared by every
+// The element-wise math of ALSALS (docs/algorithm.md section 1, backends/base.py), shared by every
 // kernel and by the host-only unit test (csrc/tests/test_math.cpp).
 //
 // Everything here is a __host__ __device__ inline function of plain scalars: no torch, no CUDA

@@ -1,4 +1,4 @@
-"""The two guards of the revised specification (ALGORITHM.md section 1, 2026-12-01).
+"""The two guards of the revised specification (docs/algorithm.md section 1; specification revision of 2026-12-01).
 
 1. A trial whose loss equals L0 exactly is accepted (in the smoothed test and in the fallback's
    plain test alike): the loss cannot resolve the step.

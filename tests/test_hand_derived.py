@@ -1,6 +1,6 @@
 """The reference backend against values derived by hand on a one-dimensional quadratic.
 
-Every expectation is recomputed here in scalar float64 arithmetic straight from ALGORITHM.md, so a
+Every expectation is recomputed here in scalar float64 arithmetic straight from docs/algorithm.md, so a
 mistake in the driver or the reference cannot hide in a shared helper.
 """
 import math
@@ -31,7 +31,7 @@ def run(variant, steps, centers, init=5.0, **kw):
 
 
 def by_hand(variant, steps, centers, init=5.0, c=None, smoothing=None, growth=None):
-    """ALGORITHM.md section 1 for one scalar parameter, in plain floats."""
+    """docs/algorithm.md section 1 for one scalar parameter, in plain floats."""
     defaults = {"alsals": (0.5, 0.99, 1 / 0.999), "adam_sls": (0.1, 0.0, 2 ** (1 / 500)),
                 "salsa": (0.3, 0.99, 2 ** (1 / 500))}[variant]
     c = defaults[0] if c is None else c

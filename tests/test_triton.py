@@ -965,7 +965,7 @@ def test_trajectory_matches_reference(kw):
     tri, tri_opt = _run("triton", dtype, steps, nan_at=nan_at, **dict(kw))
     assert any(type(b).__name__ == "TritonBackend" for b in tri_opt._resolved.values())
     searched_trials = 0
-    # In-place moves (memory_efficient) leave a few ulps of the step eta*d behind (ALGORITHM.md
+    # In-place moves (memory_efficient) leave a few ulps of the step eta*d behind (docs/algorithm.md
     # section 7), in both backends but rounded differently, and a rejected step keeps its eta
     # (spec guard 2), so the drift adds up over the moves: allow 4 ulps of the largest eta plus
     # one per in-place move (trial) so far.

@@ -1,4 +1,4 @@
-"""The reference backend: one tensor at a time, in plain PyTorch, to be read beside ALGORITHM.md.
+"""The reference backend: one tensor at a time, in plain PyTorch, to be read beside docs/algorithm.md.
 
 It is the oracle every other backend is tested against, so it favours the obvious over the fast:
 each quantity is computed in the math type (fp32, or fp64 for fp64 parameters) with the formula

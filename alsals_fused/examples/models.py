@@ -2,7 +2,7 @@
 with dropout, a GELU MLP, learned positions, tied or untied input/output embeddings.
 
 Dropout matters here: the line search re-evaluates the loss under the same dropout masks as the
-gradient forward (ALGORITHM.md section 4), so the demo exercises that replay on every trial.
+gradient forward (docs/algorithm.md section 4), so the demo exercises that replay on every trial.
 """
 from __future__ import annotations
 
