@@ -39,12 +39,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, TypeGuard
 
 import torch
 from torch import Tensor
 
 from .config import VARIANT_DEFAULTS, Hyper, make_hyper, validate_search_range, validate_weight_decay
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from .optimizer import ALSALS
 
 FORMAT_VERSION = 2
 HOST_KEY = "alsals"                     # key of the host state inside param_groups[0]
@@ -63,7 +68,7 @@ class CheckpointError(ValueError):
     """An ALSALS state_dict that cannot be loaded; the message names what is wrong."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise CheckpointError(f"ALSALS.load_state_dict: {msg}")
 
 
@@ -74,9 +79,9 @@ def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 # -- writing ------------------------------------------------------------------------------------
 
-def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast, slow,
-               last_search_t: int, h: float, s: float, pending_skips: int, growth,
-               scale_found: bool) -> Dict[str, Any]:
+def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast: Optional[float],
+               slow: Optional[float], last_search_t: int, h: float, s: float, pending_skips: int,
+               growth: Optional[float], scale_found: bool) -> Dict[str, Any]:
     return {"format": FORMAT_VERSION, "variant": hyper.variant, "hyper": dataclasses.asdict(hyper),
             "eta": float(eta), "t": int(t), "counters": {k: int(v) for k, v in counters.items()},
             "fast": fast, "slow": slow, "last_search_t": int(last_search_t), "h": float(h),
@@ -103,7 +108,7 @@ class LoadPlan:
     state: Dict[Tensor, Dict[str, Tensor]] = field(default_factory=dict)   # param -> new state
 
 
-def _is_dtensor(t) -> bool:
+def _is_dtensor(t: object) -> TypeGuard[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:                                 # pragma: no cover
@@ -182,7 +187,7 @@ def _check_hyper(saved, variant: str) -> Hyper:
     return hyper
 
 
-def validate(opt, state_dict) -> LoadPlan:
+def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
     """Check ``state_dict`` against ``opt`` completely; raise CheckpointError, change nothing."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         _fail("expected a dict with 'state' and 'param_groups'")
@@ -252,7 +257,9 @@ def validate(opt, state_dict) -> LoadPlan:
                 _fail(f"{where} is {'a DTensor' if _is_dtensor(v) else 'a plain tensor'} and its "
                       f"parameter {'is' if _is_dtensor(p) else 'is not'} a DTensor: load sharded "
                       "state through torch.distributed.checkpoint (set_optimizer_state_dict)")
-            if _is_dtensor(p) and (v.device_mesh != p.device_mesh or v.placements != p.placements):
+            # (p and v are both DTensors or both plain tensors here: checked just above.)
+            if _is_dtensor(p) and _is_dtensor(v) and (v.device_mesh != p.device_mesh
+                                                      or v.placements != p.placements):
                 _fail(f"{where} is sharded as {v.placements} on {v.device_mesh}, its parameter as "
                       f"{p.placements} on {p.device_mesh}")
             lv = _local(v)

@@ -19,21 +19,30 @@ shares storage with the DTensor), so every backend's passes run unchanged on FSD
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, TypeGuard, Union, overload
 
 from torch import Tensor
 
-try:
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
-except ImportError:                                  # pragma: no cover (torch without distributed)
-    DTensor = None
-    Shard = None
+else:
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:                              # pragma: no cover (torch without distributed)
+        DTensor = None
+        Shard = None
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+@overload
+def local(t: Tensor) -> Tensor: ...
+@overload
+def local(t: None) -> None: ...
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
     """The local shard of a DTensor (same storage), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
@@ -43,17 +52,19 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 class ShardSpec:
     """The mesh dimensions a DTensor parameter is sharded over."""
 
-    mesh: object                                     # DeviceMesh (hashable)
+    mesh: DeviceMesh                                 # hashable
     dims: Tuple[int, ...]
 
-    def groups(self) -> List[object]:
+    def groups(self) -> List[ProcessGroup]:
         return [self.mesh.get_group(d) for d in self.dims]
 
 
 BY_PROCESS_GROUP = "process_group"                   # key: plain tensors with sharded=True
+# What shard_key returns: None (replicated), a ShardSpec (DTensor) or BY_PROCESS_GROUP.
+ShardKey = Optional[Union[ShardSpec, str]]
 
 
-def shard_key(p: Tensor, sharded: bool) -> Optional[Hashable]:
+def shard_key(p: Tensor, sharded: bool) -> ShardKey:
     """None (replicated: no reduction), a ShardSpec (DTensor), or BY_PROCESS_GROUP."""
     if is_dtensor(p):
         dims = tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
@@ -83,23 +94,25 @@ def mean_over(value: Tensor, group) -> Tensor:
     return value / dist.get_world_size(group)
 
 
-def sum_partials(partials: Sequence[Tensor], keys: Sequence[Optional[Hashable]], process_group) -> Tensor:
+def sum_partials(partials: Sequence[Tensor], keys: Sequence[ShardKey], process_group) -> Tensor:
     """Add per-bucket partial sums (all the same shape), reducing each over its shard group.
 
     Buckets with the same key are added locally first, in bucket order, then reduced with one
     collective per key (keys in order of first appearance, the same on every rank).
     """
-    by_key: dict = {}
+    by_key: Dict[ShardKey, Tensor] = {}
     for value, key in zip(partials, keys):     # a copy: a backend may reuse its output buffer
         by_key[key] = value.clone() if key not in by_key else by_key[key] + value
-    total = None
+    total: Optional[Tensor] = None
     for key, value in by_key.items():
         if key is BY_PROCESS_GROUP:
             value = all_reduce_sum(value, process_group)
         elif key is not None:
+            assert isinstance(key, ShardSpec), f"unknown shard key {key!r} (see shard_key)"
             for group in key.groups():
                 value = all_reduce_sum(value, group)
         total = value if total is None else total + value
+    assert total is not None, "sum_partials needs at least one partial sum"
     return total
 
 

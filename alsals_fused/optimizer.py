@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -69,6 +69,7 @@ from . import distributed as _dist
 from .backends import decisions
 from .backends.base import (
     VERDICT_SIZE,
+    Backend,
     Bucket,
     Ctl,
     DecisionScalars,
@@ -131,6 +132,15 @@ def _as_loss(value, what: str) -> Tensor:
 _data_ptr = Tensor.data_ptr
 
 
+def _partials(parts: List[Optional[Tensor]]) -> List[Tensor]:
+    """The partial sums of passes run with ``finish=False``, which always return them (base.py)."""
+    out = []
+    for part in parts:
+        assert part is not None, "a backend pass with finish=False returned no partial sums"
+        out.append(part)
+    return out
+
+
 def _check_grad(p: Tensor, g: Tensor) -> None:
     if g.is_sparse:
         raise RuntimeError("ALSALS does not support sparse gradients (the line search "
@@ -149,9 +159,10 @@ class _Plan:
     several backends, or parameters sharded across ranks.
     """
 
-    def __init__(self, device: torch.device, buckets: List[Bucket], groups: List[Tuple[object, List[Bucket]]],
+    def __init__(self, device: torch.device, buckets: List[Bucket], groups: List[Tuple[Backend, List[Bucket]]],
                  others: List[Tensor], config: tuple, sharded: bool,
-                 owners: Optional[List[List[Tensor]]] = None, group_keys: Optional[list] = None):
+                 owners: Optional[List[List[Tensor]]] = None,
+                 group_keys: Optional[List[_dist.ShardKey]] = None):
         self.device = device
         self.buckets = buckets
         self.groups = groups
@@ -161,7 +172,7 @@ class _Plan:
         self.owners = owners if owners is not None else [b.params for b in buckets]
         self.local_shards = owners is not None and any(
             o is not p for b, os_ in zip(buckets, self.owners) for o, p in zip(os_, b.params))
-        self.group_keys = group_keys if group_keys is not None else [None] * len(groups)
+        self.group_keys: List[_dist.ShardKey] = group_keys if group_keys is not None else [None] * len(groups)
         sharded = sharded or any(k is not None for k in self.group_keys)
         self.others = others                  # params without a grad when the plan was built
         self.config = config                  # param-group structure and weight decays
@@ -181,7 +192,9 @@ class _Plan:
                 return False                  # a parameter without a grad has one now
         try:
             for i, b in enumerate(self.buckets):
-                grads = [p.grad for p in self.owners[i]]
+                # A None among them (a grad went away) makes _data_ptr raise TypeError below, which
+                # ends this plan: past that line every entry is a Tensor, which mypy cannot follow.
+                grads = cast(List[Tensor], [p.grad for p in self.owners[i]])
                 if self.local_shards:             # FSDP2: the local shards of DTensor grads
                     grads = [_dist.local(g) for g in grads]
                 # TypeError if a grad is None now; RuntimeError for one without storage (sparse).
@@ -275,7 +288,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 raise TypeError(f"ALSALS: buffers= takes tensors (e.g. model.buffers()); got {type(b).__name__}")
         self._buffer_snapshot: List[Tensor] = []
         self._backups: Dict[Tensor, Tensor] = {}   # w0 copies: scratch, not optimizer state
-        self._resolved: Dict[Tuple[torch.device, torch.dtype], object] = {}
+        self._resolved: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
         # Host state (section 5).
         self.eta: float = hyper.init_step_size
         self.t: int = 0
@@ -329,12 +342,15 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _searches_at(self, t: int) -> bool:
         k = self.hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: see the docstring)
+            assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
             return self._last_search_t == 0 or t - self._last_search_t >= k
         if t <= 10 or self._fast is None:
             return True
         return t - self._last_search_t >= self._auto_interval()
 
     def _auto_interval(self) -> int:
+        # Called once _fast is set; _after_search and load_state_dict set _fast and _slow together.
+        assert self._fast is not None and self._slow is not None
         r = self._fast / self._slow
         if r < 1:
             r = 1 / r
@@ -346,6 +362,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         if self._fast is None:
             self._fast = self._slow = self.eta
         else:
+            assert self._slow is not None              # set together with _fast
             self._fast = 0.9 * self._fast + 0.1 * self.eta
             self._slow = 0.99 * self._slow + 0.01 * self.eta
         self._last_search_t = t
@@ -414,7 +431,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                              f"device, so all parameters with gradients must share a device; found "
                              f"{sorted(str(d) for d in devices)}")
         device = next(iter(devices))
-        groups: Dict[tuple, Tuple[object, List[Bucket]]] = {}
+        groups: Dict[tuple, Tuple[Backend, List[Bucket]]] = {}
         for key, b in buckets.items():
             backend = self._backend_for(b)
             # One group per backend and shard group: partial sums are reduced per shard group.
@@ -458,7 +475,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                     self._moments(p)
         return True
 
-    def _backend_for(self, b: Bucket):
+    def _backend_for(self, b: Bucket) -> Backend:
         key = (b.device, b.dtype)
         backend = self._resolved.get(key)
         if backend is None:
@@ -506,13 +523,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         """Partial sums of plan.groups, each added over its shard group only (distributed.py)."""
         return _dist.sum_partials(parts, plan.group_keys, self.process_group)
 
+    def _step_ctl(self) -> Tensor:
+        """ctl during a step: _refresh_plan (``_ensure_device_state``) created it on the plan's device."""
+        ctl = self._ctl
+        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
+        return ctl
+
     def _read_verdict(self) -> List[float]:
         """The one device-to-host read of a trial: the verdict vector, in one copy."""
         self.reads += 1
-        host = self._verdict_host
-        if host is not self._verdict:       # CUDA: pinned buffer, non-blocking copy, one sync
-            host.copy_(self._verdict, non_blocking=True)
-            torch.cuda.current_stream(self._verdict.device).synchronize()
+        host, verdict = self._verdict_host, self._verdict
+        # Both are created by _refresh_plan (_ensure_device_state) before any pass.
+        assert host is not None and verdict is not None
+        if host is not verdict:       # CUDA: pinned buffer, non-blocking copy, one sync
+            host.copy_(verdict, non_blocking=True)
+            torch.cuda.current_stream(verdict.device).synchronize()
         return host.tolist()
 
     def _sync_lr(self) -> None:
@@ -558,6 +583,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 self.last_step = StepInfo(eta=hp.eta, trials=0, accepted=True, searched=False,
                                           loss=loss.detach(), loss_trial=None, slope=None)
                 return loss.detach()
+            assert rng_before is not None        # callers capture it on searching steps
             found = self._search(plan, hp, closure, rng_before, eta_before)
             self._commit(plan, hp, found, eta_before)
             return loss.detach()
@@ -612,19 +638,19 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
         """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
-        ctl = self._ctl
+        ctl = self._step_ctl()
         if not plan.generic:
             backend, buckets = plan.groups[0]
             backend.grad_pass(buckets, ctl, loss0, hp)
             return
         parts = [backend.grad_pass(buckets, ctl, loss0, hp, finish=False) for backend, buckets in plan.groups]
-        sumsq = self._sum_over_shards(plan, parts)
+        sumsq = self._sum_over_shards(plan, _partials(parts))
         decisions.finish_grad(ctl, sumsq, loss0, hp.max_grad_norm)
 
     def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
         """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
         guarded = self._overflow_guarded(plan)
-        ctl = self._ctl
+        ctl = self._step_ctl()
         write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
         if not plan.generic or not searching:
             for backend, buckets in plan.groups:
@@ -634,24 +660,27 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             return
         parts = [backend.step_pass(buckets, hp, ctl, searching=True, write_backup=write_backup,
                                    finish=False) for backend, buckets in plan.groups]
-        sums = self._sum_over_shards(plan, parts)
+        sums = self._sum_over_shards(plan, _partials(parts))
         decisions.finish_slope(ctl, sums, hp.smoothing)
 
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
               dst_dir: Dir, only_if_fallback: bool = False) -> None:
         from_backup = not self.hyper.memory_efficient
+        ctl = self._step_ctl()
         for backend, buckets in plan.groups:
-            backend.move_pass(buckets, hp, self._ctl, src_eta=src_eta, src_dir=src_dir,
+            backend.move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
                               dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup,
                               only_if_fallback=only_if_fallback)
 
     def _decide(self, plan: _Plan, loss_try: Tensor, eta: float) -> List[float]:
         """One trial's verdict on the device, then its one read."""
         dp = DecisionScalars(eta=eta, c=self.hyper.c, beta3=self.hyper.smoothing)
+        ctl, out = self._step_ctl(), self._verdict
+        assert out is not None                 # created with ctl by _ensure_device_state
         if plan.generic:
-            decisions.verdict(self._ctl, loss_try, dp, self._verdict)
+            decisions.verdict(ctl, loss_try, dp, out)
         else:
-            plan.groups[0][0].verdict(self._ctl, loss_try, dp, self._verdict)
+            plan.groups[0][0].verdict(ctl, loss_try, dp, out)
         return self._read_verdict()
 
     def _search(self, plan: _Plan, hp: StepScalars, closure, rng_before: _RngState,
@@ -763,7 +792,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _undo_if_non_finite(self, plan: _Plan, hp: StepScalars, guarded: List[int], eta: float,
                             direction: Dir) -> None:
         """Back to w0 (a device-side decision) when a written candidate is not finite."""
-        ctl = self._ctl
+        ctl = self._step_ctl()
         fallback = ctl[Ctl.FALLBACK].clone()
         ctl[Ctl.FALLBACK] = (self._non_finite_params(plan, guarded) > 0).to(ctl.dtype)
         self._move(plan, hp, eta, direction, 0.0, direction, only_if_fallback=True)
@@ -806,13 +835,14 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                        for k, s in sd["state"].items()}
         return _checkpoint.attach(sd, self._host_state())
 
+    @with_load_state_dict_hooks      # integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers
     def load_state_dict(self, state_dict: dict) -> None:
         """Validate everything first (checkpoint.validate), then apply; on any error (a
         CheckpointError, a ValueError naming what is wrong) the optimizer is unchanged.  As torch
         optimizers do, the saved hyperparameters win over the constructor's."""
         self._apply_checkpoint(_checkpoint.validate(self, state_dict))
 
-    def _apply_checkpoint(self, plan) -> None:
+    def _apply_checkpoint(self, plan: _checkpoint.LoadPlan) -> None:
         """Assignments that cannot fail, from a validated checkpoint.LoadPlan."""
         for group, wd in zip(self.param_groups, plan.weight_decays):
             group["weight_decay"] = wd
@@ -844,6 +874,3 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._ctl = ctl
         self._verdict = self._verdict_host = None
 
-
-# integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers.
-ALSALS.load_state_dict = with_load_state_dict_hooks(ALSALS.load_state_dict)

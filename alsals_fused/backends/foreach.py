@@ -11,7 +11,7 @@ decisions (finishers, verdict) are ``decisions.py``'s, shared with the reference
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from torch import Tensor
 from . import decisions
 from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
 from .reference import math_dtype, resolve
+
+# What torch._foreach_* take and return: the out-of-place ops return tuples.
+TensorList = Union[List[Tensor], Tuple[Tensor, ...]]
 
 
 def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
@@ -30,29 +33,31 @@ def _in_math_dtype(tensors: List[Tensor], mt: torch.dtype) -> List[Tensor]:
     return out
 
 
-def _scaled_grads(bucket: Bucket, scale: float, mt: torch.dtype) -> List[Tensor]:
+def _scaled_grads(bucket: Bucket, scale: float, mt: torch.dtype) -> TensorList:
     grads = _in_math_dtype(bucket.grads, mt)
     # g * 1.0 == g exactly, so the multiply is only worth a pass when clipping bites.
     return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
 
 
-def _denominators(v: List[Tensor], hp: StepScalars) -> List[Tensor]:
+def _denominators(v: List[Tensor], hp: StepScalars) -> TensorList:
     denom = torch._foreach_div(v, hp.bias_correction2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, hp.eps)                       # 1/p; eps outside the sqrt
     return denom
 
 
-def _direction(direction: Dir, g: List[Tensor], m: List[Tensor], denom: List[Tensor],
-               hp: StepScalars) -> List[Tensor]:
+def _direction(direction: Dir, g: Optional[TensorList], m: List[Tensor], denom: TensorList,
+               hp: StepScalars) -> TensorList:
+    """m_hat * p or g * p (``g`` may be None when ``direction`` is MOMENTUM: it is not read)."""
     if direction is Dir.MOMENTUM:
         d = torch._foreach_div(m, hp.bias_correction1)       # m_hat
         torch._foreach_div_(d, denom)                        # m_hat * p
         return d
+    assert g is not None, "the direction g * p needs the gradients"
     return torch._foreach_div(g, denom)                      # g * p
 
 
-def _decay_step(w0: List[Tensor], eta: float, d: List[Tensor], wds: List[float]) -> List[Tensor]:
+def _decay_step(w0: TensorList, eta: float, d: TensorList, wds: List[float]) -> TensorList:
     """eta*(d + wd*w0), op for op as the reference computes it."""
     if any(wds):
         step = torch._foreach_mul(w0, wds)
@@ -62,7 +67,7 @@ def _decay_step(w0: List[Tensor], eta: float, d: List[Tensor], wds: List[float])
     return torch._foreach_mul(d, eta)
 
 
-def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: List[Tensor],
+def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: TensorList,
                      wds: List[float]) -> None:
     """params = w0 - eta*(d + wd*w0); in place when w0 *is* params (fp32/fp64, no backup read)."""
     step = _decay_step(w0, eta, d, wds)
@@ -72,7 +77,7 @@ def _write_candidate(params: List[Tensor], w0: List[Tensor], eta: float, d: List
         torch._foreach_copy_(params, torch._foreach_sub(w0, step))
 
 
-def _flat_sums(products: List[List[Tensor]]) -> Tensor:
+def _flat_sums(products: Sequence[TensorList]) -> Tensor:
     """float64[len(products)]: the sum of each list of tensors, in two ops (cat, then one fp64
     reduction per row) instead of one sum per tensor; torch has no _foreach_sum."""
     n = sum(t.numel() for t in products[0])
@@ -144,11 +149,12 @@ class ForeachBackend:
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         scale, skip = ctl[Ctl.SCALE:Ctl.SKIP + 1].tolist()
-        sums = None
+        sums: Optional[Tensor] = None
         if not skip:
             for group in _groups(buckets):
                 part = self._step_group(group, hp, scale, searching, write_backup)
-                sums = part if sums is None else sums.add_(part)
+                if part is not None:              # None when not searching
+                    sums = part if sums is None else sums.add_(part)
         if not searching:
             return None
         if sums is None:

@@ -36,7 +36,7 @@ import os
 import struct
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -96,6 +96,9 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
 _G = int(TableCol.G)
+# What mypy's ctypes plugin wants for a slice assignment into a c_int64 array (a list is invariant,
+# so a List[int] does not match although ctypes takes plain ints).
+_CInt64List = List[Union[ctypes.c_int64, int]]
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
 _MISALIGNED = (15).__and__          # address -> nonzero unless 16-byte aligned
@@ -164,9 +167,9 @@ class _HostTable:
         self.host = torch.zeros((self.rows, TABLE_COLS), dtype=torch.int64)
         self.view = (ctypes.c_int64 * (self.rows * TABLE_COLS)).from_address(self.host.data_ptr())
         for i, row in enumerate(rows):
-            self.view[i * TABLE_COLS:(i + 1) * TABLE_COLS] = row
+            self.view[i * TABLE_COLS:(i + 1) * TABLE_COLS] = cast(_CInt64List, row)
         self.device = device
-        self._staging: List[Tuple[Tensor, object]] = []
+        self._staging: List[Tuple[Tensor, torch.cuda.Event]] = []
         if device.type == "cuda":
             self.table = torch.empty((self.rows, TABLE_COLS), dtype=torch.int64, device=device)
             self.upload()
@@ -174,13 +177,13 @@ class _HostTable:
             self.table = self.host      # the kernels (interpreter) read the host table itself
 
     def set_column(self, col: int, values: List[int]) -> None:
-        self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = values
+        self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = cast(_CInt64List, values)
 
     def upload(self) -> None:
         if self.device.type != "cuda":
             return
         buf = None
-        for i, (staging, event) in enumerate(self._staging):
+        for i, (_, event) in enumerate(self._staging):
             if event.query():
                 buf = self._staging.pop(i)[0]
                 break
@@ -225,8 +228,8 @@ class _BucketPlan:
         self.table = _HostTable(rows, bucket.device)
         # built outside a pass (no grads yet): the first pass with grads fills the column
         self.grads_version = bucket.grads_version if (bucket.grads or not bucket.params) else -1
-        self.aligned = None
-        self.sched = None
+        self.aligned: Optional[List[bool]] = None
+        self.sched: Optional[Tensor] = None
         self._schedule([r[TableCol.G] for r in rows])
         backend.table_builds += 1
 
@@ -237,7 +240,8 @@ class _BucketPlan:
         if aligned == self.aligned:
             return
         chunk = self.chunk
-        fast, slow = [], []
+        fast: List[Tuple[int, int]] = []
+        slow: List[Tuple[int, int]] = []
         for row, (n, ok) in enumerate(zip(self.numels, aligned)):
             full = n // chunk if ok else 0
             count = -(-n // chunk)
@@ -294,7 +298,7 @@ class _ListPlan:
         self.dummy_table = torch.zeros(TABLE_COLS, dtype=torch.int64, device=device)
         self.dummy_sched = torch.zeros(2, dtype=torch.int32, device=device)
         self.cuda_index = device.index if device.type == "cuda" else None
-        self.ctl = None           # the last ctl checked against this plan
+        self.ctl: Optional[Tensor] = None           # the last ctl checked against this plan
 
 
 class TritonBackend:
@@ -383,7 +387,7 @@ class TritonBackend:
 
     def _validate(self, bucket: Bucket) -> None:
         n = len(bucket.params)
-        lists = {"exp_avgs": bucket.exp_avgs, "exp_avg_sqs": bucket.exp_avg_sqs,
+        lists: Dict[str, Sequence[object]] = {"exp_avgs": bucket.exp_avgs, "exp_avg_sqs": bucket.exp_avg_sqs,
                  "weight_decays": bucket.weight_decays}
         if bucket.grads:
             lists["grads"] = bucket.grads
@@ -442,7 +446,7 @@ class TritonBackend:
         out = ctl if finish else torch.empty((), dtype=torch.float64, device=lp.device)
         mode = _tk.FINISH_CTL if finish else _tk.FINISH_SUM
         clip = hp.max_grad_norm is not None
-        norm_bits = _bits(float(hp.max_grad_norm)) if clip else 0
+        norm_bits = _bits(float(hp.max_grad_norm)) if hp.max_grad_norm is not None else 0
         work = [(bp, off) for bp, off in zip(lp.plans, lp.offsets) if bp.n_prog]
         kernel = _tk.grad_kernel
         with self._device_ctx(lp):

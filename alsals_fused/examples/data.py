@@ -19,7 +19,7 @@ import os
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,7 +76,9 @@ def load_corpus(train_bytes: int = 2_000_000, heldout_bytes: int = 200_000,
         raise ValueError("train_bytes and heldout_bytes must be positive")
     root = stdlib_root() if root is None else root
     files = sorted(list_source_files(root), key=lambda rel: (_crc(b"order:", rel), rel))
-    sides = {False: (bytearray(), [], train_bytes), True: (bytearray(), [], heldout_bytes)}
+    # is_heldout_file(rel) -> (the side's bytes, its files, its byte budget)
+    sides: Dict[bool, Tuple[bytearray, List[str], int]] = {
+        False: (bytearray(), [], train_bytes), True: (bytearray(), [], heldout_bytes)}
     for rel in files:
         buf, names, budget = sides[is_heldout_file(rel, heldout_percent)]
         if len(buf) >= budget:

@@ -74,10 +74,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, help=f"dropout (default {DEFAULTS['dropout']})")
     p.add_argument("--untied", action="store_true", help="separate input and output embeddings")
     p.add_argument("--train-bytes", type=int, help=f"training text budget in bytes (default {DEFAULTS['train_bytes']})")
-    p.add_argument("--heldout-bytes", type=int, help=f"held-out text budget in bytes (default {DEFAULTS['heldout_bytes']})")
-    p.add_argument("--eval-batches", type=int, help=f"fixed held-out batches for the held-out loss (default {DEFAULTS['eval_batches']})")
+    p.add_argument("--heldout-bytes", type=int,
+                   help=f"held-out text budget in bytes (default {DEFAULTS['heldout_bytes']})")
+    p.add_argument("--eval-batches", type=int,
+                   help=f"fixed held-out batches for the held-out loss (default {DEFAULTS['eval_batches']})")
     p.add_argument("--log-every", type=int, help=f"steps between progress lines (default {DEFAULTS['log_every']})")
-    p.add_argument("--last-k", type=int, help=f"final train loss = mean of the last k steps (default {DEFAULTS['last_k']})")
+    p.add_argument("--last-k", type=int,
+                   help=f"final train loss = mean of the last k steps (default {DEFAULTS['last_k']})")
     p.add_argument("--seed", type=int, default=0, help="model init, batches and dropout (default 0)")
     p.add_argument("--adam-lr", type=float, default=1e-3, help="Adam's constant learning rate (default 1e-3)")
     p.add_argument("--init-step-size", type=float, default=None,
@@ -193,8 +196,10 @@ def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_sta
             opt.step()
             rec = dict(step=step, loss=float(loss.detach()), step_size=args.adam_lr, forwards=1)
         else:
+            assert isinstance(opt, ALSALS)          # make_optimizer: every name but "adam"
             loss = opt.step(closure)
             info = opt.last_step
+            assert info is not None                 # set by every step(closure)
             # Forwards: the gradient forward plus one per trial.
             rec = dict(step=step, loss=float(loss), step_size=float(info.eta),
                        forwards=1 + info.trials, trials=info.trials, searched=info.searched,
@@ -216,6 +221,7 @@ def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_sta
                forwards_per_step=forwards / args.steps, final_step_size=records[-1]["step_size"],
                wall_s=wall)
     if name != "adam":
+        assert isinstance(opt, ALSALS)
         row["counters"] = dict(opt.counters)
     return row, records
 
@@ -226,10 +232,10 @@ def format_table(rows: Dict[str, dict], last_k: int) -> str:
     lines = [[r["optimizer"], f"{r['train_loss']:.4f}", f"{r['heldout_loss']:.4f}",
               f"{r['forwards_per_step']:.2f}", f"{r['final_step_size']:.2e}", f"{r['wall_s']:.1f} s"]
              for r in rows.values()]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines])
 
 
 def _smooth(values: List[float], span: int) -> List[float]:

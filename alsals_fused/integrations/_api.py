@@ -27,10 +27,21 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from typing import Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..config import Hyper
+    from ..optimizer import StepInfo, _RngState
+
+    # The mixin is only ever a base of ALSALS, next to torch.optim.Optimizer (param_groups,
+    # zero_grad via super()); at run time it derives from object.
+    _MixinBase = torch.optim.Optimizer
+else:
+    _MixinBase = object
 
 # Param-group keys ALSALS reads.  "lr" and "betas" are mirrors (of eta and of the global betas);
 # "param_names" is torch's (named_parameters); anything else would be silently ignored.
@@ -89,21 +100,23 @@ class MicroBatch:
 class GradientWindow:
     """The micro-batches whose gradients are in p.grad, their losses, and the RNG state before them."""
 
-    def __init__(self, rng):
+    def __init__(self, rng: _RngState):
         self.rng = rng                      # optimizer._RngState captured before the first forward
         self.parts: List[MicroBatch] = []
         self.buffers_module: Optional[torch.nn.Module] = None   # set by framework adapters
 
     def loss(self) -> Tensor:
-        total = None
+        total: Optional[Tensor] = None
         for mb in self.parts:
+            assert mb.loss is not None      # _MicroBatchContext.__exit__ only appends a set loss
             value = mb.loss.detach().reshape(())
             value = value if mb.scale == 1.0 else value * mb.scale
             total = value if total is None else total + value
+        assert total is not None            # only called on a window with parts (_step_user_gradients)
         return total
 
     def trial(self) -> Tensor:
-        total = None
+        total: Optional[Tensor] = None
         for mb in self.parts:
             value = mb.trial()
             if not isinstance(value, Tensor) or value.numel() != 1:
@@ -112,6 +125,7 @@ class GradientWindow:
             value = value.reshape(())
             value = value if mb.scale == 1.0 else value * mb.scale
             total = value if total is None else total + value
+        assert total is not None            # only called on a window with parts (_step_user_gradients)
         return total
 
 
@@ -137,8 +151,29 @@ def _changed(params, marks) -> Optional[bool]:
     return False if any_grad else None
 
 
-class UserGradientsMixin:
+class UserGradientsMixin(_MixinBase):
     """The parts of ALSALS that face training code which runs backward itself."""
+
+    # Set by ALSALS.__init__ (optimizer.py); declared here for the methods below.
+    hyper: Hyper
+    backend_name: str
+    eta: float
+    t: int
+    last_step: Optional[StepInfo]
+    _resolved: Dict[Tuple[torch.device, torch.dtype], Backend]
+    _buffers: List[Tensor]
+    _buffer_snapshot: List[Tensor]
+    _buffer_module: Optional[torch.nn.Module]
+    _window: Optional[GradientWindow]
+
+    if TYPE_CHECKING:
+        # Implemented by ALSALS (optimizer.py).
+        def _searches_at(self, t: int) -> bool: ...
+
+        def _param_devices(self) -> Tuple[int, ...]: ...
+
+        def _update(self, closure: Callable[[], Tensor], loss: Tensor, searching: bool,
+                    rng_before: Optional[_RngState]) -> Tensor: ...
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
@@ -343,7 +378,7 @@ class _MicroBatchContext:
         self.window = self.opt._open_window()        # first micro-batch: captures the RNG
         return self.mb
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is not None:
             return False
         if not isinstance(self.mb.loss, Tensor) or self.mb.loss.numel() != 1:

@@ -22,6 +22,8 @@ every trial forward::
 from __future__ import annotations
 
 import sys
+from types import FrameType
+from typing import Optional
 
 
 def unwrap(optimizer):
@@ -52,7 +54,7 @@ def accumulation_steps() -> int:
 
 def stepped_by_accelerate(depth: int = 8) -> bool:
     """Is this step() called by accelerate's AcceleratedOptimizer (a few frames up)?"""
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             return False

@@ -79,7 +79,9 @@ class ALSALSTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = EtaSchedule(optimizer if optimizer is not None else self.optimizer)
+            # Trainer infers lr_scheduler as LambdaLR (its optimizers= tuple) but holds any LRScheduler.
+            self.lr_scheduler = EtaSchedule(  # type: ignore[assignment]
+                optimizer if optimizer is not None else self.optimizer)
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
