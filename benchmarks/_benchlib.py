@@ -11,9 +11,17 @@ Configuration comes from the environment so that ``gpu_suite.py`` can drive pyte
 ``ALSALS_BENCH_E2E_STEPS``  timed training steps per end-to-end row (default by size)
 ``ALSALS_BENCH_THREADS``  CPU intra-op threads (default 1: repeatable on shared machines)
 ``ALSALS_BENCH_JSONL``   append one JSON line per finished row to this file (partial results)
+``ALSALS_BENCH_BATCH_S``  CUDA: seconds of calls per synchronization (default 0.025; 3..100 calls)
+``ALSALS_BENCH_DEVICE_BATCHES``  CUDA: event-timed batches per row (default 3, median taken)
+
+Timing.  CPU: one call per round, wall time (host and device are one).  CUDA: a round is many
+calls and one synchronization, so a row's median is the *wall* time per call with its host work;
+the same calls are then timed with CUDA events behind a spin kernel (the host enqueues ahead of
+the device), the *device* time per call.  A row reports both and ``wall_over_device``: host
+overhead is its own column, and bandwidth is computed from device time.
 
 Byte counts are docs/algorithm.md section 7's, per fp32 parameter; "GB/s" below is always the *ideal*
-byte count of the work divided by the measured time (effective bandwidth), compared with a plain
+byte count of the work divided by the measured (device) time (effective bandwidth), compared with a plain
 device-to-device copy (CPU: memcpy) of the same number of elements timed in the same run.
 """
 from __future__ import annotations
@@ -226,7 +234,12 @@ def synced(fn: Callable[[], object]) -> Callable[[], None]:
 
 
 def run_rows(benchmark, fn: Callable[[], object], *, warmup: int = 2, budget_s: Optional[float] = None):
-    """benchmark.pedantic with a round count that fits ROW_SECONDS (after ``warmup`` calls)."""
+    """benchmark.pedantic with a round count that fits ROW_SECONDS (after ``warmup`` calls).
+
+    CPU: one call per round (host and device are one).  CUDA: a round is ``calls_per_sync`` calls
+    and one synchronization (``stats_of`` divides by it: wall time per call, host work included),
+    then ``device_seconds`` times the same calls with CUDA events; both land in extra_info
+    (``wall_s``, ``device_s``, ``wall_over_device``, ``calls_per_sync``)."""
     target = synced(fn)
     t = 0.0
     for _ in range(warmup):
@@ -234,13 +247,97 @@ def run_rows(benchmark, fn: Callable[[], object], *, warmup: int = 2, budget_s: 
         target()
         t = time.perf_counter() - start
     budget = ROW_SECONDS if budget_s is None else budget_s
-    rounds = int(max(MIN_ROUNDS, min(MAX_ROUNDS, budget / max(t, 1e-6))))
-    return benchmark.pedantic(target, rounds=rounds, warmup_rounds=0, iterations=1)
+    calls = calls_per_sync(t) if IS_CUDA else 1
+    if calls > 1:
+        def batch():
+            for _ in range(calls):
+                fn()
+            sync()
+        target = batch
+    rounds = int(max(MIN_ROUNDS, min(MAX_ROUNDS, budget / max(t * calls, 1e-6))))
+    benchmark.extra_info["calls_per_sync"] = calls
+    result = benchmark.pedantic(target, rounds=rounds, warmup_rounds=0, iterations=1)
+    if IS_CUDA:
+        s = stats_of(benchmark)
+        wall = s["median"] if s else t
+        dev = device_seconds(fn, calls, wall)
+        benchmark.extra_info.update(timing_info(wall, dev))
+    return result
+
+
+# Calls per synchronization on CUDA: enough that a batch takes BATCH_S (one sync and the host's
+# wake-up are then a small share of it), within [CALLS_MIN, CALLS_MAX].
+BATCH_S = float(os.environ.get("ALSALS_BENCH_BATCH_S") or 0.025)
+CALLS_MIN, CALLS_MAX = 3, 100
+DEVICE_BATCHES = int(os.environ.get("ALSALS_BENCH_DEVICE_BATCHES") or 3)
+
+
+def calls_per_sync(seconds_per_call: float) -> int:
+    return int(max(CALLS_MIN, min(CALLS_MAX, math.ceil(BATCH_S / max(seconds_per_call, 1e-7)))))
+
+
+_spin_rate: List[float] = []   # torch.cuda._sleep cycles per second on this device
+
+
+def _spin(seconds: float) -> None:
+    """Queue a spin kernel of about ``seconds`` on the current stream (nothing where unsupported),
+    so that the host can enqueue the timed calls while the device is still busy with it."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None or seconds <= 0:
+        return
+    if not _spin_rate:
+        cycles = 2_000_000
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sleep(cycles)
+        a.record()
+        sleep(cycles)
+        b.record()
+        b.synchronize()
+        _spin_rate.append(cycles / max(a.elapsed_time(b) / 1e3, 1e-6))
+    sleep(int(min(seconds, 2.0) * _spin_rate[0]))
+
+
+def device_seconds(fn: Callable[[], object], calls: int, wall_per_call: float,
+                   batches: Optional[int] = None) -> Optional[float]:
+    """Device time per call: the CUDA-event span of ``calls`` back-to-back calls / calls, median
+    of ``batches``.  A spin kernel queued ahead of the start event (as long as the calls take on
+    the host) lets the host enqueue them before the device reaches them, so the span is device
+    work without host gaps.  A call that reads from the device (``.item()``, the verdict) makes
+    the host wait there: its host work after the read stays in the span (device ~ wall)."""
+    if not IS_CUDA:
+        return None
+    spans = []
+    for _ in range(batches or DEVICE_BATCHES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync()
+        _spin(1.25 * wall_per_call * calls + 1e-3)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end) / 1e3 / calls)
+    spans.sort()
+    return spans[len(spans) // 2]
+
+
+def timing_info(wall: Optional[float], device: Optional[float]) -> dict:
+    """extra_info fields: wall and device seconds per call, their ratio and the host's share."""
+    info = {"wall_s": wall, "device_s": device}
+    if wall and device:
+        info.update(wall_over_device=round(wall / device, 3),
+                    host_overhead_s=max(0.0, wall - device))
+    return info
 
 
 def median_time(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds per call: device time on CUDA (CUDA events), wall time on CPU."""
     target = synced(fn)
     target()
+    if IS_CUDA:
+        start = time.perf_counter()
+        target()
+        return device_seconds(fn, max(3, reps), time.perf_counter() - start) or 0.0
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -251,13 +348,25 @@ def median_time(fn: Callable[[], object], reps: int) -> float:
 
 
 def stats_of(benchmark) -> Optional[dict]:
-    """min/median/mean/stddev/rounds of a finished pytest-benchmark row (None when disabled)."""
+    """min/median/mean/stddev/rounds of a finished pytest-benchmark row (None when disabled), in
+    seconds per call (a CUDA round of ``calls_per_sync`` calls is divided by it)."""
     meta = getattr(benchmark, "stats", None)
     s = getattr(meta, "stats", None) if meta else None
     if not s or not getattr(s, "data", None):
         return None
-    return {"min": s.min, "median": s.median, "mean": s.mean, "stddev": s.stddev,
-            "rounds": s.rounds}
+    calls = max(1, int(getattr(benchmark, "extra_info", {}).get("calls_per_sync") or 1))
+    return {"min": s.min / calls, "median": s.median / calls, "mean": s.mean / calls,
+            "stddev": s.stddev / calls, "rounds": s.rounds, "calls_per_round": calls}
+
+
+def time_for_bandwidth(benchmark) -> Optional[float]:
+    """Seconds per call that bandwidth is computed from: device time on CUDA (host work is its
+    own column), the median wall time on CPU."""
+    dev = getattr(benchmark, "extra_info", {}).get("device_s")
+    if dev:
+        return dev
+    s = stats_of(benchmark)
+    return s["median"] if s else None
 
 
 # copy bandwidth per set label, GB/s: the reference every other row's GB/s is compared with.

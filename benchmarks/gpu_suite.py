@@ -1,17 +1,23 @@
 """One-call verification on a GPU machine: build, every test, every benchmark, a results file.
 
     bash benchmarks/run_gpu_suite.sh            # <= 9 minutes: writes benchmarks/results/
-    bash benchmarks/run_gpu_suite.sh --quick    # <= 4 minutes (no 1.5B set, fewer rounds/steps)
+    bash benchmarks/run_gpu_suite.sh --quick    # <= 230 s planned (no 1.5B set, fewer rounds/steps)
     bash benchmarks/run_gpu_suite.sh --dry-run  # CPU, tiny sizes, results to a temp dir
+    python benchmarks/gpu_suite.py --dry-run --phases env,hot-path,plot --out DIR   # a subset
 
 Made for a machine with torch/triton preinstalled and no internet.  Phases, in order of value:
 env -> wheels (pip install --no-index from --wheels DIR, default ./.whl, if present) -> build (the
 CUDA extension: JIT on first use with ALSALS_FUSED_JIT=1, or --build pip) -> tests (pytest tests)
--> micro benchmarks on the GPT-2-small set -> end-to-end training -> the other parameter sets ->
+-> micro benchmarks on the GPT-2-small set -> the hot path (``hot_path.py --json``: device
+operations and host microseconds per step) -> end-to-end training -> the other parameter sets ->
 plot.  Each phase runs in a child process under a timeout taken from what is left of the budget
 (later phases keep a reserve); a phase that runs out of time is killed and recorded as cut.
-Results (``YYYY-MM-DD-<gpu>.json`` and ``.md``, ``.png``) are rewritten after every phase, so a
-failure or a kill later still leaves what was measured.  The markdown summary is printed last.
+Results (``YYYY-MM-DD-<gpu>.json`` and ``.md``, ``.png``) and one bundle of the raw files
+(``YYYY-MM-DD-<gpu>-raw.tar.gz``: every phase's log, the rows JSONL, pytest-benchmark's JSON) are
+rewritten after every phase, so a failure or a kill later still leaves what was measured; the
+output directory holds those four files and nothing else (the raw files are written to a
+temporary directory while the suite runs, removed at the end).  The markdown summary is printed
+last.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from typing import List, Optional
@@ -36,18 +43,24 @@ sys.path.insert(0, HERE)
 import _report  # noqa: E402
 
 # (name, max seconds full/quick/dry, minimum seconds: what earlier phases leave for it)
+# --quick: the maxima sum to 210 s, + SAFETY_S = 230 s = TOTAL["quick"], inside 4 minutes on an H200
+# with a cold Triton cache (the build phase's smoke steps and the tests compile the kernels; a
+# JIT build of the extension that needs longer is cut, and the cuda rows skip).
 PHASES = [
-    ("env", (60, 45, 60), 15),
-    ("wheels", (60, 30, 30), 5),
-    ("build", (180, 110, 60), 20),
-    ("tests", (170, 70, 90), 40),
-    ("bench-gpt2", (100, 45, 45), 30),
-    ("e2e", (70, 35, 45), 20),
-    ("bench-rest", (130, 40, 45), 20),
-    ("plot", (30, 20, 30), 5),
+    ("env", (60, 12, 60), 10),
+    ("wheels", (60, 8, 30), 5),
+    ("build", (180, 55, 60), 20),
+    ("tests", (170, 52, 150), 30),
+    ("bench-gpt2", (100, 28, 45), 20),
+    ("hot-path", (40, 25, 60), 10),
+    ("e2e", (70, 15, 45), 10),
+    ("bench-rest", (130, 10, 45), 10),
+    ("plot", (30, 5, 30), 5),
 ]
-TOTAL = {"full": 540, "quick": 240, "dry-run": 330}
+TOTAL = {"full": 540, "quick": 230, "dry-run": 420}
 SAFETY_S = 20   # interpreter start, final writes and print
+MAX_OUT_FILES = 8   # what --out DIR may hold after a run (json, md, png, raw bundle: 4)
+HOT_PATH_STEPS = {"full": 200, "quick": 200, "dry-run": 20}   # hot_path.py --steps
 
 ENV_SCRIPT = r"""
 import json, os, platform, subprocess, sys
@@ -108,6 +121,22 @@ print("ALSALS_BACKENDS=" + json.dumps(out))
 """
 
 
+def bundle_dir(src: str, dest: str) -> str:
+    """Write every file under ``src`` into the gzipped tar ``dest`` (members under the folder's
+    name; atomically replaced); returns ``dest``."""
+    tmp = dest + ".tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(src, arcname=os.path.basename(src.rstrip(os.sep)) or "raw")
+    os.replace(tmp, dest)
+    return dest
+
+
+def out_files(directory: str) -> List[str]:
+    """Every file under ``directory`` (recursively), relative to it."""
+    return sorted(os.path.relpath(os.path.join(d, f), directory)
+                  for d, _, files in os.walk(directory) for f in files)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -130,18 +159,22 @@ class Suite:
         else:
             self.out = os.path.join(HERE, "results")
         os.makedirs(self.out, exist_ok=True)
-        self.raw = os.path.join(self.out, "raw")   # logs and row files (git-ignored)
-        shutil.rmtree(self.raw, ignore_errors=True)  # the previous run's
+        # Logs and row files go to a temporary directory, bundled into <stem>-raw.tar.gz in the
+        # output directory after every phase (so --out DIR holds at most MAX_OUT_FILES files).
+        self.work = tempfile.mkdtemp(prefix="alsals-gpu-suite-work-")
+        self.raw = os.path.join(self.work, "raw")
         os.makedirs(self.raw)
         self.jsonl = os.path.join(self.raw, "rows.jsonl")
-        self.site = os.path.join(self.raw, "site")                      # --wheels install target
+        self.site = os.path.join(self.work, "site")                     # --wheels install target
+        self.phases = [p for p in PHASES if not args.phases or p[0] in args.phases]
+        self.bundle: Optional[str] = None   # the raw bundle written last
         self.stem: Optional[str] = None
         self.jit = True    # off after a build that was cut: a half-built extension holds a lock
         self.current: Optional[str] = None   # the phase running now
         self.child: Optional[subprocess.Popen] = None
         self.doc = {
             "suite": {"mode": self.mode, "started": _now(), "budget_s": args.budget or TOTAL[self.mode],
-                      "args": sys.argv[1:], "raw_logs": self.raw},
+                      "args": sys.argv[1:], "raw_logs": None},
             "git": self._git(), "env": {}, "backends": {}, "phases": [], "cuts": [], "tests": {},
             "rows": [], "targets": [],
         }
@@ -194,7 +227,7 @@ class Suite:
         with open(path, errors="replace") as f:
             text = f.read()
         return {"rc": rc, "timed_out": timed_out, "seconds": round(time.monotonic() - start, 1),
-                "log": path, "text": text}
+                "log": f"raw/{name}.log (in the -raw.tar.gz bundle)", "text": text}
 
     def kill_child(self) -> None:
         proc = self.child
@@ -231,11 +264,23 @@ class Suite:
         self.doc["suite"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         self.doc["suite"]["updated"] = _now()
         js, md, _ = self.paths()
+        self.doc["suite"]["raw_logs"] = os.path.basename(self.bundle_path())
         with open(js + ".tmp", "w") as f:
             json.dump(self.doc, f, indent=1, default=str)
         os.replace(js + ".tmp", js)
         with open(md, "w") as f:
             f.write(self.markdown())
+        self.write_bundle()
+
+    def bundle_path(self) -> str:
+        return self.paths()[0][:-len(".json")] + "-raw.tar.gz"
+
+    def write_bundle(self) -> None:
+        """Rewrite the one bundle of raw files (and drop one under an earlier name)."""
+        path = bundle_dir(self.raw, self.bundle_path())
+        if self.bundle and self.bundle != path and os.path.exists(self.bundle):
+            os.remove(self.bundle)
+        self.bundle = path
 
     def markdown(self) -> str:
         d, env = self.doc, self.doc["env"]
@@ -351,7 +396,8 @@ class Suite:
         size = "tiny" if self.mode == "dry-run" else ("full" if self.doc["env"].get("cuda") else "small")
         extra = {"ALSALS_BENCH_SIZE": size, "ALSALS_BENCH_JSONL": self.jsonl, "ALSALS_BENCH_SETS": sets}
         if self.mode == "quick":
-            extra.update(ALSALS_BENCH_ROW_S="0.15", ALSALS_BENCH_E2E_STEPS="20")
+            extra.update(ALSALS_BENCH_ROW_S="0.15", ALSALS_BENCH_E2E_STEPS="10",
+                         ALSALS_BENCH_DEVICE_BATCHES="2")
         before = len(_report.load_rows(self.jsonl)) if os.path.exists(self.jsonl) else 0
         cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-rfEs",
                "-p", "no:cacheprovider", "-m", marker,
@@ -368,6 +414,50 @@ class Suite:
     def phase_bench_gpt2(self, timeout):
         return self._bench("bench-gpt2", timeout, "gpt2", "micro")
 
+    def phase_hot_path(self, timeout):
+        """hot_path.py's measurement (its own code, in child processes: its launch stubs patch
+        the Triton backend's class) -> one row per backend and tensor count.  One child per
+        backend, the ones with targets first, so a cut keeps the backends measured before it."""
+        steps = self.args.hot_path_steps or HOT_PATH_STEPS[self.mode]
+        backends = ["cuda", "triton", "foreach", "reference"]
+        if self.mode == "quick":   # the backends with issue 8's targets only
+            backends = ["cuda", "triton"]
+            self.doc["cuts"].append("hot-path: --quick measures the cuda and triton rows only "
+                                    "(no foreach, reference)")
+        end = time.monotonic() + timeout
+        rows, notes, last = [], [], {}
+        for backend in backends:
+            left = end - time.monotonic()
+            if left < 3:
+                notes.append(f"{backend}: not run, out of time")
+                last = dict(last, timed_out=True)
+                continue
+            cmd = [sys.executable, os.path.join(HERE, "hot_path.py"), "--json", "--steps", str(steps),
+                   "--backends", backend]
+            if self.mode == "dry-run":
+                cmd += ["--tensors", "148"]
+            # Host code only (launches stubbed) on CPU tensors: the Triton backend's host code
+            # runs there under the interpreter, also on a GPU machine.
+            last = self.run(f"hot-path-{backend}", cmd, left, TRITON_INTERPRET=1, CUDA_VISIBLE_DEVICES="")
+            lines = [ln for ln in last["text"].splitlines() if ln.startswith("[")]
+            try:
+                records = json.loads(lines[-1]) if lines else []
+            except json.JSONDecodeError:
+                records = []
+            new = _report.hot_path_rows(records, steps=steps, device="cpu (host code)")
+            with open(self.jsonl, "a") as f:
+                for row in new:
+                    f.write(json.dumps(row) + "\n")
+            rows += new
+            if last["timed_out"]:
+                notes.append(f"{backend}: cut at the timeout")
+            elif not new:
+                notes.append(f"{backend}: no JSON line (rc {last['rc']})")
+        r = {"rc": last.get("rc", 0) if not notes else 1, "timed_out": bool(last.get("timed_out")),
+             "text": last.get("text", ""), "log": "raw/hot-path-<backend>.log (in the -raw.tar.gz bundle)"}
+        r["note"] = f"{len(rows)} rows ({steps} steps each)" + (f"; {'; '.join(notes)}" if notes else "")
+        return r
+
     def phase_e2e(self, timeout):
         return self._bench("e2e", timeout, "", "e2e")
 
@@ -375,8 +465,10 @@ class Suite:
         families = ["gpt2-mini", "many-small"]
         if self.mode == "full":
             families.append("gpt2-xl")
-        elif self.mode == "quick":
-            self.doc["cuts"].append("bench-rest: --quick leaves out the 1.5B (gpt2-xl) set")
+        elif self.mode == "quick":   # 10 s: the 2000-tensor set (per-tensor overhead) only
+            families = ["many-small"]
+            self.doc["cuts"].append("bench-rest: --quick runs the many-small set only (no gpt2-mini, "
+                                    "no 1.5B gpt2-xl)")
         return self._bench("bench-rest", timeout, ",".join(families), "micro")
 
     def phase_plot(self, timeout):
@@ -388,11 +480,12 @@ class Suite:
 
     # -- driver -----------------------------------------------------------------------------------
     def main(self) -> int:
-        self.log(f"mode {self.mode}; results in {self.out}; logs in {self.raw}")
-        for i, (name, budgets, own_min) in enumerate(PHASES):
+        self.log(f"mode {self.mode}; results in {self.out}; raw files in {self.raw} "
+                 f"(bundled into the results directory after every phase)")
+        for i, (name, budgets, own_min) in enumerate(self.phases):
             # Up to the phase's budget, leaving later phases their minimum; but never less than
             # this phase's own minimum while time is left (a tight budget squeezes, not skips).
-            reserve = sum(r for _, _, r in PHASES[i + 1:])
+            reserve = sum(r for _, _, r in self.phases[i + 1:])
             left = self.deadline - time.monotonic()
             timeout = min(budgets[self.col], left, max(left - reserve, own_min))
             entry = {"name": name, "timeout_s": round(timeout, 1)}
@@ -435,12 +528,15 @@ class Suite:
             print(f"gpu-suite: could not write results: {exc!r}", file=sys.stderr, flush=True)
         js, md, png = self.paths()
         print("\n" + self.markdown(), flush=True)
-        self.log(f"wrote {js}, {md}" + (f", {png}" if os.path.exists(png) else ""))
+        self.log(f"wrote {js}, {md}" + (f", {png}" if os.path.exists(png) else "")
+                 + (f", {self.bundle}" if self.bundle else ""))
+        if not self.args.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="finish within 4 minutes")
+    ap.add_argument("--quick", action="store_true", help="finish within 4 minutes (230 s planned)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU rehearsal at tiny sizes; results go to a temp dir (or --out)")
     ap.add_argument("--out", help="results directory (default benchmarks/results; temp dir for --dry-run)")
@@ -450,8 +546,17 @@ def parse_args(argv=None):
     ap.add_argument("--build", choices=("jit", "pip"), default="jit",
                     help="jit: ALSALS_FUSED_JIT=1 builds the extension on first use; "
                          "pip: pip install --no-build-isolation -e . first")
-    ap.add_argument("--budget", type=float, help="total seconds (default 540, --quick 240)")
-    return ap.parse_args(argv)
+    ap.add_argument("--budget", type=float, help="total seconds (default 540, --quick 230)")
+    ap.add_argument("--phases", type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+                    help=f"comma list: run only these phases (of {', '.join(p[0] for p in PHASES)})")
+    ap.add_argument("--hot-path-steps", type=int, help="hot_path.py --steps (default 200; dry run 20)")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the temporary directory of raw files (its path is printed first)")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.phases or ()) - {p[0] for p in PHASES})
+    if unknown:
+        ap.error(f"--phases: unknown {unknown}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,10 @@ Groups (compare rows within one):
                 ``step_pass`` (with its finisher), ``backtrack`` (one move_pass: an extra trial),
                 ``grad_pass`` (the gradient norm and the grad finisher)
 
-extra_info carries GB/s from the byte counts of docs/algorithm.md section 7
+On CUDA each row is timed twice (``_benchlib.run_rows``): wall time per call over many calls per
+synchronization (host work included: the row's median) and device time per call from CUDA events
+(``device_s``); ``wall_over_device`` is their ratio.  extra_info carries GB/s (from device time on
+CUDA) from the byte counts of docs/algorithm.md section 7
 (``_benchlib.BYTES_PER_PARAM``) against the copy of the same run, host reads/syncs per step and
 optimizer-state bytes per param.
 """
@@ -30,6 +33,7 @@ import _benchlib as lib
 from alsals_fused import ALSALS
 from alsals_fused.backends import available_backends
 from alsals_fused.backends.base import Dir
+from alsals_fused.integrations import _api
 from alsals_fused.optimizer import _RngState
 
 BACKENDS = ("reference", "foreach", "triton", "cuda")
@@ -81,12 +85,25 @@ def _cases():
     return cases
 
 
+def _alsals(ps: lib.ParamSet, backend: str):
+    """An ALSALS optimizer over the set and a zero parameter for the model-free closure.  The set's
+    fixed gradients are the benchmark's input: they are marked as seen by the optimizer (as after
+    a step), so that step(closure) neither takes them for a backward run before it nor warns
+    that they are the previous step's (the closure's backward touches only the zero parameter)."""
+    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
+    opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
+    marks = getattr(_api, "_grad_marks", None)
+    if marks is not None and hasattr(opt, "_all_params"):
+        opt._grad_marks = marks(opt._all_params())
+        opt._warned_stale = True   # stepping on the same gradients again is the point here
+    return opt, z
+
+
 def _driver(ps: lib.ParamSet, backend: str):
     """An ALSALS optimizer over the set with one step taken (plan, moments, backups, ctl exist) and
     its model-free closure.  Every row below runs the driver's own code on it: nothing here
     rebuilds the driver's scalars, control vector or decisions."""
-    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
-    opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
+    opt, z = _alsals(ps, backend)
     closure = _trivial_closure(z)
     with torch.enable_grad():
         opt.step(closure)
@@ -137,15 +154,10 @@ def test_micro(bench, spec, group, path):
         pytest.fail(error, pytrace=False)
 
 
-def _median(bench):
-    s = lib.stats_of(bench)
-    return s["median"] if s else None
-
-
 def _run_copy(bench, ps, path):
     src, dst = lib.copy_buffers(ps.numel)
     lib.run_rows(bench, lambda: dst.copy_(src))
-    t = _median(bench)
+    t = lib.time_for_bandwidth(bench)
     extra = {"bytes_per_param": lib.BYTES_PER_PARAM["copy"], "bytes_kind": "copy"}
     if t:
         gbps = lib.record_copy(ps.spec.label, ps.numel, t)
@@ -160,7 +172,7 @@ def _run_adam(bench, ps, path):
     except (RuntimeError, ValueError) as exc:   # e.g. fused unsupported on this device/dtype
         pytest.skip(f"torch.optim.Adam({ADAM[path]}) cannot run here: {exc}")
     lib.run_rows(bench, opt.step)
-    extra = lib.bandwidth_info(ps.spec, "adam", _median(bench))
+    extra = lib.bandwidth_info(ps.spec, "adam", lib.time_for_bandwidth(bench))
     with torch.enable_grad():
         extra["syncs_per_step"] = lib.count_syncs(opt.step, 3)
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
@@ -173,23 +185,21 @@ def _run_accepted(bench, ps, path):
     lib.run_rows(bench, work)
     last = opt.last_step
     assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
-    extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+    extra = lib.bandwidth_info(ps.spec, "accepted", lib.time_for_bandwidth(bench))
     extra["syncs_per_step"] = lib.count_syncs(work, 3)
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
     return extra
 
 
 def _run_opt_step(bench, ps, path):
-    backend = path.split("-")[1]
-    z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
-    opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
+    opt, z = _alsals(ps, path.split("-")[1])
     closure = _trivial_closure(z)
     step = lambda: opt.step(closure)  # noqa: E731
     with torch.enable_grad():
         lib.run_rows(bench, step)
         last = opt.last_step
         assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
-        extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+        extra = lib.bandwidth_info(ps.spec, "accepted", lib.time_for_bandwidth(bench))
         extra["reads_per_step"] = opt.reads / opt.counters["steps"]
         extra["syncs_per_step"] = lib.count_syncs(step, 3)
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
@@ -213,7 +223,7 @@ def _run_salsa(bench, ps, path):
 
     with torch.enable_grad():
         lib.run_rows(bench, step)
-        extra = lib.bandwidth_info(ps.spec, "accepted", _median(bench))
+        extra = lib.bandwidth_info(ps.spec, "accepted", lib.time_for_bandwidth(bench))
         extra["syncs_per_step"] = lib.count_syncs(step, 3)
     # m, v as its state; it also deep-copies every parameter each searching step (4 B/param more).
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
@@ -223,7 +233,7 @@ def _run_salsa(bench, ps, path):
 def _run_step_pass(bench, ps, path):
     opt, backend, buckets, hp = _one_pass(ps, path)
     lib.run_rows(bench, lambda: backend.step_pass(buckets, hp, opt._ctl, searching=True, write_backup=True))
-    return lib.bandwidth_info(ps.spec, "step_pass", _median(bench))
+    return lib.bandwidth_info(ps.spec, "step_pass", lib.time_for_bandwidth(bench))
 
 
 def _run_backtrack(bench, ps, path):
@@ -232,14 +242,14 @@ def _run_backtrack(bench, ps, path):
     lib.run_rows(bench, lambda: backend.move_pass(   # the move of an extra alsals trial
         buckets, hp, opt._ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=hp.eta * 0.9,
         dst_dir=Dir.UPDATE, from_backup=True))
-    return lib.bandwidth_info(ps.spec, "backtrack", _median(bench))
+    return lib.bandwidth_info(ps.spec, "backtrack", lib.time_for_bandwidth(bench))
 
 
 def _run_grad_pass(bench, ps, path):
     opt, backend, buckets, hp = _one_pass(ps, path)
     loss0 = torch.tensor(BIG_LOSS, dtype=torch.float64, device=lib.DEVICE)
     lib.run_rows(bench, lambda: backend.grad_pass(buckets, opt._ctl, loss0, hp))
-    return lib.bandwidth_info(ps.spec, "grad_pass", _median(bench))
+    return lib.bandwidth_info(ps.spec, "grad_pass", lib.time_for_bandwidth(bench))
 
 
 _RUNNERS = {"copy": _run_copy, **{k: _run_adam for k in ADAM}, "salsa-pkg": _run_salsa,

@@ -1,0 +1,96 @@
+"""The GPU suite's plumbing on a CPU: its output directory, its raw bundle, its --quick plan.
+
+The suite itself (benchmarks/gpu_suite.py) runs on a GPU machine; here a dry run of a few fast
+phases checks what it leaves in ``--out DIR`` (issue 8: at most 8 files, the raw ones bundled).
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _report  # noqa: E402
+import gpu_suite  # noqa: E402
+
+
+def test_quick_plan_fits_four_minutes():
+    quick = gpu_suite.TOTAL["quick"]
+    planned = sum(budgets[1] for _, budgets, _ in gpu_suite.PHASES) + gpu_suite.SAFETY_S
+    assert planned <= quick <= 230, (planned, quick)
+    # the minimum each phase keeps for itself fits the quick total too
+    assert sum(m for _, _, m in gpu_suite.PHASES) + gpu_suite.SAFETY_S <= quick
+
+
+def test_bundle_dir(tmp_path):
+    raw = tmp_path / "work" / "raw"
+    raw.mkdir(parents=True)
+    for i in range(20):
+        (raw / f"phase{i}.log").write_text(f"log {i}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = gpu_suite.bundle_dir(str(raw), str(out / "x-raw.tar.gz"))
+    assert gpu_suite.out_files(str(out)) == ["x-raw.tar.gz"]
+    with tarfile.open(dest) as tar:
+        names = sorted(tar.getnames())
+    assert "raw/phase7.log" in names and len([n for n in names if n.endswith(".log")]) == 20
+
+
+def test_dry_run_leaves_at_most_eight_files(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(BENCH, "gpu_suite.py"), "--dry-run", "--out", str(out),
+           "--phases", "env,wheels,plot", "--wheels", str(tmp_path / "no-wheels")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = gpu_suite.out_files(str(out))
+    assert len(files) <= gpu_suite.MAX_OUT_FILES, files
+    bundles = [f for f in files if f.endswith("-raw.tar.gz")]
+    assert len(bundles) == 1, files
+    with tarfile.open(out / bundles[0]) as tar:
+        assert "raw/env.log" in tar.getnames()
+    doc = json.loads((out / bundles[0].replace("-raw.tar.gz", ".json")).read_text())
+    assert [p["name"] for p in doc["phases"]] == ["env", "wheels", "plot"]
+    assert doc["suite"]["raw_logs"] == bundles[0]
+
+
+def test_unknown_phase_is_refused():
+    with pytest.raises(SystemExit):
+        gpu_suite.parse_args(["--dry-run", "--phases", "env,nope"])
+
+
+def test_hot_path_rows_render():
+    records = [{"backend": "triton", "tensors": 148, "ops_searching_step": 6, "ops_extra_trial": 3,
+                "ops_nonsearching_step": 3, "host_us_searching_step": 120.4,
+                "host_us_nonsearching_step": 70.0, "detail": {"x": 1}},
+               {"backend": "cuda", "tensors": 580, "ops_searching_step": 5, "ops_extra_trial": 3,
+                "ops_nonsearching_step": 2, "host_us_searching_step": None,
+                "host_us_nonsearching_step": None, "note": "planner only"}]
+    rows = _report.hot_path_rows(records, steps=200)
+    assert all(r["kind"] == "hot-path" and "detail" not in r for r in rows)
+    table = _report.markdown_tables(rows)
+    assert "| triton | 148 | 6 | 3 | 3 | 120 | 70 |" in table and "planner only" in table
+    met = {(t["target"], t["set"]): t["met"] for t in _report.targets(rows)}
+    assert met[("triton: device ops, searching step", "148 tensors")] is True
+    assert met[("triton: host us, searching step", "148 tensors")] is True
+    assert ("cuda: host us, searching step", "580 tensors") not in met
+
+
+def test_gpu_rows_report_device_and_wall_time():
+    base = {"group": "step s", "kind": "micro", "set": "s", "family": "gpt2", "params": 10,
+            "tensors": 1, "bytes_per_param": 36}
+    rows = [dict(base, row="adam-fused", stats={"median": 1e-3, "min": 1e-3, "rounds": 5},
+                 device_s=0.9e-3, wall_s=1e-3, wall_over_device=1.111, calls_per_sync=20),
+            dict(base, row="alsals-triton-accepted", stats={"median": 2e-3, "min": 2e-3, "rounds": 5},
+                 device_s=1.1e-3, wall_s=2e-3, wall_over_device=1.818, calls_per_sync=12),
+            dict(base, row="alsals-triton-opt.step", stats={"median": 2.5e-3, "min": 2.4e-3, "rounds": 5},
+                 device_s=2.4e-3, wall_s=2.5e-3, wall_over_device=1.04, calls_per_sync=10)]
+    table = _report.markdown_tables(rows)
+    assert "| alsals-triton-accepted | 2 | 2 | 1.1 | 1.82 | 12 |" in table, table
+    ts = {t["target"]: t for t in _report.targets(rows)}
+    acc = ts["triton: accepted-step work / torch adam-fused"]
+    assert acc["value"] == pytest.approx(1.1 / 0.9) and acc["detail"] == "device time"
+    assert ts["triton: opt.step incl. host work / torch adam-fused"]["value"] == pytest.approx(2.5)
