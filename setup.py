@@ -71,7 +71,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46",
+                 "accelerate>=1.0"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

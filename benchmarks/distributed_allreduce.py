@@ -86,7 +86,7 @@ def _rank(rank, world, port, args, out):
             dist.barrier()
             timer.times, timer.active = [], True
             t0 = time.perf_counter()
-            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            opt.step(lambda model=model, x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_s.append(time.perf_counter() - t0)

@@ -42,7 +42,7 @@ def train(model, opt, steps, start, device):
         gen = torch.Generator().manual_seed(1000 * k + rank)        # this rank's mini-batch
         x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)
         opt.zero_grad()
-        loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        loss = opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
     return float(loss)
 
 

@@ -203,7 +203,7 @@ def _resume_from(saved, backend="foreach"):
     for k in range(6, 12):
         x, y = data[k % 3]
         opt.zero_grad()
-        opt.step(lambda: torch.nn.functional.mse_loss(resumed(x), y))
+        opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(resumed(x), y))
     return resumed, opt
 
 

@@ -111,7 +111,7 @@ def _train(model, opt, rank, start, stop, record=None):
     for k in range(start, stop):
         x, y = _batch(k, rank)
         opt.zero_grad()
-        opt.step(lambda: _loss(model, x, y))
+        opt.step(lambda x=x, y=y: _loss(model, x, y))
         if record is not None:
             record["trials"].append(opt.last_step.trials)
             record["eta"].append(opt.eta)
@@ -238,7 +238,7 @@ def _single_process(world, steps=STEPS, **kw):
         batches = [_batch(k, r) for r in range(world)]
         x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         opt.zero_grad()
-        opt.step(lambda: _loss(model, x, y))
+        opt.step(lambda x=x, y=y: _loss(model, x, y))
         rec["trials"].append(opt.last_step.trials)
         rec["eta"].append(opt.eta)
     rec["params"] = [p.detach().clone() for p in model.parameters()]
@@ -263,7 +263,7 @@ def _check_world(out_dir, world, kinds):
         for a, b in zip(run["eta"], single["eta"]):
             assert a == pytest.approx(b, rel=1e-6), kind
         for a, b in zip(run["params"], single["params"]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{kind}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, kind=kind: f"{kind}: {m}")
         report[kind] = _max_diff(run["params"], single["params"])
     if "fsdp" in kinds and "ddp" in kinds:
         report["fsdp_vs_ddp"] = _max_diff(ranks[0]["fsdp"]["params"], ranks[0]["ddp"]["params"])

@@ -112,7 +112,7 @@ def step_scalars(momentum_search):
 def assert_buckets_close(a, b, rtol=1e-6, atol=1e-7):
     for name in ("params", "exp_avgs", "exp_avg_sqs", "backups"):
         for x, y in zip(getattr(a, name), getattr(b, name)):
-            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda s: f"{name}: {s}")
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda s, name=name: f"{name}: {s}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

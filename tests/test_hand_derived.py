@@ -24,7 +24,7 @@ def run(variant, steps, centers, init=5.0, **kw):
     infos = []
     for k in range(steps):
         opt.zero_grad()
-        opt.step(lambda: quadratic(w, center=centers[k]).sum())
+        opt.step(lambda k=k: quadratic(w, center=centers[k]).sum())
         infos.append((w.item(), opt.eta, opt.last_step.trials, opt.last_step.accepted,
                       opt.last_step.fallback))
     return infos, opt
@@ -42,7 +42,7 @@ def by_hand(variant, steps, centers, init=5.0, c=None, smoothing=None, growth=No
     out = []
     for t in range(1, steps + 1):
         center = centers[t - 1]
-        loss = lambda x: 0.5 * (x - center) ** 2  # noqa: E731
+        loss = lambda x, center=center: 0.5 * (x - center) ** 2  # noqa: E731
         g = w - center
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g

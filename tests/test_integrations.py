@@ -294,7 +294,8 @@ def test_load_state_dict_fires_torch_hooks():
     saved = ALSALS([w], c=0.2).state_dict()
     opt = ALSALS([w])
     calls = []
-    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("pre", o is opt, "alsals" in sd["param_groups"][0])))
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: calls.append(("pre", o is opt, "alsals" in sd["param_groups"][0])))
     opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.hyper.c)))
     opt.load_state_dict(saved)
     assert calls == [("pre", True, True), ("post", 0.2)]

@@ -256,7 +256,7 @@ def test_a_deferred_skip_does_not_make_two_searches_in_a_row():
     for k in range(8):
         opt.zero_grad()
         nan = float("nan") if k == 1 else 1.0   # the second step is skipped on the device
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y) * nan)
+        opt.step(lambda nan=nan: torch.nn.functional.mse_loss(model(x), y) * nan)
         searched.append(opt.last_step.searched)
     assert opt.counters["skipped"] == 1
     assert not any(a and b for a, b in zip(searched, searched[1:])), searched
@@ -381,7 +381,7 @@ def test_state_dict_round_trip_continues_bit_identically(backend, variant, dtype
         for k in range(start, start + steps):
             x, y = data[k % 3]
             opt.zero_grad()
-            opt.step(lambda: torch.nn.functional.mse_loss(model(x).float(), y.float()))
+            opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x).float(), y.float()))
 
     torch.manual_seed(0)
     model = OddModel(dtype)

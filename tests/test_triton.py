@@ -573,7 +573,7 @@ def test_verdict_edge_cases():
 def test_verdict_matches_decisions_on_random_inputs(loss_dtype):
     rng = random.Random(str(loss_dtype))
     specials = [0.0, -0.0, 1.0, math.inf, -math.inf, math.nan, 1e-300, -1e300]
-    for case in range(40):
+    for _case in range(40):
         def draw(scale=1.0):
             if rng.random() < 0.1:
                 return rng.choice(specials)
@@ -906,7 +906,7 @@ def _run(backend, dtype, steps, nan_at=None, **opt_kw):
     for step in range(steps):
         idx = batches[step % len(batches)]
 
-        def closure():
+        def closure(idx=idx, step=step):
             # fp64 math: loss differences do not drown in fp32 rounding of the forward
             W1, b1, W2, b2 = (p.double() for p in params)
             h = torch.tanh(X[idx] @ W1 + b1)

@@ -54,7 +54,7 @@ def main(args) -> dict:
         for i in range(STEPS):
             x, y = (t.to(device, non_blocking=True) for t in get_batch(corpus.train, starts[i], CFG["context"]))
 
-            def closure(x=x, y=y):
+            def closure(x=x, y=y, model=model):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return lm_loss(model(x), y)          # the loss in fp32 (equality guard)
             opt.zero_grad(set_to_none=True)

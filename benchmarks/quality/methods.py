@@ -164,9 +164,12 @@ def _line_search(variant: str, every, overrides: Optional[dict] = None, name: Op
                                                                overrides))
 
 
+def _adam_make(lr: float) -> Callable[..., Adapter]:
+    return lambda model, steps, seed, wl: AdamAdapter(model, lr, steps)
+
+
 def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
-    out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam",
-                  (lambda lr: lambda model, steps, seed, wl: AdamAdapter(model, lr, steps))(lr))
+    out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam", _adam_make(lr))
            for lr in ADAM_GRID]
     cfg = ADAMW_COSINE
     out.append(Method("adamw_cosine", f"AdamW {cfg['peak_lr']:g} warmup+cosine", "adamw_cosine",

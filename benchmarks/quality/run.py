@@ -130,7 +130,7 @@ def aggregate(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
                 and a["final_train_loss"] is not None and math.isfinite(a["final_train_loss"])}
         best = min(adam, key=lambda m: adam[m]["final_train_loss"]) if adam else None
         ref = agg[wl].get("adam@0.001")
-        for m, a in agg[wl].items():
+        for a in agg[wl].values():
             f = a["final_train_loss"]
             a["vs_adam_1e-3"] = f / ref["final_train_loss"] if ref and f is not None else None
             a["vs_best_adam"] = f / adam[best]["final_train_loss"] if best and f is not None else None
@@ -259,7 +259,8 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--candidates", default=None,
-                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (key 'variant': the base variant, default adaptive)")
+                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try "
+                        "(key 'variant': the base variant, default adaptive)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default benchmarks/quality/results)")
     p.add_argument("--tag", default=None, help="file name prefix for the outputs (default: none / 'quick')")
     p.add_argument("--no-plot", action="store_true")

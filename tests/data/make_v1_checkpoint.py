@@ -19,14 +19,15 @@ def train(model, opt, start, steps):
     for k in range(start, start + steps):
         x, y = data[k % 3]
         opt.zero_grad()
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
 
 
 torch.manual_seed(0)
 model = OddModel()
 opt = ALSALS(model.groups(), variant="salsa", backend="foreach", init_step_size=1.0)
 train(model, opt, 0, 6)
-saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict(), "rng": torch.get_rng_state()}
+saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+         "opt": opt.state_dict(), "rng": torch.get_rng_state()}
 train(model, opt, 6, 6)
 saved["after"] = {"params": [p.detach().clone() for p in model.parameters()], "eta": opt.eta,
                   "t": opt.t, "counters": dict(opt.counters)}
