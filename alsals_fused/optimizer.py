@@ -1,10 +1,11 @@
 """ALSALS: ADAM direction with momentum, step size by a stochastic Armijo line search.
 
-This module is the line-search driver shared by every backend (``../shared/ALGORITHM.md`` is the
-specification; section numbers below refer to it).  It runs the closure, replays the RNG, keeps
-the host state (eta, t, the "auto" schedule, counters) and runs the search loop; the element-wise
-passes and the device decisions between them are the backend's (contract v2, ``backends/base.py``;
-the reference decisions in torch ops are ``backends/decisions.py``).
+This module is the line-search driver shared by every backend (``docs/algorithm.md`` describes
+the algorithm it implements; section numbers below refer to it and to the specification alike).
+It runs the closure, replays the RNG, keeps the host state (eta, t, the "auto" schedule,
+counters) and runs the search loop; the element-wise passes and the device decisions between them
+are the backend's (contract v2, ``backends/base.py``; the reference decisions in torch ops are
+``backends/decisions.py``).
 
 A step, in named parts: ``_refresh_plan`` (the persistent parameter plan), ``_pre_pass`` (the
 gradient norm and the non-finite check, all on the device), ``_step_pass`` (moments, backup,
