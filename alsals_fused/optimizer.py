@@ -57,7 +57,10 @@ Deviations from the specification, and why:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union, cast
 
@@ -131,6 +134,7 @@ def _as_loss(value, what: str) -> Tensor:
 
 
 _data_ptr = Tensor.data_ptr
+_shape = operator.attrgetter("shape")
 
 
 def _partials(parts: List[Optional[Tensor]]) -> List[Tensor]:
@@ -150,6 +154,40 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
         raise RuntimeError(f"ALSALS: a gradient of shape {tuple(g.shape)}, {g.dtype} on "
                            f"{g.device} does not match its parameter ({tuple(p.shape)}, "
                            f"{p.dtype} on {p.device})")
+
+
+def _step_hooks(step):
+    """What torch.optim.Optimizer wraps every step() in, for less: the global and per-optimizer
+    step pre/post hooks (same order and semantics; a pre hook may return new (args, kwargs)) and
+    the ``Optimizer.step#ALSALS.step`` profiler range, entered only while a profiler records.
+    torch's own wrapper enters that range on every call, which costs about 5 us of host time per
+    step with no profiler; ``hooked = True`` tells Optimizer.__init__ not to wrap step() again."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+    profiler_enabled = torch._C._autograd._profiler_enabled
+    no_range = contextlib.nullcontext()
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        with (torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step")
+              if profiler_enabled() else no_range):
+            if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
+                for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+                    result = hook(self, args, kwargs)
+                    if result is not None:
+                        if not (isinstance(result, tuple) and len(result) == 2):
+                            raise RuntimeError(f"{step} must return None or a tuple of (new_args, "
+                                               f"new_kwargs), but got {result}.")
+                        args, kwargs = result
+            out = step(*args, **kwargs)
+            self._optimizer_step_code()
+            if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+                for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+                    hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True         # type: ignore[attr-defined]
+    return wrapper
 
 
 class _Plan:
@@ -180,17 +218,25 @@ class _Plan:
         self.generic = len(groups) > 1 or sharded
         self.params = [p for b in buckets for p in b.params]
         self.param_ptrs = self._current_param_ptrs()
-        self.grad_ptrs = [tuple(map(_data_ptr, b.grads)) for b in buckets]
+        for b in buckets:
+            b.grad_ptrs = tuple(map(_data_ptr, b.grads))
+        self.shapes = [[m.shape for m in b.exp_avgs] for b in buckets]
         self.max_wd = max((wd for b in buckets for wd in b.weight_decays), default=0.0)
+        # groups holding fp16 buckets, whose candidates can overflow (see _overflow_guarded)
+        self.guarded = [j for j, (_, bs) in enumerate(groups)
+                        if any(b.dtype == torch.float16 and b.params for b in bs)]
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
 
     def refresh_grads(self) -> bool:
-        """Read this step's gradients into the buckets; False if the plan no longer fits."""
+        """Read this step's gradients into the buckets; False if the plan no longer fits.
+
+        This runs on every step, so it is a few C-level walks over the lists and nothing per
+        tensor in Python: the params' addresses, their grads, the grads' addresses, and only
+        when those moved (a fresh ``set_to_none`` gradient) the grads' shapes."""
         if self._current_param_ptrs() != self.param_ptrs:
             return False                      # a parameter's storage moved (.to(), .data = ...)
-        for p in self.others:
-            if p.grad is not None:
-                return False                  # a parameter without a grad has one now
+        if self.others and any(p.grad is not None for p in self.others):
+            return False                      # a parameter without a grad has one now
         try:
             for i, b in enumerate(self.buckets):
                 # A None among them (a grad went away) makes _data_ptr raise TypeError below, which
@@ -199,15 +245,15 @@ class _Plan:
                 if self.local_shards:             # FSDP2: the local shards of DTensor grads
                     grads = [_dist.local(g) for g in grads]
                 # TypeError if a grad is None now; RuntimeError for one without storage (sparse).
-                # Shape, dtype and device need no check: autograd refuses a .grad that differs.
+                # dtype and device need no check: autograd refuses a .grad that differs.
                 ptrs = tuple(map(_data_ptr, grads))
-                if ptrs != self.grad_ptrs[i]:
+                if ptrs != b.grad_ptrs:
                     # A parameter reshaped in place (p.data = p.data.view(...)) keeps its address:
                     # rebuild (which refuses the stale moments) before any pass (issue 10).
-                    if any(g.shape != m.shape for g, m in zip(grads, b.exp_avgs)):
+                    if list(map(_shape, grads)) != self.shapes[i]:
                         self.release_grads()
                         return False
-                    self.grad_ptrs[i] = ptrs
+                    b.grad_ptrs = ptrs
                     b.grads_version += 1
                 b.grads = grads
         except (TypeError, RuntimeError):   # a grad went away, or one without storage (sparse)
@@ -546,6 +592,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             group["lr"] = self.eta
 
     # -- the step (section 1) -------------------------------------------------------------------
+    @_step_hooks
     def step(self, closure=None):
         # DCP's state initialisation (get/set_optimizer_state_dict) zeroes lr around this call,
         # so it is recognised before the lr mirror is checked.
@@ -568,9 +615,13 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         except RuntimeError as exc:
             self._explain_backward_error(exc)            # integ: a closure that ran backward
         with torch.no_grad():
-            return self._finish_step(self._update(closure, loss, searching, rng_before))
+            self._update(closure, loss, searching, rng_before)
+            self._finish_step(loss.detach())        # last_step.loss: detached
+        # The loss as the closure returned it, as torch's optimizers return theirs: its spent
+        # autograd graph is then released by the caller, not inside step().
+        return loss
 
-    def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> Tensor:
+    def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> None:
         """Everything after the gradient: moments, candidate, line search (under no_grad)."""
         plan = self._refresh_plan()
         try:
@@ -582,12 +633,11 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self.counters["steps"] += 1
             if not searching:
                 self.last_step = StepInfo(eta=hp.eta, trials=0, accepted=True, searched=False,
-                                          loss=loss.detach(), loss_trial=None, slope=None)
-                return loss.detach()
+                                          loss=loss, loss_trial=None, slope=None)
+                return
             assert rng_before is not None        # callers capture it on searching steps
             found = self._search(plan, hp, closure, rng_before, eta_before)
             self._commit(plan, hp, found, eta_before)
-            return loss.detach()
         finally:
             plan.release_grads()
 
@@ -634,8 +684,15 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                            max_grad_norm=hyper.max_grad_norm)
 
     def _device_loss(self, loss: Tensor, plan: _Plan) -> Tensor:
-        """The closure's loss as a 0-dim float64 tensor on the plan's device, averaged over ranks."""
-        return self._mean_over_ranks(loss.detach().reshape(()).to(device=plan.device, dtype=torch.float64))
+        """The closure's loss as the passes read it: a 0-dim tensor on the plan's device in the
+        dtype the closure returned (every backend reads any float dtype, so the usual case costs
+        no device operation), or its float64 mean over the ranks."""
+        loss = loss.detach()
+        if self.process_group is not None:
+            return self._mean_over_ranks(loss.reshape(()).to(device=plan.device, dtype=torch.float64))
+        if loss.dim():
+            loss = loss.reshape(())
+        return loss if loss.device == plan.device else loss.to(plan.device)
 
     def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
         """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
@@ -731,11 +788,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return found
 
     def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
-        loss_try = loss_try.detach().reshape(())
-        if self.process_group is not None:
-            loss_try = self._device_loss(loss_try, plan)
-        elif loss_try.device != plan.device:
-            loss_try = loss_try.to(plan.device)
+        loss_try = self._device_loss(loss_try, plan)
         guarded = self._overflow_guarded(plan)
         if guarded:                         # a candidate that overflowed is a non-finite trial
             bad = self._non_finite_params(plan, guarded) > 0
@@ -774,8 +827,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # inside config.ETA_MAX, so they pay nothing.
     @staticmethod
     def _overflow_guarded(plan: _Plan) -> List[int]:
-        return [j for j, (_, buckets) in enumerate(plan.groups)
-                if any(b.dtype == torch.float16 and b.params for b in buckets)]
+        return plan.guarded
 
     def _non_finite_params(self, plan: _Plan, guarded: List[int]) -> Tensor:
         """Count of non-finite fp16 tensors, summed over the shard groups (0-dim float64)."""

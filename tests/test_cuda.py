@@ -227,8 +227,7 @@ def test_grad_column_refreshed_only_when_grads_move():
     ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
     backend.grad_pass([b], ctl, loss0, hp())
     table = b.cache["cuda"].table
-    b.grads = [g.clone() for g in b.grads]          # set_to_none: new storage ...
-    b.grads_version += 1                            # ... which the driver reports
+    b.replace_grads([g.clone() for g in b.grads])   # set_to_none: new storage, reported
     backend.grad_pass([b], ctl, loss0, hp())
     assert backend.grad_refreshes == 1 and backend.table_builds == 1
     assert b.cache["cuda"].table is table
@@ -834,8 +833,7 @@ def test_no_sync(be):
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                        dst_dir=Dir.UPDATE, from_backup=True)
         be.step_pass([b32], hp, ctl, searching=False, write_backup=False)
-        b.grads = [g.clone() for g in b.grads]
-        b.grads_version += 1
+        b.replace_grads([g.clone() for g in b.grads])
         be.grad_pass([b], ctl, loss0, hp)              # the grad column refresh does not sync
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -285,8 +285,46 @@ def test_last_step_loss_is_a_tensor_on_every_step():
         loss = opt.step(lambda: mse(model, x, y))
         assert opt.reads - reads == opt.last_step.trials, "no extra device read"
         kinds.append((opt.last_step.searched, type(opt.last_step.loss)))
-        assert opt.last_step.loss is loss
+        # step() returns the loss as the closure returned it (torch's convention: the caller
+        # releases its spent graph); last_step.loss is that value, detached
+        assert loss.grad_fn is not None and opt.last_step.loss.grad_fn is None
+        assert opt.last_step.loss.data_ptr() == loss.data_ptr()
     assert kinds == [(True, torch.Tensor), (False, torch.Tensor)] * 2
+
+
+def test_step_fires_torch_step_hooks_and_the_profiler_range():
+    """ALSALS wraps step() itself (torch's wrapper would enter a profiler range on every call):
+    the hooks still run in torch's order, a pre hook can replace the arguments, and a profiler
+    sees the usual Optimizer.step#ALSALS.step range."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    calls = []
+    other = lambda: mse(model, x, y)                           # noqa: E731
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+        opt.register_step_pre_hook(lambda o, a, k: (calls.append("pre"), ((o, other), k))[1]),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[1] is other))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+    ]
+    try:
+        opt.zero_grad()
+        opt.step(lambda: pytest.fail("the pre hook replaced this closure"))
+        assert calls == ["global pre", "pre", ("post", True), "global post"]
+        opt.register_step_pre_hook(lambda o, a, k: "not a pair")
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step(other)
+    finally:
+        for h in handles:
+            h.remove()
+    opt = ALSALS(model.parameters())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+        opt.step(lambda: mse(model, x, y))
+    assert "Optimizer.step#ALSALS.step" in {e.name for e in prof.events()}
+    assert type(opt).step.hooked, "Optimizer.__init__ must not wrap step() a second time"
 
 
 def test_load_state_dict_fires_torch_hooks():

@@ -609,9 +609,8 @@ def test_tables_are_cached_and_only_the_grad_column_is_refreshed(monkeypatch):
     assert uploads == [] and backend.table_builds == 1
     # New gradient tensors (set_to_none) at new addresses: the driver bumps grads_version.
     keep = list(pair.tri[0].grads)
-    pair.tri[0].grads = [g.clone() * 1.5 for g in keep]
+    pair.tri[0].replace_grads([g.clone() * 1.5 for g in keep])
     pair.ref[0].grads = [g * 1.5 for g in pair.ref[0].grads]
-    pair.tri[0].grads_version += 1
     table_before = backend._bucket_plan(pair.tri[0]).table.host.clone()
     pair.grad(hp)
     pair.step(hp, searching=True)
@@ -622,8 +621,9 @@ def test_tables_are_cached_and_only_the_grad_column_is_refreshed(monkeypatch):
     # A misaligned gradient view moves that tensor's chunks to the masked programs.
     plan = backend._bucket_plan(pair.tri[0])
     n_fast = plan.n_fast
-    pair.tri[0].grads[6] = _offset_view(pair.tri[0].grads[6])
-    pair.tri[0].grads_version += 1
+    grads = list(pair.tri[0].grads)
+    grads[6] = _offset_view(grads[6])
+    pair.tri[0].replace_grads(grads)
     pair.grad(hp)
     assert plan.n_fast < n_fast and backend.grad_refreshes == 2
     pair.step(hp, searching=True)
@@ -741,8 +741,7 @@ def test_no_host_reads(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     passes()
-    b.grads = [g.clone() for g in b.grads]
-    b.grads_version += 1
+    b.replace_grads([g.clone() for g in b.grads])
     passes()
     assert backend.grad_refreshes == 1
 
@@ -848,13 +847,14 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
 
     def key(name, meta, args=None):
         cx = tuple(sorted((k, str(v)) for k, v in meta.items() if k != "num_warps"))
-        loss = None if args is None or "loss_try" not in args else str(args["loss_try"].dtype)
+        names = [n for n in ("loss0", "loss_try") if args is not None and n in args]
+        loss = str(args[names[0]].dtype) if names else None
         return name, cx, loss
 
     tl_names = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
                 "fp16": torch.float16}
-    have = {key(k.__name__, cx, None if "loss_try" not in sig
-                else {"loss_try": torch.empty(0, dtype=tl_names[sig["loss_try"][1:]])})
+    have = {key(k.__name__, cx, {n: torch.empty(0, dtype=tl_names[sig[n][1:]])
+                                 for n in ("loss0", "loss_try") if n in sig})
             for k, sig, cx, _ in specs}
     launched = set()
     backend = tb.TritonBackend()
@@ -866,7 +866,9 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
             for search_dir in (Dir.MOMENTUM, Dir.GRAD):
                 pair = Pair(backend, dtype, [(5,)], memory_efficient)
                 hp = scalars(1, search_dir)
-                pair.tri_backend.grad_pass(pair.tri, pair.ctl_tri, f64(1.0), hp)
+                for loss_dtype in tl_names.values():   # the loss as the closure returned it
+                    backend.grad_pass(pair.tri, pair.ctl_tri,
+                                      torch.ones((), dtype=loss_dtype, device=DEVICE), hp)
                 for searching in (True, False):
                     for wb in (True, False) if not memory_efficient else (False,):
                         backend.step_pass(pair.tri, hp, pair.ctl_tri, searching=searching,

@@ -132,8 +132,9 @@ def _variant(constexprs: dict, signature: dict) -> str:
             continue
         v = getattr(v, "name", v)  # tl.dtype -> its short name
         parts.append(f"{k}={int(v) if isinstance(v, bool) else v}")
-    if "loss_try" in signature:
-        parts.append(f"loss={signature['loss_try'].lstrip('*')}")
+    for loss in ("loss0", "loss_try"):
+        if loss in signature:
+            parts.append(f"loss={signature[loss].lstrip('*')}")
     return ",".join(parts)
 
 

@@ -582,7 +582,7 @@ FINISHERS = {"grad_kernel": "grad", "step_kernel": "step", "verdict_kernel": "ve
 
 # -- every specialization the backend can launch (the AOT tool compiles exactly these) ------------
 PARAM_DTYPES = ("fp32", "bf16", "fp16")
-LOSS_DTYPES = ("fp32", "fp64", "bf16", "fp16")   # loss_try may be any float dtype (base.py)
+LOSS_DTYPES = ("fp32", "fp64", "bf16", "fp16")   # loss0 and loss_try: any float dtype (base.py)
 _TL_DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
 
@@ -607,11 +607,13 @@ def move_constexprs(dtype: str, from_backup: bool, src_dir: int, dst_dir: int,
                 SRC_DIR=int(Dir.MOMENTUM) if from_backup else int(src_dir), DST_DIR=int(dst_dir))
 
 
-_GRAD_SIG = {"table": "*i64", "sched": "*i32", "partials": "*fp32", "counter": "*i32",
-             "ctl": "*fp64", "loss0": "*fp64", "out": "*fp64",
-             **{name: "i32" for name in ("part_off", "n_parts", "n_fast", "n_prog", "n_grid",
-                                         "finish", "clip")},
-             "max_norm_bits": "i64"}
+def _grad_sig(loss_dtype: str) -> dict:
+    # The loss arrives as the closure returned it (no conversion op on the hot path).
+    return {"table": "*i64", "sched": "*i32", "partials": "*fp32", "counter": "*i32",
+            "ctl": "*fp64", "loss0": f"*{loss_dtype}", "out": "*fp64",
+            **{name: "i32" for name in ("part_off", "n_parts", "n_fast", "n_prog", "n_grid",
+                                        "finish", "clip")},
+            "max_norm_bits": "i64"}
 _STEP_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "partials": "*fp32",
              "counter": "*i32", "out": "*fp64",
              **{name: "i32" for name in ("part_off", "n_parts", "n_fast", "n_prog", "n_grid",
@@ -636,7 +638,8 @@ def specializations():
     specs = []
     dirs = (Dir.MOMENTUM, Dir.GRAD, Dir.UPDATE)
     for dt in PARAM_DTYPES:
-        specs.append((grad_kernel, _GRAD_SIG, grad_constexprs(dt), NUM_WARPS))
+        for lt in LOSS_DTYPES:
+            specs.append((grad_kernel, _grad_sig(lt), grad_constexprs(dt), NUM_WARPS))
         for searching, search_dir in ((False, Dir.MOMENTUM), (True, Dir.MOMENTUM),
                                       (True, Dir.GRAD)):
             for backup in (False, True):

@@ -17,7 +17,8 @@ Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
 ``grad_pass(buckets, ctl, loss0, hp, *, finish=True) -> Optional[Tensor]``
     ``sumsq`` = sum of g*g over every bucket (fp32 per-chunk partials, fp64 fixed-order sum; an
     fp32 overflow counts as not finite).  ``finish=True``: runs the *grad finisher* on
-    ``loss0`` (0-dim float64 device tensor, already averaged over ranks) and returns None::
+    ``loss0`` (a 0-dim device tensor of any float dtype: the closure's loss as it returned it,
+    or its float64 mean over the ranks; read as float64) and returns None::
 
         finite = isfinite(L0) & isfinite(sumsq)
         ctl[SCALE] = min(1, max_grad_norm / (sqrt(sumsq) + 1e-6)) if finite and max_grad_norm else 1
@@ -85,7 +86,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -155,9 +156,11 @@ def new_ctl(device) -> Tensor:
     return torch.zeros(CTL_SIZE, dtype=torch.float64, device=device)
 
 
-@dataclass(frozen=True)
-class StepScalars:
-    """Host scalars of one step; passed as kernel arguments, never baked in at compile time."""
+class StepScalars(NamedTuple):
+    """Host scalars of one step; passed as kernel arguments, never baked in at compile time.
+
+    (A NamedTuple: immutable like a frozen dataclass at a tenth of its construction cost, which
+    the driver pays every step.)"""
 
     eta: float                # step size of the candidate the pass writes
     beta1: float
@@ -170,8 +173,7 @@ class StepScalars:
     max_grad_norm: Optional[float] = None   # used by the grad finisher (None: no clipping)
 
 
-@dataclass(frozen=True)
-class DecisionScalars:
+class DecisionScalars(NamedTuple):
     """Host scalars of one trial's verdict."""
 
     eta: float     # the trial's step size
@@ -190,9 +192,11 @@ class Bucket:
     process and never reused; every list except ``grads`` stays the same for the bucket's
     lifetime (any change to the params' storage, dtype, device or the set of params with grads
     makes a new plan with new buckets).  ``grads`` is refilled by the driver at the start of
-    each step and emptied after it (so that freed gradients are not kept alive);
-    ``grads_version`` is incremented whenever a gradient came back at another address, so a
-    backend that caches gradient pointers refreshes them only then.  ``cache`` is free for
+    each step and emptied after it (so that freed gradients are not kept alive), and
+    ``grad_ptrs`` holds their addresses (read once by the driver: a backend that needs them uses
+    these instead of walking the list again); ``grads_version`` is incremented whenever a
+    gradient came back at another address, so a backend that caches gradient pointers refreshes
+    them only then.  ``cache`` is free for
     backends (key it by backend name); the driver never touches it.
     """
 
@@ -205,8 +209,20 @@ class Bucket:
     backups: List[Tensor] = field(default_factory=list)       # w0 copies; empty if memory_efficient
     weight_decays: List[float] = field(default_factory=list)  # the owning group's weight_decay
     uid: int = field(default_factory=lambda: next(_bucket_ids))
+    grad_ptrs: Tuple[int, ...] = ()
     grads_version: int = 0
     cache: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.grads and not self.grad_ptrs:
+            self.grad_ptrs = tuple(g.data_ptr() for g in self.grads)
+
+    def replace_grads(self, grads: List[Tensor]) -> None:
+        """New gradient tensors, as the driver installs them when they moved (for tools and
+        tests; the driver's per-step path sets the three fields itself)."""
+        self.grads = list(grads)
+        self.grad_ptrs = tuple(g.data_ptr() for g in self.grads)
+        self.grads_version += 1
 
 
 class Backend(Protocol):

@@ -32,6 +32,7 @@ tensor's shape and strides.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import struct
 from collections import OrderedDict
@@ -100,6 +101,7 @@ _G = int(TableCol.G)
 # so a List[int] does not match although ctypes takes plain ints).
 _CInt64List = List[Union[ctypes.c_int64, int]]
 _data_ptr = Tensor.data_ptr
+_uid = operator.attrgetter("uid")
 _is_contiguous = Tensor.is_contiguous
 _MISALIGNED = (15).__and__          # address -> nonzero unless 16-byte aligned
 _pack_d = struct.Struct("<d").pack
@@ -176,7 +178,7 @@ class _HostTable:
         else:
             self.table = self.host      # the kernels (interpreter) read the host table itself
 
-    def set_column(self, col: int, values: List[int]) -> None:
+    def set_column(self, col: int, values: Sequence[int]) -> None:
         self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = cast(_CInt64List, values)
 
     def upload(self) -> None:
@@ -260,8 +262,9 @@ class _BucketPlan:
         """The driver bumped grads_version: rewrite the grad column (and the schedule if an
         alignment changed); nothing else.  Kept to a few C-level maps over the list (it may run
         every step: with set_to_none the allocator can hand grads back at permuted addresses):
-        shape, dtype and device are the driver's check (autograd guarantees them for .grad);
-        the layout check here is one is_contiguous() per grad when every param is contiguous."""
+        the addresses are the driver's ``bucket.grad_ptrs``; shape, dtype and device are the
+        driver's check (autograd guarantees them for .grad); the layout check here is one
+        is_contiguous() per grad when every param is contiguous."""
         grads = bucket.grads
         if len(grads) != len(self.numels):
             raise ValueError(f"ALSALS triton backend: bucket has {len(self.numels)} params but "
@@ -269,11 +272,14 @@ class _BucketPlan:
         if not (self.contiguous and all(map(_is_contiguous, grads))):
             for i, (p, g) in enumerate(zip(bucket.params, grads)):
                 backend._check_like(i, p, "grad", g, bucket.dtype)
-        ptrs = list(map(_data_ptr, grads))
+        ptrs = bucket.grad_ptrs
+        if len(ptrs) != len(grads):
+            raise ValueError("ALSALS triton backend: bucket.grad_ptrs must hold the addresses of "
+                             "bucket.grads (Bucket.replace_grads sets both)")
         self.table.set_column(_G, ptrs)
         self.table.upload()
         if not (self.all_aligned and not any(map(_MISALIGNED, ptrs))):
-            self._schedule(ptrs)
+            self._schedule(list(ptrs))
         self.grads_version = bucket.grads_version
         backend.grad_refreshes += 1
 
@@ -282,7 +288,7 @@ class _ListPlan:
     """What a pass over one list of buckets needs: the buckets' plans, where each bucket's
     partials start, and the shared partials buffer and ticket counters (allocated once)."""
 
-    __slots__ = ("plans", "offsets", "n_parts", "partials", "counters", "dummy_table",
+    __slots__ = ("plans", "offsets", "work", "n_parts", "partials", "counters", "dummy_table",
                  "dummy_sched", "device", "cuda_index", "ctl")
 
     def __init__(self, backend: "TritonBackend", buckets: Sequence[Bucket], device: torch.device):
@@ -292,6 +298,8 @@ class _ListPlan:
             self.offsets.append(total)
             total += bp.n_prog
         self.n_parts = total
+        # (plan, partials offset) of the buckets with elements (a bucket's program count is fixed)
+        self.work = [(bp, off) for bp, off in zip(self.plans, self.offsets) if bp.n_prog]
         self.device = device
         self.partials = torch.empty(2 * max(1, total), dtype=torch.float32, device=device)
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)   # grad, step tickets
@@ -358,12 +366,11 @@ class TritonBackend:
         return bp
 
     def _plan(self, buckets: Sequence[Bucket], ctl: Tensor) -> _ListPlan:
-        key = tuple(b.uid for b in buckets)
-        lp = self._lists.get(key)
+        lp = self._lists.get(tuple(map(_uid, buckets)))
         if lp is None:
             device = buckets[0].device if buckets else ctl.device
             lp = _ListPlan(self, buckets, device)
-            self._lists[key] = lp
+            self._lists[tuple(map(_uid, buckets))] = lp
             if len(self._lists) > _CACHE_SIZE:
                 self._lists.popitem(last=False)
         if lp.ctl is not ctl:
@@ -447,7 +454,7 @@ class TritonBackend:
         mode = _tk.FINISH_CTL if finish else _tk.FINISH_SUM
         clip = hp.max_grad_norm is not None
         norm_bits = _bits(float(hp.max_grad_norm)) if hp.max_grad_norm is not None else 0
-        work = [(bp, off) for bp, off in zip(lp.plans, lp.offsets) if bp.n_prog]
+        work = lp.work
         kernel = _tk.grad_kernel
         with self._device_ctx(lp):
             if not work:   # nothing to sum: one program runs the finisher on sumsq = 0
@@ -479,7 +486,7 @@ class TritonBackend:
         scalars = (float(hp.eta), float(hp.beta1), float(hp.beta2), float(1 - hp.beta1),
                    float(1 - hp.beta2), float(hp.eps), float(hp.bias_correction1),
                    float(hp.bias_correction2), _bits(b3), _bits(1 - b3))
-        work = [(bp, off) for bp, off in zip(lp.plans, lp.offsets) if bp.n_prog]
+        work = lp.work
         kernel = _tk.step_kernel
         with self._device_ctx(lp):
             if not work and searching:   # no elements: one program finishes on zero sums

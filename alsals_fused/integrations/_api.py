@@ -173,7 +173,7 @@ class UserGradientsMixin(_MixinBase):
         def _param_devices(self) -> Tuple[int, ...]: ...
 
         def _update(self, closure: Callable[[], Tensor], loss: Tensor, searching: bool,
-                    rng_before: Optional[_RngState]) -> Tensor: ...
+                    rng_before: Optional[_RngState]) -> None: ...
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
@@ -364,10 +364,10 @@ class UserGradientsMixin(_MixinBase):
             self._buffer_module = window.buffers_module
         try:
             with torch.no_grad():
-                result = self._update(window.trial, loss, searching, window.rng if searching else None)
+                self._update(window.trial, loss, searching, window.rng if searching else None)
         finally:
             self._buffer_module = saved_module
-        return self._finish_step(result)
+        return self._finish_step(loss.detach())
 
 
 class _MicroBatchContext:
