@@ -1,9 +1,14 @@
 """Packaging for alsals-fused.
 
 ``pip install -e .`` installs the pure-Python package (reference, foreach and Triton backends).
-``pip install -e . --no-build-isolation`` also builds the C++/CUDA extension ``alsals_fused._C``
-when the environment has a CUDA build of torch and a CUDA toolkit; otherwise it says why it
-skipped it and installs the rest.
+``pip install --no-build-isolation -e .`` also builds, with the torch of the environment:
+
+- ``alsals_fused._host``, the C++ host helper (``csrc/host_reader.cpp``; any torch, CPU or
+  CUDA: the parameter plan's per-step gradient read);
+- ``alsals_fused._C``, the C++/CUDA extension, when that torch is a CUDA build and a CUDA
+  toolkit is found.
+
+Whatever it skips, it says why and installs the rest.
 """
 import importlib.util
 import os
@@ -29,34 +34,39 @@ def _build_settings():
 
 
 def _extension_build():
-    """(ext_modules, cmdclass, None) for the CUDA extension, or ([], {}, why it is skipped)."""
+    """(ext_modules, cmdclass, [what was skipped and why])."""
     if os.environ.get("ALSALS_FUSED_SKIP_EXTENSION"):
-        return [], {}, "ALSALS_FUSED_SKIP_EXTENSION is set"
+        return [], {}, ["the C++ host helper and the C++/CUDA extension: ALSALS_FUSED_SKIP_EXTENSION is set"]
     settings = _build_settings()
     # Before torch.utils.cpp_extension is imported: it fixes CUDA_HOME at import, and its own
     # guess is wrong when the nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc).
     settings.ensure_cuda_home()
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # build isolation hides torch: the common, pure-Python case
-        return [], {}, f"torch is not importable at build time ({exc.__class__.__name__}); " \
-                       "use pip install --no-build-isolation to build it"
+        return [], {}, [f"the C++ host helper and the C++/CUDA extension: torch is not importable "
+                        f"at build time ({exc.__class__.__name__}); use pip install "
+                        "--no-build-isolation to build them"]
+    print("alsals-fused: building the C++ host helper alsals_fused._host", file=sys.stderr)
+    ext_modules = [CppExtension(name="alsals_fused._host", **settings.host_extension_kwargs())]
+    skipped = []
     if torch.version.cuda is None:
-        return [], {}, f"torch {torch.__version__} is a CPU build"
-    if CUDA_HOME is None or not settings.is_toolkit(settings.Path(CUDA_HOME)):
-        return [], {}, (f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r}; looked for nvcc on PATH "
-                        "and /usr/local/cuda; set CUDA_HOME to the toolkit)")
-    print(f"alsals-fused: building the C++/CUDA extension with the toolkit at {CUDA_HOME}",
-          file=sys.stderr)
-    ext = CUDAExtension(name="alsals_fused._C", **settings.extension_kwargs())
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
+        skipped.append(f"the C++/CUDA extension: torch {torch.__version__} is a CPU build")
+    elif CUDA_HOME is None or not settings.is_toolkit(settings.Path(CUDA_HOME)):
+        skipped.append(f"the C++/CUDA extension: no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r}; "
+                       "looked for nvcc on PATH and /usr/local/cuda; set CUDA_HOME to the toolkit)")
+    else:
+        print(f"alsals-fused: building the C++/CUDA extension with the toolkit at {CUDA_HOME}",
+              file=sys.stderr)
+        ext_modules.append(CUDAExtension(name="alsals_fused._C", **settings.extension_kwargs()))
+    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}, skipped
 
 
 ext_modules, cmdclass, skipped = _extension_build()
-if skipped:
-    print(f"alsals-fused: skipping the C++/CUDA extension: {skipped}. "
-          "The reference, foreach and triton backends are installed.", file=sys.stderr)
+for what in skipped:
+    print(f"alsals-fused: skipping {what}. The reference, foreach and triton backends are installed.",
+          file=sys.stderr)
 
 setup(
     name="alsals-fused",

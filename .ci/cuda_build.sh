@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI step for the C++/CUDA extension (no GPU needed): run from the repository root.
 #   1. a venv with a CUDA build of torch (torch==2.14.1 + ninja, setuptools, wheel, numpy); reused if present
-#   2. build alsals_fused._C with the command the README gives users,
+#   2. build alsals_fused._C (and the C++ host helper alsals_fused._host) with the command the
+#      README gives users,
 #        pip install --no-build-isolation -e .
 #      with CUDA_HOME and CUDA_PATH unset (setup.py finds the toolkit itself, also when the nvcc on
 #      PATH is a wrapper script), for the architectures of csrc/build_settings.py (clean build,
@@ -42,26 +43,30 @@ fi
 ARCHS=$("$PYTHON" csrc/build_settings.py | sed -n 's/^ARCHS=//p')
 
 step "2. pip install --no-build-isolation -e . (CUDA_HOME unset; archs $ARCHS)"
-rm -rf build/temp.* build/lib.* alsals_fused/_C*.so
+rm -rf build/temp.* build/lib.* alsals_fused/_C*.so alsals_fused/_host*.so
 b0=$(date +%s)
 set +e
 env -u CUDA_HOME -u CUDA_PATH -u TORCH_CUDA_ARCH_LIST MAX_JOBS=2 ALSALS_FUSED_PTXAS_VERBOSE=1 \
   CFLAGS="${CFLAGS:-} -g0" "$VENV/bin/pip" install -v --no-build-isolation -e . > "$LOG" 2>&1
 rc=$?
 set -e
-if [ "$rc" -ne 0 ] || ! ls alsals_fused/_C*.so > /dev/null 2>&1; then
+if [ "$rc" -ne 0 ] || ! ls alsals_fused/_C*.so alsals_fused/_host*.so > /dev/null 2>&1; then
   grep -v -E "^ptxas info|bytes stack frame" "$LOG" | tail -60
   echo "extension build failed (exit $rc); full log in $LOG"
   exit 1
 fi
-echo "built $(ls alsals_fused/_C*.so) in $(( $(date +%s) - b0 ))s"
+echo "built $(ls alsals_fused/_C*.so alsals_fused/_host*.so | tr '\n' ' ')in $(( $(date +%s) - b0 ))s"
 
 step "3. import and op registration"
 "$VENV/bin/python" - <<'EOF'
 import warnings
 import torch
 import alsals_fused._C as C
+from alsals_fused import host_ext
 from alsals_fused.backends import cuda_backend
+
+assert host_ext.grad_reader_class() is not None, host_ext.status()
+print("host helper:", host_ext.status())
 
 expected = ["grad_pass", "step_pass", "move_pass", "verdict"]
 assert sorted(C.registered_ops()) == sorted(expected), C.registered_ops()

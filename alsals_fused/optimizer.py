@@ -62,7 +62,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union, cast
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -70,6 +70,7 @@ from torch import Tensor
 from . import backends as _backends
 from . import checkpoint as _checkpoint
 from . import distributed as _dist
+from . import host_ext
 from .backends import decisions
 from .backends.base import (
     VERDICT_SIZE,
@@ -226,13 +227,59 @@ class _Plan:
         self.guarded = [j for j, (_, bs) in enumerate(groups)
                         if any(b.dtype == torch.float16 and b.params for b in bs)]
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
+        self.readers = self._native_readers()
+
+    def _native_readers(self) -> Optional[List[Any]]:
+        """One host_ext.GradReader per bucket, writing into its backend's grad_sink, when the
+        native helper is built and every bucket's backend has a sink; else None (Python reads)."""
+        reader_cls = host_ext.grad_reader_class()
+        if reader_cls is None or self.local_shards or not self.buckets:
+            return None
+        readers = []
+        for backend, buckets in self.groups:
+            sink_of = getattr(backend, "grad_sink", None)
+            for b in buckets:
+                sink = sink_of(b) if sink_of is not None else None
+                if sink is None:
+                    return None
+                table, col = sink
+                assert table.dtype == torch.int64 and table.device.type == "cpu" and table.is_contiguous()
+                # The table outlives the reader: both live as long as this plan's buckets.
+                readers.append((b, reader_cls(b.params, table.data_ptr() + col * table.element_size(),
+                                              table.stride(0))))
+        return readers
+
+    def _read_native(self) -> Optional[bool]:
+        """refresh_grads by the native readers: True/False as refresh_grads; None when a reader
+        saw anything unusual (then the Python path runs, and reports or rebuilds)."""
+        assert self.readers is not None
+        if self.others and any(p.grad is not None for p in self.others):
+            return False                      # a parameter without a grad has one now
+        for b, reader in self.readers:
+            status = reader.read()
+            b.grad_ptrs = ()                  # the Python path, if it runs, rewrites everything
+            if status < 0:
+                for other in self.buckets:
+                    other.native_grads = False
+                return None
+            if status & 1:
+                b.grads_version += 1
+            b.grads_misaligned = bool(status & 2)
+            b.native_grads = True
+        return True
 
     def refresh_grads(self) -> bool:
         """Read this step's gradients into the buckets; False if the plan no longer fits.
 
         This runs on every step, so it is a few C-level walks over the lists and nothing per
         tensor in Python: the params' addresses, their grads, the grads' addresses, and only
-        when those moved (a fresh ``set_to_none`` gradient) the grads' shapes."""
+        when those moved (a fresh ``set_to_none`` gradient) the grads' shapes.  With the native
+        helper (host_ext) all of it is one C++ walk per bucket that writes the gradients'
+        addresses into the backend's table and creates no Python objects."""
+        if self.readers is not None:
+            fits = self._read_native()
+            if fits is not None:
+                return fits
         if self._current_param_ptrs() != self.param_ptrs:
             return False                      # a parameter's storage moved (.to(), .data = ...)
         if self.others and any(p.grad is not None for p in self.others):
@@ -256,6 +303,7 @@ class _Plan:
                     b.grad_ptrs = ptrs
                     b.grads_version += 1
                 b.grads = grads
+                b.native_grads = False
         except (TypeError, RuntimeError):   # a grad went away, or one without storage (sparse)
             self.release_grads()
             return False

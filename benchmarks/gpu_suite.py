@@ -101,6 +101,10 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 t0 = time.time()
 reasons = available_backends(dev)
 out = {"device": dev, "backends": reasons, "import_s": round(time.time() - t0, 1), "smoke": {}}
+from alsals_fused import host_ext            # the C++ host helper (JIT-built here with ALSALS_FUSED_JIT=1)
+t1 = time.time()
+out["grad_reads"] = host_ext.status()
+out["grad_reads_s"] = round(time.time() - t1, 1)
 for name, reason in reasons.items():
     if reason is not None or (dev == "cpu" and name in ("triton", "cuda")):
         continue

@@ -24,8 +24,10 @@ count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
   stubbed, so it is the host work alone (the time the stubs spend filling what the kernels would
   write, in torch ops on the CPU, is device work in a real run and is subtracted).
 - ``host_us_tensor_reads`` (triton rows): the median time of the per-tensor reads alone (params'
-  addresses, grads, grads' addresses and shapes), right after the same backward: the floor that
-  Python's one-method-call-per-tensor sets under the two host-time rows.
+  addresses, grads, grads' addresses and shapes) in Python, right after the same backward: what
+  the plan's gradient read costs without the C++ host helper.  ``grad_reads`` says which read the
+  rows used: "native" (``alsals_fused._host``, built by ``pip install --no-build-isolation -e .``)
+  or "python" (not built, or ``ALSALS_FUSED_PYTHON_READS=1``).
 
 Trial losses are chosen by the harness so the control path is the one measured: the gradient
 forward's loss is a real quadratic; a trial returns L0 - 1e12 (accepted) or nan (rejected).  With
@@ -365,7 +367,10 @@ def measure(backend: str, tensors: int, steps: int) -> Dict:
     row.update(counts)
     row.update(host_times(backend, shapes, steps))
     if backend == "triton":
+        from alsals_fused import host_ext
         row["host_us_tensor_reads"] = reads_floor(shapes, steps)
+        row["grad_reads"] = host_ext.status()     # native (C++ host helper) or python
+        row.setdefault("note", "grad reads: " + row["grad_reads"].split(" (")[0])
     row["detail"] = row.pop("detail")
     return row
 

@@ -1,5 +1,6 @@
-"""Build settings of the C++/CUDA extension ``alsals_fused._C``: the one place that names its
-sources, its target architectures and its flags.
+"""Build settings of the C++/CUDA extension ``alsals_fused._C`` and of the C++ host helper
+``alsals_fused._host``: the one place that names their sources, the target architectures and
+the flags.
 
 Used by setup.py and by the JIT path (``alsals_fused.backends.cuda_backend``), which both load
 this file by its path (it is not a package module, and nothing edits ``sys.path``), and read by
@@ -29,6 +30,8 @@ ROOT = CSRC.parent
 SOURCES = ("alsals_ops.cpp", "kernels.cu")  # relative to csrc/
 ARCHS = ("80", "90")  # compute capabilities: sm_80 (A100), sm_90 (H100, H200)
 HEADERS = ("alsals_layout.h", "alsals_math.h", "passes.h")
+# alsals_fused._host (host_ext.py): C++ with torch's headers, no CUDA, built with any torch.
+HOST_SOURCES = ("host_reader.cpp",)
 
 # Headers torch's CUDA headers include (ATen/cuda/CUDAContext.h) that a bare toolkit may lack;
 # pip's CUDA wheels (site-packages/nvidia/*/include) have them.
@@ -158,6 +161,11 @@ def extension_kwargs() -> Dict[str, object]:
         "depends": [f"csrc/{h}" for h in HEADERS],
         "extra_compile_args": {"cxx": cxx_flags(), "nvcc": nvcc_flags()},
     }
+
+
+def host_extension_kwargs() -> Dict[str, object]:
+    """Keyword arguments of torch.utils.cpp_extension.CppExtension for alsals_fused._host."""
+    return {"sources": [f"csrc/{s}" for s in HOST_SOURCES], "extra_compile_args": {"cxx": cxx_flags()}}
 
 
 def jit_kwargs() -> Dict[str, object]:

@@ -292,6 +292,29 @@ def test_last_step_loss_is_a_tensor_on_every_step():
     assert kinds == [(True, torch.Tensor), (False, torch.Tensor)] * 2
 
 
+@pytest.mark.parametrize("between", ["nothing", "zero_grad(set_to_none=False)", "zero_grad()"])
+def test_stepping_again_on_the_same_gradients_warns_once(between):
+    """Only a step that would add to the previous step's gradient warns; gradients zeroed in
+    place are not stale."""
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    opt.zero_grad()
+    opt.step(lambda: mse(model, x, y))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            if between == "zero_grad(set_to_none=False)":
+                opt.zero_grad(set_to_none=False)
+            elif between == "zero_grad()":
+                opt.zero_grad()
+            opt.step(lambda: mse(model, x, y))
+    stale = [w for w in caught if "still holds the previous step's gradient" in str(w.message)]
+    assert len(stale) == (1 if between == "nothing" else 0), [str(w.message) for w in caught]
+    if stale:
+        assert stale[0].filename == __file__, "the warning points at the caller's step()"
+
+
 def test_step_fires_torch_step_hooks_and_the_profiler_range():
     """ALSALS wraps step() itself (torch's wrapper would enter a profiler range on every call):
     the hooks still run in torch's order, a pre hook can replace the arguments, and a profiler

@@ -212,6 +212,11 @@ class Bucket:
     grad_ptrs: Tuple[int, ...] = ()
     grads_version: int = 0
     cache: Dict[str, Any] = field(default_factory=dict)
+    # True while the driver's native reader (host_ext) has written this step's gradient
+    # addresses straight into the backend's ``grad_sink`` and checked their layouts; ``grads``
+    # and ``grad_ptrs`` are then empty.  ``grads_misaligned``: some address is not 16-byte aligned.
+    native_grads: bool = False
+    grads_misaligned: bool = False
 
     def __post_init__(self) -> None:
         if self.grads and not self.grad_ptrs:
@@ -241,6 +246,11 @@ class Backend(Protocol):
                   only_if_fallback: bool = False) -> None: ...
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None: ...
+
+    # Optional: ``grad_sink(bucket) -> Optional[Tuple[Tensor, int]]``, a contiguous int64 host
+    # table and the column in which row i holds the address of the bucket's i-th gradient.  A
+    # backend that has one lets the driver's native reader write the addresses there every step
+    # (``Bucket.native_grads``) instead of filling ``bucket.grads``.
 
 
 class BackendUnavailable(RuntimeError):

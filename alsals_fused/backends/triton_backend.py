@@ -181,6 +181,9 @@ class _HostTable:
     def set_column(self, col: int, values: Sequence[int]) -> None:
         self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = cast(_CInt64List, values)
 
+    def column(self, col: int, n: int) -> List[int]:
+        return list(self.view[col:n * TABLE_COLS:TABLE_COLS])
+
     def upload(self) -> None:
         if self.device.type != "cuda":
             return
@@ -265,6 +268,14 @@ class _BucketPlan:
         the addresses are the driver's ``bucket.grad_ptrs``; shape, dtype and device are the
         driver's check (autograd guarantees them for .grad); the layout check here is one
         is_contiguous() per grad when every param is contiguous."""
+        if bucket.native_grads:
+            # The driver's native reader wrote the column and checked every layout (host_ext).
+            self.table.upload()
+            if not (self.all_aligned and not bucket.grads_misaligned):
+                self._schedule(self.table.column(_G, len(self.numels)))
+            self.grads_version = bucket.grads_version
+            backend.grad_refreshes += 1
+            return
         grads = bucket.grads
         if len(grads) != len(self.numels):
             raise ValueError(f"ALSALS triton backend: bucket has {len(self.numels)} params but "
@@ -445,6 +456,12 @@ class TritonBackend:
             cx = dict(make(*key, block=self.block, iters=self.iters), num_warps=_tk.NUM_WARPS)
             self._cx[(kind,) + key] = cx
         return cx
+
+    def grad_sink(self, bucket: Bucket) -> Optional[Tuple[Tensor, int]]:
+        """The host table and column of the bucket's gradient addresses (base.py, Backend)."""
+        if not bucket.params:
+            return None
+        return self._bucket_plan(bucket).table.host, _G
 
     # -- the passes ---------------------------------------------------------------------------
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,

@@ -276,7 +276,8 @@ class UserGradientsMixin(_MixinBase):
         changed = _changed(self._all_params(), getattr(self, "_grad_marks", None))
         if changed:
             raise RuntimeError(ACCUMULATED_BEFORE_STEP)
-        if changed is False and not getattr(self, "_warned_stale", False):
+        if changed is False and not getattr(self, "_grads_zeroed", False) \
+                and not getattr(self, "_warned_stale", False):
             self._warned_stale = True
             warnings.warn(STALE_GRADS_WARNING, stacklevel=4)
 
@@ -315,12 +316,14 @@ class UserGradientsMixin(_MixinBase):
         if loss is not None and self.last_step is not None:
             self.last_step.loss = loss
         self._grad_marks = _grad_marks(self._all_params())
+        self._grads_zeroed = False
         self._window = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self._grad_marks = _grad_marks(self._all_params())
+        self._grads_zeroed = True            # zeroed in place (set_to_none=False) is not stale
         self._window = None
 
     # -- gradients the optimizer did not compute -------------------------------------------------

@@ -1,0 +1,73 @@
+"""The optional native host helper ``alsals_fused._host`` (``csrc/host_reader.cpp``).
+
+It does the parameter plan's per-step gradient read in C++ (``GradReader``: the plan's
+``refresh_grads`` then costs a pointer walk instead of several torch method calls per tensor and
+a Python object per gradient).  ``pip install --no-build-isolation -e .`` builds it with any
+torch, CPU or CUDA; from a source checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use
+instead (as for the CUDA extension; ``torch.utils.cpp_extension.load``, about 30 s).  Without it
+the plan reads the gradients in Python, with the same checks and the same decisions.
+``ALSALS_FUSED_PYTHON_READS=1`` makes the plan ignore the helper (tests and benchmarks compare
+both paths).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+_ENV = "ALSALS_FUSED_PYTHON_READS"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_module: Any = None
+_error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
+
+
+def _jit_build():
+    path = _CSRC / "build_settings.py"
+    if not path.is_file():
+        raise ImportError(f"ALSALS_FUSED_JIT=1 but {path} does not exist (the JIT build needs a "
+                          "source checkout)")
+    spec = importlib.util.spec_from_file_location("alsals_fused_build_settings", path)
+    assert spec is not None and spec.loader is not None
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    import torch.utils.cpp_extension as cpp
+    kw = settings.host_extension_kwargs()
+    return cpp.load(name="alsals_fused_jit_host", sources=[str(_CSRC.parent / s) for s in kw["sources"]],
+                    extra_cflags=kw["extra_compile_args"]["cxx"],
+                    verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")))
+
+
+def _load() -> Any:
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    try:
+        from . import _host                      # type: ignore[attr-defined]
+        _module = _host
+    except ImportError as exc:
+        _error = f"alsals_fused._host is not built ({exc}); pip install --no-build-isolation -e ."
+        if os.environ.get("ALSALS_FUSED_JIT") == "1":
+            try:
+                _module, _error = _jit_build(), None
+            except Exception as jit_exc:  # noqa: BLE001 (reported by status(), never raised)
+                _error = f"alsals_fused._host is not built and its JIT build failed: {jit_exc}"
+    return _module
+
+
+def grad_reader_class() -> Optional[Any]:
+    """``GradReader`` of the helper, or None when it is not built or is disabled."""
+    if os.environ.get(_ENV, "0") not in ("", "0"):
+        return None
+    module = _load()
+    return None if module is None else module.GradReader
+
+
+def status() -> str:
+    """How the plan reads gradients here, in words (benchmarks and the GPU suite report it)."""
+    if os.environ.get(_ENV, "0") not in ("", "0"):
+        return f"python ({_ENV} is set)"
+    module = _load()
+    if module is None:
+        return f"python ({_error})"
+    return f"native ({module.__name__})"
