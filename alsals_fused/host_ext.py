@@ -43,7 +43,7 @@ def _load() -> Any:
     if _module is not None or _error is not None:
         return _module
     try:
-        from . import _host                      # type: ignore[attr-defined]
+        from . import _host  # type: ignore[attr-defined]
         _module = _host
     except ImportError as exc:
         _error = f"alsals_fused._host is not built ({exc}); pip install --no-build-isolation -e ."

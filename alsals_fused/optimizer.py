@@ -187,7 +187,7 @@ def _step_hooks(step):
                     hook(self, args, kwargs)
             return out
 
-    wrapper.hooked = True         # type: ignore[attr-defined]
+    wrapper.hooked = True         # Optimizer.__init__ checks this attribute
     return wrapper
 
 

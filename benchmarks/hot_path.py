@@ -19,10 +19,11 @@ count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
   returns, as a training loop does (``loss = opt.step(closure)``), so the closure's spent autograd
   graph is released where the loop drops it, not inside the timed step (step() returns the
   closure's loss as torch's optimizers do; releasing that graph costs about 45 us at 148 tensors
-  and 200 us at 580 here, the price of the user's graph rather than of the optimizer).  For reference and foreach on a CPU
-  this includes the passes' arithmetic (host and device are one); for triton the launches are
-  stubbed, so it is the host work alone (the time the stubs spend filling what the kernels would
-  write, in torch ops on the CPU, is device work in a real run and is subtracted).
+  and 200 us at 580 here, the price of the user's graph rather than of the optimizer).  For
+  reference and foreach on a CPU this includes the passes' arithmetic (host and device are one);
+  for triton the launches are stubbed, so it is the host work alone (the time the stubs spend
+  filling what the kernels would write, in torch ops on the CPU, is device work in a real run
+  and is subtracted).
 - ``host_us_tensor_reads`` (triton rows): the median time of the per-tensor reads alone (params'
   addresses, grads, grads' addresses and shapes) in Python, right after the same backward: what
   the plan's gradient read costs without the C++ host helper.  ``grad_reads`` says which read the

@@ -220,7 +220,7 @@ def test_a_user_gradient_that_is_misaligned_is_handled_alike(reads, monkeypatch)
         w = torch.nn.Parameter(torch.randn(33, device=DEVICE))
         opt = ALSALS([w], backend="triton", line_search_every=10 ** 6)
         for _ in range(3):
-            with opt.micro_batch(lambda: (w * w).sum()) as mb:
+            with opt.micro_batch(lambda w=w: (w * w).sum()) as mb:
                 loss = (w * w).sum()
                 base = torch.zeros(34, device=DEVICE)
                 base[1:] = 2 * w.detach()

@@ -319,8 +319,7 @@ def test_step_fires_torch_step_hooks_and_the_profiler_range():
     """ALSALS wraps step() itself (torch's wrapper would enter a profiler range on every call):
     the hooks still run in torch's order, a pre hook can replace the arguments, and a profiler
     sees the usual Optimizer.step#ALSALS.step range."""
-    from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                       register_optimizer_step_pre_hook)
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     model = tiny()
     x, y = data()
     opt = ALSALS(model.parameters())
