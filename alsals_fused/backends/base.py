@@ -228,6 +228,7 @@ class Bucket:
         self.grads = list(grads)
         self.grad_ptrs = tuple(g.data_ptr() for g in self.grads)
         self.grads_version += 1
+        self.native_grads = False
 
 
 class Backend(Protocol):
