@@ -196,8 +196,8 @@ class Bucket:
     ``grad_ptrs`` holds their addresses (read once by the driver: a backend that needs them uses
     these instead of walking the list again); ``grads_version`` is incremented whenever a
     gradient came back at another address, so a backend that caches gradient pointers refreshes
-    them only then.  ``cache`` is free for
-    backends (key it by backend name); the driver never touches it.
+    them only then.  ``cache`` is free for backends (key it by backend name); the driver never
+    touches it.
     """
 
     device: torch.device

@@ -20,9 +20,10 @@ partials, counters and tables are allocated when a plan is built.
 Nothing here reads a device value on the host.  Tables are cached per bucket in
 ``bucket.cache`` (a bucket's tensors other than its grads are fixed for its lifetime, base.py);
 when the driver bumps ``bucket.grads_version`` only the grad column is rewritten: on the host
-table through ctypes (no torch op), then one non-blocking copy to the device from a pinned
-staging buffer that is reused only once its previous copy has completed (a CUDA event query, not
-a sync).  With unchanged addresses a pass does no table work at all.
+table through ctypes (no torch op), or not at all when the driver's native reader (``host_ext``,
+through ``grad_sink``) has written it in place, then one non-blocking copy to the device from a
+pinned staging buffer that is reused only once its previous copy has completed (a CUDA event
+query, not a sync).  With unchanged addresses a pass does no table work at all.
 
 Layouts: a parameter may be non-contiguous if it is dense (e.g. channels_last or transposed) and
 its grad, moments and backup share its strides: the kernels then walk its storage in memory
