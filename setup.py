@@ -12,6 +12,7 @@ Whatever it skips, it says why and installs the rest.
 """
 import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -48,9 +49,13 @@ def _extension_build():
         return [], {}, [f"the C++ host helper and the C++/CUDA extension: torch is not importable "
                         f"at build time ({exc.__class__.__name__}); use pip install "
                         "--no-build-isolation to build them"]
-    print("alsals-fused: building the C++ host helper alsals_fused._host", file=sys.stderr)
-    ext_modules = [CppExtension(name="alsals_fused._host", **settings.host_extension_kwargs())]
-    skipped = []
+    ext_modules, skipped = [], []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        skipped.append(f"the C++ host helper: no C++ compiler ({cxx!r} is not on PATH; set CXX)")
+    else:
+        print("alsals-fused: building the C++ host helper alsals_fused._host", file=sys.stderr)
+        ext_modules.append(CppExtension(name="alsals_fused._host", **settings.host_extension_kwargs()))
     if torch.version.cuda is None:
         skipped.append(f"the C++/CUDA extension: torch {torch.__version__} is a CPU build")
     elif CUDA_HOME is None or not settings.is_toolkit(settings.Path(CUDA_HOME)):
