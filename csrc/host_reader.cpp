@@ -10,7 +10,7 @@
 // GradReader(params, dest_address, dest_stride) records each parameter's address, sizes,
 // strides, dtype and device.  read() checks them against the parameters' current state and
 // writes each gradient's address into dest[i * dest_stride] (a host table column the backend
-// owns, e.g. the Triton backend's grad column); it returns
+// owns: the grad column of the Triton and CUDA backends' host table); it returns
 //   -1  something differs, or a gradient is missing or not a dense tensor: the caller runs its
 //       Python path, which reports the problem or rebuilds the plan (dest may be partly
 //       rewritten, always with current gradient addresses);

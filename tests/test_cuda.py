@@ -237,6 +237,51 @@ def test_grad_column_refreshed_only_when_grads_move():
     assert backend.grad_refreshes == 1
 
 
+def test_grad_sink_is_the_table_column_and_native_grads_only_upload():
+    """The driver's native reader writes the G column through grad_sink; a pass then uploads the
+    table as it is (no column rewrite from bucket.grads, which are empty on that path)."""
+    b = cpu_bucket([(5,), (7,)])
+    backend = recording_backend()
+    host, col = backend.grad_sink(b)
+    assert col == TableCol.G and host.dtype == torch.int64 and host.is_contiguous()
+    assert backend.grad_sink(cpu_bucket([])) is None
+    table = b.cache["cuda"].table
+    assert host.data_ptr() == table.data_ptr(), "on the CPU the kernels read the host table itself"
+    new = [g.clone() for g in b.grads]
+    host[:, col] = torch.tensor([g.data_ptr() for g in new])       # what GradReader.read writes
+    b.grads, b.grad_ptrs, b.native_grads = [], (), True
+    b.grads_version += 1
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    backend.grad_pass([b], ctl, loss0, hp())
+    assert backend.grad_refreshes == 1 and backend.table_builds == 1
+    assert table[:, TableCol.G].tolist() == [g.data_ptr() for g in new]
+    (name, args), = backend._ops.calls
+    assert name == "grad_pass" and args[0] == [table]
+
+
+def test_a_table_that_turns_unusable_under_native_reads_runs_on_foreach_with_the_grads():
+    b = cpu_bucket([(8, 4)])
+    for p, g in zip(b.params, b.grads):
+        p.grad = g
+    backend = recording_backend()
+    assert backend.grad_sink(b) is not None
+    b.replace_grads([b.grads[0].t().contiguous().t()])             # the Python path: unusable now
+    b.params[0].grad = b.grads[0]
+    seen = []
+
+    class Foreach:
+        def grad_pass(self, buckets, ctl, loss0, hp, finish=True):
+            seen.append([g is buckets[0].params[0].grad for g in buckets[0].grads])
+
+    backend._foreach = Foreach()
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    backend.grad_pass([b], ctl, loss0, hp())
+    b.grads, b.grad_ptrs, b.native_grads = [], (), True           # a later step, native reads
+    backend.grad_pass([b], ctl, loss0, hp())
+    assert not b.cache["cuda"].usable and seen == [[True], [True]] and backend._ops.calls == []
+    assert backend.grad_sink(b) is None
+
+
 def test_several_buckets_one_call_and_finish_false():
     b32, b16 = cpu_bucket([(5,)]), cpu_bucket([(9,), (CHUNK + 2,)], torch.bfloat16)
     backend = recording_backend()

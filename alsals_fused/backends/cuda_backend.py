@@ -10,11 +10,12 @@ per chunk, added in float64 in a fixed order by the program that arrives last (a
 also runs the finisher, so the grad finisher, step finisher and verdict run on the device
 without extra launches.  ``plan_launches`` says, on any machine, what the kernels will launch.
 
-Caching: the tables live in ``bucket.cache["cuda"]``; the gradient column is rewritten (one
-non-blocking copy from pinned memory) only when ``bucket.grads_version`` moved, i.e. when
-gradients freed by ``zero_grad(set_to_none=True)`` came back at other addresses.  The tables hold
-raw addresses: the cache keeps params, moments and backups alive; gradients are read only inside
-a pass, after the driver filled ``bucket.grads``.
+Caching: the tables live in ``bucket.cache["cuda"]`` (``host_table.HostTable``, the Triton
+backend's class: one layout, one upload scheme); the gradient column is rewritten on the host (or
+by the driver's native reader, through ``grad_sink``) and uploaded with one non-blocking copy
+only when ``bucket.grads_version`` moved, i.e. when gradients freed by
+``zero_grad(set_to_none=True)`` came back at other addresses.  The tables hold raw addresses: the
+cache keeps params, moments and backups alive; gradients are read only inside a pass.
 
 fp64 parameters are not handled by the kernels (``supports`` is False): the optimizer routes them
 to foreach.  A bucket whose layout the kernels do not take (a gradient with other strides than
@@ -31,7 +32,6 @@ is missing and ``ALSALS_FUSED_JIT=1``, it is compiled on first use with
 """
 from __future__ import annotations
 
-import array
 import hashlib
 import importlib
 import importlib.util
@@ -39,7 +39,7 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ from .base import (
     TableCol,
     Verdict,
 )
+from .host_table import HostTable
 
 OPS = ("grad_pass", "step_pass", "move_pass", "verdict")
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in an environment with a CUDA "
@@ -327,8 +328,8 @@ def _wd_bits(wd: float) -> int:
 class _Table:
     """The device table and schedule of one bucket (kept in ``bucket.cache['cuda']``)."""
 
-    __slots__ = ("table", "sched", "programs", "storage", "has_backups", "grads_version",
-                 "usable", "why_not", "keep")
+    __slots__ = ("host_table", "table", "sched", "programs", "storage", "has_backups",
+                 "grads_version", "usable", "why_not", "keep")
 
     def __init__(self, bucket: Bucket):
         self.grads_version = bucket.grads_version
@@ -351,10 +352,11 @@ class _Table:
             row[TableCol.NUMEL] = numels[i]
             row[TableCol.WD_BITS] = _wd_bits(bucket.weight_decays[i])
             rows.append(row)
-        host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), TABLE_COLS)
+        # The Triton backend's table class: one layout and one upload scheme for both backends.
+        self.host_table = HostTable(rows, bucket.device)
+        self.table = self.host_table.table
         sched = build_schedule(numels)
         self.programs = sched.shape[0]
-        self.table = _upload(host, bucket.device)
         self.sched = _upload(sched, bucket.device)
 
     @staticmethod
@@ -382,9 +384,14 @@ class _Table:
         return None
 
     def refresh_grads(self, bucket: Bucket) -> None:
-        """The gradients came back at other addresses: rewrite the G column (one copy)."""
+        """The gradients came back at other addresses: rewrite the G column on the host (no
+        torch op; already written when the driver's native reader filled ``grad_sink``), then
+        one non-blocking upload."""
         self.grads_version = bucket.grads_version
         if not self.usable:
+            return
+        if bucket.native_grads:      # the native reader wrote the column and checked every layout
+            self.host_table.upload()
             return
         grads = bucket.grads   # shape, dtype and device checked by the driver when they moved
         if len(grads) != len(bucket.params):
@@ -396,8 +403,9 @@ class _Table:
                     self.usable = False
                     self.why_not = f"grad {i} has strides {g.stride()}, its param {p.stride()}"
                     return
-        ptrs = torch.frombuffer(array.array("q", map(Tensor.data_ptr, grads)), dtype=torch.int64)
-        self.table[:, TableCol.G].copy_(_pinned(ptrs), non_blocking=True)
+        ptrs = bucket.grad_ptrs if len(bucket.grad_ptrs) == len(grads) else tuple(map(Tensor.data_ptr, grads))
+        self.host_table.set_column(int(TableCol.G), ptrs)
+        self.host_table.upload()
 
 
 def _pinned(t: Tensor) -> Tensor:
@@ -431,14 +439,37 @@ class CudaBackend:
             self._foreach = ForeachBackend()
         return self._foreach
 
+    def _table(self, b: Bucket) -> _Table:
+        t = b.cache.get("cuda")
+        if t is None:
+            t = b.cache["cuda"] = _Table(b)
+            self.table_builds += 1
+        return t
+
+    def grad_sink(self, bucket: Bucket):
+        """The host table and column of the bucket's gradient addresses (base.py, Backend);
+        None for a bucket this backend hands to foreach (which reads ``bucket.grads``)."""
+        if not bucket.params:
+            return None
+        t = self._table(bucket)
+        return (t.host_table.host, int(TableCol.G)) if t.usable else None
+
+    def _fallback_for(self, buckets: Sequence[Bucket]):
+        """foreach for buckets whose table is unusable.  A table can turn unusable after the
+        driver chose native reads for it; foreach then needs the grads as tensors."""
+        for b in buckets:
+            if b.native_grads and not b.grads:
+                # the reader has just checked that every one of them exists
+                b.grads = [cast(Tensor, p.grad) for p in b.params]
+        return self._fallback()
+
     def _tables(self, buckets: Sequence[Bucket]) -> Optional[List[_Table]]:
         """The buckets' tables (built or refreshed as needed), or None: run this pass on foreach."""
         tables = []
         for b in buckets:
             t = b.cache.get("cuda")
             if t is None:
-                t = b.cache["cuda"] = _Table(b)
-                self.table_builds += 1
+                t = self._table(b)
             elif t.grads_version != b.grads_version:
                 t.refresh_grads(b)
                 self.grad_refreshes += 1
@@ -466,7 +497,7 @@ class CudaBackend:
                   finish: bool = True) -> Optional[Tensor]:
         tables = self._tables(buckets)
         if tables is None:
-            return self._fallback().grad_pass(buckets, ctl, loss0, hp, finish=finish)
+            return self._fallback_for(buckets).grad_pass(buckets, ctl, loss0, hp, finish=finish)
         partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))
         out = None if finish else torch.empty((), dtype=torch.float64, device=ctl.device)
         max_norm = -1.0 if hp.max_grad_norm is None else float(hp.max_grad_norm)
@@ -477,7 +508,7 @@ class CudaBackend:
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         tables = self._tables(buckets)
         if tables is None:
-            return self._fallback().step_pass(buckets, hp, ctl, searching=searching,
+            return self._fallback_for(buckets).step_pass(buckets, hp, ctl, searching=searching,
                                               write_backup=write_backup, finish=finish)
         if write_backup and not all(t.has_backups for t in tables):
             raise ValueError("ALSALS cuda backend: write_backup=True for a bucket without backups")
@@ -493,7 +524,7 @@ class CudaBackend:
                   only_if_fallback: bool = False) -> None:
         tables = self._tables(buckets)
         if tables is None:
-            return self._fallback().move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
+            return self._fallback_for(buckets).move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
                                               dst_eta=dst_eta, dst_dir=dst_dir,
                                               from_backup=from_backup, only_if_fallback=only_if_fallback)
         if from_backup and not all(t.has_backups for t in tables):

@@ -32,18 +32,18 @@ tensor's shape and strides.
 """
 from __future__ import annotations
 
-import ctypes
 import operator
 import os
 import struct
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .base import CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, DecisionScalars, Dir, StepScalars, TableCol
+from .host_table import HostTable as _HostTable
 
 
 def _import_kernels():
@@ -98,9 +98,6 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
 _G = int(TableCol.G)
-# What mypy's ctypes plugin wants for a slice assignment into a c_int64 array (a list is invariant,
-# so a List[int] does not match although ctypes takes plain ints).
-_CInt64List = List[Union[ctypes.c_int64, int]]
 _data_ptr = Tensor.data_ptr
 _uid = operator.attrgetter("uid")
 _is_contiguous = Tensor.is_contiguous
@@ -156,51 +153,6 @@ def _dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-class _HostTable:
-    """A CPU int64 [T, TABLE_COLS] table and, on CUDA, its device copy.
-
-    Host writes go through ctypes (no torch op).  Uploads copy into a pinned staging buffer that
-    is reused only when the CUDA event recorded after its last copy has completed (queried, never
-    waited on), then one non-blocking copy to the device."""
-
-    def __init__(self, rows: List[List[int]], device: torch.device):
-        self.rows = max(1, len(rows))
-        self.host = torch.zeros((self.rows, TABLE_COLS), dtype=torch.int64)
-        self.view = (ctypes.c_int64 * (self.rows * TABLE_COLS)).from_address(self.host.data_ptr())
-        for i, row in enumerate(rows):
-            self.view[i * TABLE_COLS:(i + 1) * TABLE_COLS] = cast(_CInt64List, row)
-        self.device = device
-        self._staging: List[Tuple[Tensor, torch.cuda.Event]] = []
-        if device.type == "cuda":
-            self.table = torch.empty((self.rows, TABLE_COLS), dtype=torch.int64, device=device)
-            self.upload()
-        else:
-            self.table = self.host      # the kernels (interpreter) read the host table itself
-
-    def set_column(self, col: int, values: Sequence[int]) -> None:
-        self.view[col:len(values) * TABLE_COLS:TABLE_COLS] = cast(_CInt64List, values)
-
-    def column(self, col: int, n: int) -> List[int]:
-        return list(self.view[col:n * TABLE_COLS:TABLE_COLS])
-
-    def upload(self) -> None:
-        if self.device.type != "cuda":
-            return
-        buf = None
-        for i, (_, event) in enumerate(self._staging):
-            if event.query():
-                buf = self._staging.pop(i)[0]
-                break
-        if buf is None:
-            buf = torch.empty_like(self.host, pin_memory=True)
-        nbytes = self.rows * TABLE_COLS * 8
-        ctypes.memmove(buf.data_ptr(), self.host.data_ptr(), nbytes)
-        self.table.copy_(buf, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self._staging.append((buf, event))
 
 
 class _BucketPlan:
