@@ -1,25 +1,30 @@
 """The optional native host helper ``alsals_fused._host`` (``csrc/host_reader.cpp``).
 
-It does the parameter plan's per-step gradient read in C++ (``GradReader``: the plan's
-``refresh_grads`` then costs a pointer walk instead of several torch method calls per tensor and
-a Python object per gradient).  ``pip install --no-build-isolation -e .`` builds it with any
-torch, CPU or CUDA; from a source checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use
-instead (as for the CUDA extension; ``torch.utils.cpp_extension.load``, about 30 s).  Without it
-the plan reads the gradients in Python, with the same checks and the same decisions.
-``ALSALS_FUSED_PYTHON_READS=1`` makes the plan ignore the helper (tests and benchmarks compare
-both paths).
+It does the driver's per-step host work in C++: the parameter plan's gradient read
+(``GradReader``: ``refresh_grads`` then costs a pointer walk instead of several torch method
+calls per tensor and a Python object per gradient) and the line search's CPU random-number
+snapshots (``CpuRngState``: copied in place into reused objects, where ``torch.get_rng_state``
+allocates 5 KB each time, which right after a backward costs tens of microseconds).
+
+``pip install --no-build-isolation -e .`` builds it with any torch, CPU or CUDA; from a source
+checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use instead (as for the CUDA extension;
+``torch.utils.cpp_extension.load``, about 30 s).  Without it the driver does both in Python,
+with the same checks and the same decisions.  ``ALSALS_FUSED_PYTHON_READS=1`` makes the driver
+ignore the helper (tests and benchmarks compare both paths).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 _ENV = "ALSALS_FUSED_PYTHON_READS"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _module: Any = None
 _error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
+_rng_free: List[Any] = []         # CpuRngState objects handed back, reused by take_cpu_rng_state
+_RNG_FREE_MAX = 8
 
 
 def _jit_build():
@@ -61,6 +66,25 @@ def grad_reader_class() -> Optional[Any]:
         return None
     module = _load()
     return None if module is None else module.GradReader
+
+
+def take_cpu_rng_state() -> Optional[Any]:
+    """A ``CpuRngState`` holding the default CPU generator's state now (reused from the free
+    list when one was given back), or None without the helper (then use torch.get_rng_state)."""
+    if os.environ.get(_ENV, "0") not in ("", "0"):
+        return None
+    module = _load()
+    if module is None:
+        return None
+    state = _rng_free.pop() if _rng_free else module.CpuRngState()
+    state.capture()
+    return state
+
+
+def give_back_cpu_rng_state(state: Any) -> None:
+    """Return a state from take_cpu_rng_state for reuse; the caller must not use it again."""
+    if len(_rng_free) < _RNG_FREE_MAX:
+        _rng_free.append(state)
 
 
 def status() -> str:

@@ -112,16 +112,31 @@ class StepInfo:
 
 
 class _RngState:
-    """CPU and CUDA generator states, captured and restored for dropout replay (section 4)."""
+    """CPU and CUDA generator states, captured and restored for dropout replay (section 4).
+
+    The CPU state is a reused native snapshot when the host helper is built (host_ext), else
+    torch.get_rng_state()'s tensor; ``release`` hands a native snapshot back for reuse."""
 
     def __init__(self, cuda_devices: Tuple[int, ...]):
-        self.cpu = torch.get_rng_state()
+        native = host_ext.take_cpu_rng_state()
+        self.cpu: Any = native if native is not None else torch.get_rng_state()
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
+        cpu = self.cpu
+        if isinstance(cpu, Tensor):
+            torch.set_rng_state(cpu)
+        elif cpu is None:
+            raise RuntimeError("ALSALS internal error: an RNG state was restored after its release")
+        else:
+            cpu.restore()
         for d, state in self.cuda.items():
             torch.cuda.set_rng_state(state, d)
+
+    def release(self) -> None:
+        if self.cpu is not None and not isinstance(self.cpu, Tensor):
+            host_ext.give_back_cpu_rng_state(self.cpu)
+            self.cpu = None
 
 
 def _as_loss(value, what: str) -> Tensor:
@@ -831,6 +846,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         finally:
             self.counters["trials"] += found.trials
             rng_after.restore()
+            rng_after.release()
+            rng_before.release()      # not restored again: the step's replays are over
             if snapshotted:
                 self._restore_buffers()
         return found

@@ -230,3 +230,54 @@ def test_a_user_gradient_that_is_misaligned_is_handled_alike(reads, monkeypatch)
         finals.append(w.detach().clone())
     assert torch.equal(finals[0], finals[1])
     torch.testing.assert_close(finals[0], finals[0])    # finite and defined
+
+
+# -- CPU random-number snapshots ---------------------------------------------------------------------
+@needs_reader
+def test_cpu_rng_state_round_trips_everything_get_rng_state_encodes():
+    from alsals_fused import _host
+    torch.manual_seed(7)
+    torch.randn(3, dtype=torch.float64)
+    torch.normal(0.0, 1.0, size=(1,))                   # may leave a cached normal sample
+    state = _host.CpuRngState()
+    with pytest.raises(RuntimeError, match="before capture"):
+        state.restore()
+    state.capture()
+    expected = torch.get_rng_state()
+    draws = (torch.rand(5), torch.randn(3), torch.normal(0.0, 1.0, size=(1,)), torch.randint(9, (4,)))
+    state.restore()
+    assert torch.equal(torch.get_rng_state(), expected)
+    again = (torch.rand(5), torch.randn(3), torch.normal(0.0, 1.0, size=(1,)), torch.randint(9, (4,)))
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))
+
+
+@needs_reader
+def test_rng_snapshots_are_reused_and_not_restored_after_release(monkeypatch):
+    from alsals_fused.optimizer import _RngState
+    monkeypatch.setattr(host_ext, "_rng_free", [])
+    first = _RngState(())
+    native = first.cpu
+    assert not isinstance(native, torch.Tensor)
+    first.release()
+    second = _RngState(())
+    assert second.cpu is native, "a released snapshot is reused: no allocation per step"
+    with pytest.raises(RuntimeError, match="after its release"):
+        first.restore()
+
+
+def test_dropout_replay_is_exact_with_either_rng_snapshot(reads):
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = ALSALS([w], backend="foreach", init_step_size=20.0)   # several trials
+    draws = []
+
+    def closure():
+        draws.append(torch.rand(4))
+        return ((w - draws[-1]) ** 2).sum()
+
+    torch.manual_seed(123)
+    opt.step(closure)
+    assert opt.last_step.trials > 2 and all(torch.equal(d, draws[0]) for d in draws)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(4)
+    assert torch.equal(torch.rand(1), after), "the generator continues after one forward's draws"
