@@ -14,31 +14,27 @@ ignore the helper (tests and benchmarks compare both paths).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any, List, Optional
 
 _ENV = "ALSALS_FUSED_PYTHON_READS"
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _module: Any = None
 _error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
 _rng_free: List[Any] = []         # CpuRngState objects handed back, reused by take_cpu_rng_state
 _RNG_FREE_MAX = 8
 
 
+def _disabled() -> bool:
+    return os.environ.get(_ENV, "0") not in ("", "0")
+
+
 def _jit_build():
-    path = _CSRC / "build_settings.py"
-    if not path.is_file():
-        raise ImportError(f"ALSALS_FUSED_JIT=1 but {path} does not exist (the JIT build needs a "
-                          "source checkout)")
-    spec = importlib.util.spec_from_file_location("alsals_fused_build_settings", path)
-    assert spec is not None and spec.loader is not None
-    settings = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(settings)
+    # csrc/build_settings.py through the CUDA extension's loader: one loader for both JIT builds.
     import torch.utils.cpp_extension as cpp
-    kw = settings.host_extension_kwargs()
-    return cpp.load(name="alsals_fused_jit_host", sources=[str(_CSRC.parent / s) for s in kw["sources"]],
+
+    from .backends.cuda_backend import CSRC, _build_settings
+    kw = _build_settings().host_extension_kwargs()
+    return cpp.load(name="alsals_fused_jit_host", sources=[str(CSRC.parent / s) for s in kw["sources"]],
                     extra_cflags=kw["extra_compile_args"]["cxx"],
                     verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")))
 
@@ -62,7 +58,7 @@ def _load() -> Any:
 
 def grad_reader_class() -> Optional[Any]:
     """``GradReader`` of the helper, or None when it is not built or is disabled."""
-    if os.environ.get(_ENV, "0") not in ("", "0"):
+    if _disabled():
         return None
     module = _load()
     return None if module is None else module.GradReader
@@ -71,7 +67,7 @@ def grad_reader_class() -> Optional[Any]:
 def take_cpu_rng_state() -> Optional[Any]:
     """A ``CpuRngState`` holding the default CPU generator's state now (reused from the free
     list when one was given back), or None without the helper (then use torch.get_rng_state)."""
-    if os.environ.get(_ENV, "0") not in ("", "0"):
+    if _disabled():
         return None
     module = _load()
     if module is None:
@@ -89,7 +85,7 @@ def give_back_cpu_rng_state(state: Any) -> None:
 
 def status() -> str:
     """How the plan reads gradients here, in words (benchmarks and the GPU suite report it)."""
-    if os.environ.get(_ENV, "0") not in ("", "0"):
+    if _disabled():
         return f"python ({_ENV} is set)"
     module = _load()
     if module is None:
