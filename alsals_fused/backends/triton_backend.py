@@ -36,7 +36,6 @@ import operator
 import os
 import struct
 from collections import OrderedDict
-from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -188,15 +187,17 @@ class _BucketPlan:
         self.grads_version = bucket.grads_version if (bucket.grads or not bucket.params) else -1
         self.aligned: Optional[List[bool]] = None
         self.sched: Optional[Tensor] = None
-        self._schedule([r[TableCol.G] for r in rows])
+        self._schedule(backend, [r[TableCol.G] for r in rows])
         backend.table_builds += 1
 
-    def _schedule(self, grad_ptrs: List[int]) -> None:
+    def _schedule(self, backend: "TritonBackend", grad_ptrs: List[int]) -> None:
         """Programs: aligned full chunks first (the unmasked specialization), then tails and
-        misaligned tensors' chunks (masked).  Python ints only: nothing read from a device."""
+        misaligned tensors' chunks (masked).  Python ints only: nothing read from a device.
+        A new schedule bumps ``backend.schedules`` (the cached launch lists hold it)."""
         aligned = [a and g % 16 == 0 for a, g in zip(self.others_aligned, grad_ptrs)]
         if aligned == self.aligned:
             return
+        backend.schedules += 1
         chunk = self.chunk
         fast: List[Tuple[int, int]] = []
         slow: List[Tuple[int, int]] = []
@@ -225,7 +226,7 @@ class _BucketPlan:
             # The driver's native reader wrote the column and checked every layout (host_ext).
             self.table.upload()
             if not (self.all_aligned and not bucket.grads_misaligned):
-                self._schedule(self.table.column(_G, len(self.numels)))
+                self._schedule(backend, self.table.column(_G, len(self.numels)))
             self.grads_version = bucket.grads_version
             backend.grad_refreshes += 1
             return
@@ -243,17 +244,18 @@ class _BucketPlan:
         self.table.set_column(_G, ptrs)
         self.table.upload()
         if not (self.all_aligned and not any(map(_MISALIGNED, ptrs))):
-            self._schedule(list(ptrs))
+            self._schedule(backend, list(ptrs))
         self.grads_version = bucket.grads_version
         backend.grad_refreshes += 1
 
 
 class _ListPlan:
     """What a pass over one list of buckets needs: the buckets' plans, where each bucket's
-    partials start, and the shared partials buffer and ticket counters (allocated once)."""
+    partials start, the shared partials buffer and ticket counters (allocated once), and the
+    passes' launch lists (``calls``: built once per pass variant, see ``TritonBackend._calls``)."""
 
     __slots__ = ("plans", "offsets", "work", "n_parts", "partials", "counters", "dummy_table",
-                 "dummy_sched", "device", "cuda_index", "ctl")
+                 "dummy_sched", "device", "cuda_index", "ctl", "calls", "calls_schedules")
 
     def __init__(self, backend: "TritonBackend", buckets: Sequence[Bucket], device: torch.device):
         self.plans = [backend._bucket_plan(b) for b in buckets]
@@ -271,6 +273,8 @@ class _ListPlan:
         self.dummy_sched = torch.zeros(2, dtype=torch.int32, device=device)
         self.cuda_index = device.index if device.type == "cuda" else None
         self.ctl: Optional[Tensor] = None           # the last ctl checked against this plan
+        self.calls: Dict[tuple, List[tuple]] = {}
+        self.calls_schedules = -1                   # backend.schedules when calls were built
 
 
 class TritonBackend:
@@ -293,6 +297,7 @@ class TritonBackend:
         self._lists: "OrderedDict[tuple, _ListPlan]" = OrderedDict()
         self._cx: Dict[tuple, dict] = {}
         self.table_builds = 0     # telemetry for tests: bucket tables built
+        self.schedules = 0        # program schedules built (cached launch lists hold them)
         self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -340,9 +345,13 @@ class TritonBackend:
         if lp.ctl is not ctl:
             self._check_ctl(ctl, lp.device)
             lp.ctl = ctl
+            lp.calls.clear()
         for bp, b in zip(lp.plans, buckets):
             if bp.grads_version != b.grads_version:
                 bp.refresh_grads(self, b)
+        if lp.calls_schedules != self.schedules:    # a bucket's program schedule changed
+            lp.calls.clear()
+            lp.calls_schedules = self.schedules
         return lp
 
     def _check_like(self, i: int, p: Tensor, what: str, t: Tensor, dtype: torch.dtype) -> None:
@@ -395,11 +404,21 @@ class TritonBackend:
                              f"{CTL_SIZE} on {device}; got {ctl.dtype} {tuple(ctl.shape)} on "
                              f"{ctl.device}")
 
-    @staticmethod
-    def _device_ctx(lp: _ListPlan):
+    # -- launch lists ---------------------------------------------------------------------------
+    # A pass is a list of launches whose arguments are fixed for the plan's lifetime except the
+    # per-step values (the loss, the step's scalars): each entry is (kernel, grid, head, tail,
+    # meta) and launches as kernel[grid](*head, *per_step, *tail, **meta).  The lists are built
+    # once per pass variant and list plan (``_ListPlan.calls``), so a pass costs one loop of
+    # launches on the host.
+    def _run(self, lp: _ListPlan, calls: List[tuple], per_step: tuple) -> None:
+        launch = self._launch
         if lp.cuda_index is not None and lp.cuda_index != torch.cuda.current_device():
-            return torch.cuda.device(lp.cuda_index)
-        return nullcontext()
+            with torch.cuda.device(lp.cuda_index):   # Triton launches on the current device
+                for kernel, grid, head, tail, meta in calls:
+                    launch(kernel, grid, *head, *per_step, *tail, **meta)
+            return
+        for kernel, grid, head, tail, meta in calls:
+            launch(kernel, grid, *head, *per_step, *tail, **meta)
 
     def _constexprs(self, kind: str, *key) -> dict:
         cx = self._cx.get((kind,) + key)
@@ -420,84 +439,105 @@ class TritonBackend:
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                   finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
-        out = ctl if finish else torch.empty((), dtype=torch.float64, device=lp.device)
-        mode = _tk.FINISH_CTL if finish else _tk.FINISH_SUM
         clip = hp.max_grad_norm is not None
         norm_bits = _bits(float(hp.max_grad_norm)) if hp.max_grad_norm is not None else 0
-        work = lp.work
-        kernel = _tk.grad_kernel
-        with self._device_ctx(lp):
-            if not work:   # nothing to sum: one program runs the finisher on sumsq = 0
-                self._launch(kernel, (1,), lp.dummy_table, lp.dummy_sched, lp.partials,
-                             lp.counters, ctl, loss0, out, 0, 0, 0, 0, 1, mode, int(clip),
-                             norm_bits, **self._constexprs("grad", "fp32"))
-            last = len(work) - 1
-            for k, (bp, off) in enumerate(work):
-                self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, lp.partials,
-                             lp.counters, ctl, loss0, out, off, lp.n_parts, bp.n_fast, bp.n_prog,
-                             bp.n_prog, mode if k == last else _tk.FINISH_NONE, int(clip),
-                             norm_bits, **self._constexprs("grad", bp.dtype_name))
-        return None if finish else out
+        if finish:
+            key = ("grad", clip, norm_bits)
+            calls = lp.calls.get(key)
+            if calls is None:
+                calls = lp.calls[key] = self._grad_calls(lp, ctl, _tk.FINISH_CTL, clip, norm_bits)
+            self._run(lp, calls, (loss0,))
+            return None
+        out = torch.empty((), dtype=torch.float64, device=lp.device)
+        self._run(lp, self._grad_calls(lp, out, _tk.FINISH_SUM, clip, norm_bits), (loss0,))
+        return out
+
+    def _grad_calls(self, lp: _ListPlan, out: Tensor, mode: int, clip: bool, norm_bits: int) -> List[tuple]:
+        """grad_kernel(table, sched, partials, counters, ctl, loss0, out, ...) per bucket."""
+        ctl, kernel, work = lp.ctl, _tk.grad_kernel, lp.work
+        if not work:   # nothing to sum: one program runs the finisher on sumsq = 0
+            return [(kernel, (1,), (lp.dummy_table, lp.dummy_sched, lp.partials, lp.counters, ctl),
+                     (out, 0, 0, 0, 0, 1, mode, int(clip), norm_bits), self._constexprs("grad", "fp32"))]
+        last = len(work) - 1
+        return [(kernel, (bp.n_prog,), (bp.table.table, bp.sched, lp.partials, lp.counters, ctl),
+                 (out, off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
+                  mode if k == last else _tk.FINISH_NONE, int(clip), norm_bits),
+                 self._constexprs("grad", bp.dtype_name))
+                for k, (bp, off) in enumerate(work)]
 
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
+        search_dir = hp.search_dir if searching else Dir.MOMENTUM
+        b1, b2, b3 = hp.beta1, hp.beta2, float(hp.smoothing)
+        scalars = (float(hp.eta), float(b1), float(b2), float(1 - b1), float(1 - b2), float(hp.eps),
+                   float(hp.bias_correction1), float(hp.bias_correction2),
+                   _unpack_q(_pack_d(b3))[0], _unpack_q(_pack_d(1 - b3))[0])   # _bits, inlined
+        if searching and not finish:
+            out = torch.empty(2, dtype=torch.float64, device=lp.device)
+            self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, search_dir, write_backup), scalars)
+            return out
+        key = ("step", bool(searching), search_dir, bool(write_backup))
+        calls = lp.calls.get(key)
+        if calls is None:
+            mode = _tk.FINISH_CTL if searching else _tk.FINISH_NONE
+            calls = lp.calls[key] = self._step_calls(lp, ctl, mode, bool(searching), search_dir,
+                                                     bool(write_backup))
+        self._run(lp, calls, scalars)
+        return None
+
+    def _step_calls(self, lp: _ListPlan, out: Tensor, mode: int, searching: bool, search_dir: Dir,
+                    write_backup: bool) -> List[tuple]:
+        """step_kernel(table, sched, ctl, partials, counters, out, ..., *scalars) per bucket."""
         if write_backup and not all(bp.has_backups for bp in lp.plans):
             raise ValueError("ALSALS triton backend: write_backup=True but the bucket has no backups")
-        out = ctl
-        mode = _tk.FINISH_NONE
-        if searching:
-            mode = _tk.FINISH_CTL
-            if not finish:
-                out = torch.empty(2, dtype=torch.float64, device=lp.device)
-                mode = _tk.FINISH_SUM
-        search_dir = hp.search_dir if searching else Dir.MOMENTUM
-        b3 = float(hp.smoothing)
-        scalars = (float(hp.eta), float(hp.beta1), float(hp.beta2), float(1 - hp.beta1),
-                   float(1 - hp.beta2), float(hp.eps), float(hp.bias_correction1),
-                   float(hp.bias_correction2), _bits(b3), _bits(1 - b3))
-        work = lp.work
-        kernel = _tk.step_kernel
-        with self._device_ctx(lp):
-            if not work and searching:   # no elements: one program finishes on zero sums
-                self._launch(kernel, (1,), lp.dummy_table, lp.dummy_sched, ctl, lp.partials,
-                             lp.counters, out, 0, 0, 0, 0, 1, mode, *scalars,
-                             **self._constexprs("step", "fp32", True, search_dir, False))
-            last = len(work) - 1
-            for k, (bp, off) in enumerate(work):
-                self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, ctl, lp.partials,
-                             lp.counters, out, off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
-                             mode if k == last else _tk.FINISH_NONE, *scalars,
-                             **self._constexprs("step", bp.dtype_name, bool(searching),
-                                                search_dir, bool(write_backup)))
-        return out if (searching and not finish) else None
+        ctl, kernel, work = lp.ctl, _tk.step_kernel, lp.work
+        if not work:
+            if not searching:
+                return []
+            # no elements: one program finishes on zero sums
+            return [(kernel, (1,), (lp.dummy_table, lp.dummy_sched, ctl, lp.partials, lp.counters, out,
+                                    0, 0, 0, 0, 1, mode), (),
+                     self._constexprs("step", "fp32", True, search_dir, False))]
+        last = len(work) - 1
+        return [(kernel, (bp.n_prog,), (bp.table.table, bp.sched, ctl, lp.partials, lp.counters, out,
+                                        off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
+                                        mode if k == last else _tk.FINISH_NONE), (),
+                 self._constexprs("step", bp.dtype_name, searching, search_dir, write_backup))
+                for k, (bp, off) in enumerate(work)]
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
         lp = self._plan(buckets, ctl)
+        # (Dir members and their int values make the same key: IntEnum hashes as int)
+        key = ("move", bool(from_backup), src_dir, dst_dir, bool(only_if_fallback))
+        calls = lp.calls.get(key)
+        if calls is None:
+            calls = lp.calls[key] = self._move_calls(lp, bool(from_backup), Dir(src_dir), Dir(dst_dir),
+                                                     bool(only_if_fallback))
+        self._run(lp, calls, (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
+                              float(hp.bias_correction1), float(hp.bias_correction2)))
+
+    def _move_calls(self, lp: _ListPlan, from_backup: bool, src_dir: Dir, dst_dir: Dir,
+                    only_if_fallback: bool) -> List[tuple]:
+        """move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, *scalars) per bucket."""
         if from_backup and not all(bp.has_backups for bp in lp.plans):
             raise ValueError("ALSALS triton backend: from_backup=True but the bucket has no backups")
         if not from_backup and any(bp.dtype_name != "fp32" for bp in lp.plans):
             raise ValueError("ALSALS triton backend: in-place moves (memory_efficient=True) need "
                              "fp32 parameters; got "
                              + ", ".join(bp.dtype_name for bp in lp.plans if bp.dtype_name != "fp32"))
-        scalars = (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
-                   float(hp.bias_correction1), float(hp.bias_correction2))
-        kernel = _tk.move_kernel
-        oif = int(bool(only_if_fallback))
-        with self._device_ctx(lp):
-            for bp in lp.plans:
-                if bp.n_prog:
-                    self._launch(kernel, (bp.n_prog,), bp.table.table, bp.sched, ctl, bp.n_fast,
-                                 bp.n_prog, oif, *scalars,
-                                 **self._constexprs("move", bp.dtype_name, bool(from_backup),
-                                                    Dir(src_dir), Dir(dst_dir)))
+        return [(_tk.move_kernel, (bp.n_prog,), (bp.table.table, bp.sched, lp.ctl, bp.n_fast, bp.n_prog,
+                                                 int(only_if_fallback)), (),
+                 self._constexprs("move", bp.dtype_name, from_backup, src_dir, dst_dir))
+                for bp in lp.plans if bp.n_prog]
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
         b3 = float(dp.beta3)
-        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out, _bits(float(dp.c) * float(dp.eta)),
-                     _bits(b3), _bits(1 - b3), num_warps=_tk.VERDICT_WARPS)
+        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out,       # _bits, inlined
+                     _unpack_q(_pack_d(float(dp.c) * float(dp.eta)))[0], _unpack_q(_pack_d(b3))[0],
+                     _unpack_q(_pack_d(1 - b3))[0], num_warps=_tk.VERDICT_WARPS)
 
 
 __all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]
