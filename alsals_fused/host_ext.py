@@ -56,23 +56,27 @@ def _load() -> Any:
     return _module
 
 
+def module() -> Optional[Any]:
+    """The helper module, or None when it is not built or ``ALSALS_FUSED_PYTHON_READS`` is set.
+
+    The driver asks once per parameter plan and passes the answer on: reading ``os.environ``
+    runs tens of microseconds of cold Python right after a backward."""
+    return None if _disabled() else _load()
+
+
 def grad_reader_class() -> Optional[Any]:
     """``GradReader`` of the helper, or None when it is not built or is disabled."""
-    if _disabled():
-        return None
-    module = _load()
-    return None if module is None else module.GradReader
+    native = module()
+    return None if native is None else native.GradReader
 
 
-def take_cpu_rng_state() -> Optional[Any]:
-    """A ``CpuRngState`` holding the default CPU generator's state now (reused from the free
-    list when one was given back), or None without the helper (then use torch.get_rng_state)."""
-    if _disabled():
+def take_cpu_rng_state(native: Optional[Any]) -> Optional[Any]:
+    """A ``CpuRngState`` of ``native`` (the helper, from ``module()``) holding the default CPU
+    generator's state now, reused from the free list when one was given back; None when
+    ``native`` is None (then use torch.get_rng_state)."""
+    if native is None:
         return None
-    module = _load()
-    if module is None:
-        return None
-    state = _rng_free.pop() if _rng_free else module.CpuRngState()
+    state = _rng_free.pop() if _rng_free else native.CpuRngState()
     state.capture()
     return state
 

@@ -57,7 +57,6 @@ Deviations from the specification, and why:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -84,7 +83,7 @@ from .backends.base import (
     new_ctl,
 )
 from .config import BACKENDS, ETA_MAX, ETA_MIN, Hyper, make_hyper, validate_weight_decay
-from .integrations._api import UserGradientsMixin, with_load_state_dict_hooks
+from .integrations._api import UserGradientsMixin, is_framework_closure, with_load_state_dict_hooks
 
 CLOSURE_HELP = (
     "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
@@ -114,13 +113,15 @@ class StepInfo:
 class _RngState:
     """CPU and CUDA generator states, captured and restored for dropout replay (section 4).
 
-    The CPU state is a reused native snapshot when the host helper is built (host_ext), else
-    torch.get_rng_state()'s tensor; ``release`` hands a native snapshot back for reuse."""
+    The CPU state is a reused native snapshot when ``native`` is the host helper
+    (``host_ext.module()``), else torch.get_rng_state()'s tensor; ``release`` hands a native
+    snapshot back for reuse."""
 
-    def __init__(self, cuda_devices: Tuple[int, ...]):
-        native = host_ext.take_cpu_rng_state()
-        self.cpu: Any = native if native is not None else torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
+    def __init__(self, cuda_devices: Tuple[int, ...], native: Optional[Any]):
+        self.native = native
+        snapshot = host_ext.take_cpu_rng_state(native)
+        self.cpu: Any = snapshot if snapshot is not None else torch.get_rng_state()
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices} if cuda_devices else {}
 
     def restore(self) -> None:
         cpu = self.cpu
@@ -150,6 +151,10 @@ def _as_loss(value, what: str) -> Tensor:
 
 
 _data_ptr = Tensor.data_ptr
+_weight_decay_of = operator.itemgetter("weight_decay")
+# The grad mode switches of step(): torch.enable_grad()/no_grad() as context managers run about
+# 10 us of cold Python per step right after a backward; the flag they set is this one.
+_set_grad_enabled = torch._C._set_grad_enabled
 _shape = operator.attrgetter("shape")
 
 
@@ -174,33 +179,39 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
 
 def _step_hooks(step):
     """What torch.optim.Optimizer wraps every step() in, for less: the global and per-optimizer
-    step pre/post hooks (same order and semantics; a pre hook may return new (args, kwargs)) and
-    the ``Optimizer.step#ALSALS.step`` profiler range, entered only while a profiler records.
-    torch's own wrapper enters that range on every call, which costs about 5 us of host time per
-    step with no profiler; ``hooked = True`` tells Optimizer.__init__ not to wrap step() again."""
+    step pre/post hooks (same order and semantics; a pre hook may return new (args, kwargs)),
+    and, only while a profiler records, the ``Optimizer.step#ALSALS.step`` range and the
+    ``_optimizer_step_code`` marker call the profiler's Python tracer looks for.  torch's own
+    wrapper enters that range on every call, which costs about 5 us of host time per step with
+    no profiler; ``hooked = True`` tells Optimizer.__init__ not to wrap step() again."""
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
     profiler_enabled = torch._C._autograd._profiler_enabled
-    no_range = contextlib.nullcontext()
+
+    def hooked(self, args, kwargs, profiling: bool):
+        for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{step} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+                args, kwargs = result
+        out = step(*args, **kwargs)
+        if profiling:
+            self._optimizer_step_code()
+        for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         self = args[0]
-        with (torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step")
-              if profiler_enabled() else no_range):
-            if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
-                for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
-                    result = hook(self, args, kwargs)
-                    if result is not None:
-                        if not (isinstance(result, tuple) and len(result) == 2):
-                            raise RuntimeError(f"{step} must return None or a tuple of (new_args, "
-                                               f"new_kwargs), but got {result}.")
-                        args, kwargs = result
-            out = step(*args, **kwargs)
-            self._optimizer_step_code()
-            if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
-                for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
-                    hook(self, args, kwargs)
-            return out
+        if profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return hooked(self, args, kwargs, True)
+        if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks \
+                or self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+            return hooked(self, args, kwargs, False)
+        return step(*args, **kwargs)
 
     wrapper.hooked = True         # Optimizer.__init__ checks this attribute
     return wrapper
@@ -242,14 +253,15 @@ class _Plan:
         self.guarded = [j for j, (_, bs) in enumerate(groups)
                         if any(b.dtype == torch.float16 and b.params for b in bs)]
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
+        self.host = host_ext.module()         # the native helper, or None: decided once per plan
         self.readers = self._native_readers()
 
     def _native_readers(self) -> Optional[List[Any]]:
         """One host_ext.GradReader per bucket, writing into its backend's grad_sink, when the
         native helper is built and every bucket's backend has a sink; else None (Python reads)."""
-        reader_cls = host_ext.grad_reader_class()
-        if reader_cls is None or self.local_shards or not self.buckets:
+        if self.host is None or self.local_shards or not self.buckets:
             return None
+        reader_cls = self.host.GradReader
         readers = []
         for backend, buckets in self.groups:
             sink_of = getattr(backend, "grad_sink", None)
@@ -478,6 +490,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._last_search_t = t
 
     # -- the parameter plan ---------------------------------------------------------------------
+    def _capture_rng(self) -> _RngState:
+        """The CPU and CUDA generators' states now, natively when the current plan uses the host
+        helper (its decision is reused: host_ext.module() reads the environment)."""
+        plan = self._plan
+        return _RngState(self._param_devices(), plan.host if plan is not None else host_ext.module())
+
     def _param_devices(self) -> Tuple[int, ...]:
         plan = self._plan
         if plan is not None and plan.params and plan.params[0].device == plan.device:
@@ -486,7 +504,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                              if p.device.type == "cuda"}))
 
     def _config(self) -> tuple:
-        return (self._groups_version, tuple(g["weight_decay"] for g in self.param_groups))
+        return (self._groups_version, tuple(map(_weight_decay_of, self.param_groups)))
 
     def _refresh_plan(self) -> _Plan:
         """The plan for this step's gradients: the current one if it still fits, else a new one."""
@@ -663,23 +681,30 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 and self._init_state_without_closure():
             return None
         self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
-        if closure is None or self._is_framework_closure(closure):
+        if closure is None or (isinstance(closure, functools.partial) and is_framework_closure(closure)):
             return self._step_user_gradients(closure)   # integ: gradients already in p.grad
         if not callable(closure):
             raise TypeError(CLOSURE_HELP)
         self._check_grads_before_closure()               # integ: backward since zero_grad()?
         searching = self._searches_at(self.t + 1)
-        rng_before = _RngState(self._param_devices()) if searching else None
-        with torch.enable_grad():
+        rng_before = self._capture_rng() if searching else None
+        grad_mode = torch.is_grad_enabled()
+        _set_grad_enabled(True)                          # torch.enable_grad()
+        try:
             loss = _as_loss(closure(), "gradient forward")
+        finally:
+            _set_grad_enabled(grad_mode)
         self._check_closure_result(loss)                 # integ: no backward in the closure
         try:
             loss.backward()
         except RuntimeError as exc:
             self._explain_backward_error(exc)            # integ: a closure that ran backward
-        with torch.no_grad():
+        _set_grad_enabled(False)                         # torch.no_grad()
+        try:
             self._update(closure, loss, searching, rng_before)
-            self._finish_step(loss.detach())        # last_step.loss: detached
+            self._finish_step(loss.detach())             # last_step.loss: detached
+        finally:
+            _set_grad_enabled(grad_mode)
         # The loss as the closure returned it, as torch's optimizers return theirs: its spent
         # autograd graph is then released by the caller, not inside step().
         return loss
@@ -759,7 +784,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
         """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
-        ctl = self._step_ctl()
+        ctl = self._ctl
+        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
         if not plan.generic:
             backend, buckets = plan.groups[0]
             backend.grad_pass(buckets, ctl, loss0, hp)
@@ -770,8 +796,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
         """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
-        guarded = self._overflow_guarded(plan)
-        ctl = self._step_ctl()
+        guarded = plan.guarded                 # (_overflow_guarded, read directly on the hot path)
+        ctl = self._ctl
+        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
         write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
         if not plan.generic or not searching:
             for backend, buckets in plan.groups:
@@ -795,9 +822,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _decide(self, plan: _Plan, loss_try: Tensor, eta: float) -> List[float]:
         """One trial's verdict on the device, then its one read."""
-        dp = DecisionScalars(eta=eta, c=self.hyper.c, beta3=self.hyper.smoothing)
-        ctl, out = self._step_ctl(), self._verdict
-        assert out is not None                 # created with ctl by _ensure_device_state
+        hyper = self.hyper
+        dp = DecisionScalars(eta, hyper.c, hyper.smoothing)
+        ctl, out = self._ctl, self._verdict
+        assert ctl is not None and out is not None      # created by _ensure_device_state
         if plan.generic:
             decisions.verdict(ctl, loss_try, dp, out)
         else:
@@ -811,7 +839,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         # alsals searches along UPDATE (m_hat*p, or g*p after the fallback); the others along g*p.
         search_dir = Dir.UPDATE if hp.search_dir is Dir.MOMENTUM else Dir.GRAD
         found = _Search(hp.eta)
-        rng_after = _RngState(tuple(rng_before.cuda))      # where the gradient forward left them
+        rng_after = _RngState(tuple(rng_before.cuda), rng_before.native)   # where the gradient forward left them
         snapshotted = False
         try:
             if hp.search_dir is Dir.MOMENTUM:   # the step pass wrote m_hat*p; g*p if it fell back
@@ -854,7 +882,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
         loss_try = self._device_loss(loss_try, plan)
-        guarded = self._overflow_guarded(plan)
+        guarded = plan.guarded                  # (_overflow_guarded, read directly on the hot path)
         if guarded:                         # a candidate that overflowed is a non-finite trial
             bad = self._non_finite_params(plan, guarded) > 0
             loss_try = torch.where(bad, torch.full_like(loss_try, math.nan), loss_try)

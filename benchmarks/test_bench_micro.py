@@ -33,8 +33,6 @@ import _benchlib as lib
 from alsals_fused import ALSALS
 from alsals_fused.backends import available_backends
 from alsals_fused.backends.base import Dir
-from alsals_fused.integrations import _api
-from alsals_fused.optimizer import _RngState
 
 BACKENDS = ("reference", "foreach", "triton", "cuda")
 ADAM = {"adam-forloop": {"foreach": False}, "adam-foreach": {"foreach": True},
@@ -92,10 +90,8 @@ def _alsals(ps: lib.ParamSet, backend: str):
     that they are the previous step's (the closure's backward touches only the zero parameter)."""
     z = torch.nn.Parameter(torch.zeros(1, device=lib.DEVICE))
     opt = ALSALS([*ps.params, z], backend=backend, init_step_size=ETA, line_search_every=1)
-    marks = getattr(_api, "_grad_marks", None)
-    if marks is not None and hasattr(opt, "_all_params"):
-        opt._grad_marks = marks(opt._all_params())
-        opt._warned_stale = True   # stepping on the same gradients again is the point here
+    opt._record_gradient_marks()
+    opt._warned_stale = True   # stepping on the same gradients again is the point here
     return opt, z
 
 
@@ -115,7 +111,7 @@ def _accepted_step(opt: ALSALS, closure) -> None:
     plan, gradient pre-pass, step pass, fallback fix-up, one accepted trial with its verdict and
     read, commit), with a model-free closure in place of the forwards and no backward."""
     loss = torch.tensor(BIG_LOSS, device=lib.DEVICE)
-    opt._update(closure, loss, True, _RngState(opt._param_devices()))
+    opt._update(closure, loss, True, opt._capture_rng())
 
 
 def _one_pass(ps: lib.ParamSet, path: str):

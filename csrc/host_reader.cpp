@@ -1,5 +1,6 @@
 // alsals_fused._host: the per-step host work of the driver in C++: the parameter plan's gradient
-// read (GradReader) and the CPU random-number snapshots of the line search (CpuRngState).
+// read (GradReader), the integration checks' gradient marks (GradMarks) and the CPU
+// random-number snapshots of the line search (CpuRngState).
 //
 // Every step the plan must learn where this step's gradients are (with set_to_none they are new
 // tensors) and that nothing it relies on changed: each parameter's storage, shape and layout,
@@ -19,6 +20,14 @@
 //   bit 1 set: some gradient address is not 16-byte aligned.
 // The parameters are held as Python objects and unpacked at every read, so a parameter whose
 // tensor was swapped (torch.utils.swap_tensors, as nn.Module.to may do) is seen as it is now.
+//
+// GradMarks(params) watches a few parameters' gradients for the integration checks (a backward
+// run outside step(), or inside the closure): record() notes which gradient tensor each holds
+// and its version counter (a weak reference: a gradient set to None is freed as usual);
+// changed() returns 1 if some parameter holds a gradient that is not the recorded one or was
+// written in place since (or nothing was recorded yet), 0 if every gradient is as recorded, -1
+// if no parameter has a gradient.  The same answers as the Python marks in
+// integrations/_api.py, in one call instead of a Python loop three times per step.
 //
 // CpuRngState: a reusable snapshot of the default CPU generator (the Mersenne Twister engine and
 // the cached normal samples, everything torch.get_rng_state() encodes), copied in place under
@@ -119,6 +128,62 @@ class GradReader {
   int64_t dest_stride_;
 };
 
+class GradMarks {
+ public:
+  explicit GradMarks(const py::list& params) {
+    for (const auto& handle : params) {
+      PyObject* obj = handle.ptr();
+      TORCH_CHECK_TYPE(THPVariable_Check(obj), "GradMarks: params must be tensors");
+      Py_INCREF(obj);
+      params_.push_back(obj);
+    }
+  }
+
+  GradMarks(const GradMarks&) = delete;
+  GradMarks& operator=(const GradMarks&) = delete;
+
+  ~GradMarks() {
+    for (PyObject* obj : params_) Py_DECREF(obj);   // destroyed by Python, with the GIL held
+  }
+
+  void record() {
+    marks_.clear();
+    for (PyObject* obj : params_) {
+      const at::Tensor& g = THPVariable_Unpack(obj).grad();
+      if (g.defined()) {
+        marks_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(g.getIntrusivePtr()), g._version()});
+      } else {
+        marks_.push_back({std::nullopt, 0});
+      }
+    }
+    recorded_ = true;
+  }
+
+  int64_t changed() const {
+    bool any_grad = false;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = THPVariable_Unpack(params_[i]).grad();
+      if (!g.defined()) continue;              // set to None since: nothing can accumulate into it
+      any_grad = true;
+      if (!recorded_) return 1;
+      const Mark& mark = marks_[i];
+      if (!mark.grad) return 1;                // no gradient when recorded
+      const auto held = mark.grad->lock();
+      if (!held || held.get() != g.unsafeGetTensorImpl() || g._version() != mark.version) return 1;
+    }
+    return any_grad ? 0 : -1;
+  }
+
+ private:
+  struct Mark {
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> grad;
+    int64_t version;
+  };
+  std::vector<PyObject*> params_;
+  std::vector<Mark> marks_;
+  bool recorded_ = false;
+};
+
 class CpuRngState {
  public:
   void capture() {
@@ -151,12 +216,16 @@ class CpuRngState {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "alsals_fused host helpers: the plan's per-step gradient read, CPU RNG snapshots";
+  m.doc() = "alsals_fused host helpers: the plan's per-step gradient read, gradient marks, CPU RNG snapshots";
   py::class_<GradReader>(m, "GradReader")
       .def(py::init<const py::list&, int64_t, int64_t>(), py::arg("params"), py::arg("dest_address"),
            py::arg("dest_stride"))
       .def("read", &GradReader::read)
       .def("__len__", &GradReader::size);
+  py::class_<GradMarks>(m, "GradMarks")
+      .def(py::init<const py::list&>(), py::arg("params"))
+      .def("record", &GradMarks::record)
+      .def("changed", &GradMarks::changed);
   py::class_<CpuRngState>(m, "CpuRngState")
       .def(py::init<>())
       .def("capture", &CpuRngState::capture)

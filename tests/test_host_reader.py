@@ -116,6 +116,70 @@ def test_reader_refuses_bad_arguments_and_keeps_its_params_alive():
     assert reader.read() == 1 and table[0, 1] != 0
 
 
+
+# -- gradient marks (the integration checks' watch on p.grad) -------------------------------------
+MARKS = [pytest.param("native", marks=needs_reader), "python"]
+
+
+def _marks(kind, params):
+    from alsals_fused.integrations._api import PyGradMarks
+    return host_ext.module().GradMarks(params) if kind == "native" else PyGradMarks(params)
+
+
+@pytest.mark.parametrize("kind", MARKS)
+def test_gradient_marks_report_every_kind_of_gradient_write(kind):
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    marks = _marks(kind, [p, q])
+    assert marks.changed() == -1, "no gradient anywhere"
+    p.sum().backward()
+    assert marks.changed() == 1, "a gradient and no record yet"
+    marks.record()
+    assert marks.changed() == 0
+    p.grad.add_(1)
+    assert marks.changed() == 1, "written in place"
+    marks.record()
+    p.grad = None
+    assert marks.changed() == -1, "set to None: nothing can accumulate into it"
+    q.sum().backward()
+    assert marks.changed() == 1, "a gradient where none was recorded"
+    marks.record()
+    q.grad = q.grad.detach().clone()
+    assert marks.changed() == 1, "another tensor, same values"
+    marks.record()
+    recorded = q.grad
+    q.grad = None
+    del recorded                       # the recorded gradient is freed: a weak reference
+    q.sum().backward()
+    assert marks.changed() == 1, "a new gradient after the recorded one was freed"
+
+
+@pytest.mark.parametrize("kind", MARKS)
+def test_the_integration_checks_fire_alike_with_either_marks(kind, monkeypatch):
+    monkeypatch.setenv("ALSALS_FUSED_PYTHON_READS", "1" if kind == "python" else "0")
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = ALSALS([w], backend="foreach")
+    marks = opt._gradient_marks()
+    assert type(marks).__name__ == ("GradMarks" if kind == "native" else "PyGradMarks")
+    closure = lambda: (w * w).sum()  # noqa: E731
+    opt.zero_grad()
+    opt.step(closure)
+    (w * w).sum().backward()                            # a backward outside step()
+    with pytest.raises(RuntimeError, match="already holds gradients computed"):
+        opt.step(closure)
+    opt.zero_grad()
+
+    def runs_backward():
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+    with pytest.raises(RuntimeError, match="ran backward itself"):
+        opt.step(runs_backward)
+    opt.zero_grad()
+    opt.step(closure)
+    with pytest.warns(UserWarning, match="previous step's gradient"):
+        opt.step(closure)                                # no zero_grad() since the last step
+
+
 # -- the plan with native and with Python reads ---------------------------------------------------
 READS = [pytest.param("native", marks=needs_reader), "python"]
 
@@ -255,11 +319,11 @@ def test_cpu_rng_state_round_trips_everything_get_rng_state_encodes():
 def test_rng_snapshots_are_reused_and_not_restored_after_release(monkeypatch):
     from alsals_fused.optimizer import _RngState
     monkeypatch.setattr(host_ext, "_rng_free", [])
-    first = _RngState(())
+    first = _RngState((), host_ext.module())
     native = first.cpu
     assert not isinstance(native, torch.Tensor)
     first.release()
-    second = _RngState(())
+    second = _RngState((), host_ext.module())
     assert second.cpu is native, "a released snapshot is reused: no allocation per step"
     with pytest.raises(RuntimeError, match="after its release"):
         first.restore()

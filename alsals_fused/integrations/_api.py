@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, 
 import torch
 from torch import Tensor
 
+from .. import host_ext
+from .accelerate import accumulation_steps, stepped_by_accelerate
+
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..config import Hyper
@@ -46,7 +49,7 @@ else:
 # Param-group keys ALSALS reads.  "lr" and "betas" are mirrors (of eta and of the global betas);
 # "param_names" is torch's (named_parameters); anything else would be silently ignored.
 GROUP_KEYS = ("params", "weight_decay", "betas", "param_names")
-MARKED = 8          # gradients watched for a backward outside step() (see _all_params)
+MARKED = 8          # gradients watched for a backward outside step() (see _gradient_marks)
 
 FIX_HINT = (
     "ALSALS picks the step size itself (param_groups[i]['lr'] is a read-only mirror of eta); "
@@ -129,26 +132,36 @@ class GradientWindow:
         return total
 
 
-def _grad_marks(params) -> List[Optional[Tuple[Any, int]]]:
-    """Which gradient object each parameter holds and its version counter (host-side, no read)."""
-    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+class PyGradMarks:
+    """Which gradient tensor each watched parameter holds and its version counter (host-side, no
+    read): the host helper's ``GradMarks`` (csrc/host_reader.cpp) in Python, same answers.
 
+    ``record()`` notes them (weak references: a gradient set to None is freed as usual);
+    ``changed()`` is 1 if some parameter holds a gradient that is not the recorded one or was
+    written in place since (or nothing was recorded yet), 0 if every gradient is as recorded, -1
+    if no parameter has a gradient (one set to None since is not a change: nothing can
+    accumulate into it)."""
 
-def _changed(params, marks) -> Optional[bool]:
-    """True if a gradient was written since ``marks`` (None: no record), False if all are as recorded.
+    def __init__(self, params: List[Tensor]):
+        self.params = params
+        self.marks: Optional[List[Optional[Tuple[Any, int]]]] = None
 
-    A gradient set to None since is not a change (nothing can accumulate into it)."""
-    if marks is None:
-        return True if any(p.grad is not None for p in params) else None
-    any_grad = False
-    for p, mark in zip(params, marks):
-        g = p.grad
-        if g is None:
-            continue
-        any_grad = True
-        if mark is None or mark[0]() is not g or g._version != mark[1]:
-            return True
-    return False if any_grad else None
+    def record(self) -> None:
+        self.marks = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self.params]
+
+    def changed(self) -> int:
+        marks, any_grad = self.marks, False
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            any_grad = True
+            if marks is None:
+                return 1
+            mark = marks[i]
+            if mark is None or mark[0]() is not g or g._version != mark[1]:
+                return 1
+        return 0 if any_grad else -1
 
 
 class UserGradientsMixin(_MixinBase):
@@ -170,7 +183,7 @@ class UserGradientsMixin(_MixinBase):
         # Implemented by ALSALS (optimizer.py).
         def _searches_at(self, t: int) -> bool: ...
 
-        def _param_devices(self) -> Tuple[int, ...]: ...
+        def _capture_rng(self) -> _RngState: ...
 
         def _update(self, closure: Callable[[], Tensor], loss: Tensor, searching: bool,
                     rng_before: Optional[_RngState]) -> None: ...
@@ -210,6 +223,8 @@ class UserGradientsMixin(_MixinBase):
             self._buffers = list(module.buffers())
         buffers = self._buffers
         snap = self._buffer_snapshot
+        if not buffers and not snap:
+            return buffers                # (no buffers=: the usual case, without a generator)
         if len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
                                             for s, b in zip(snap, buffers)):
             self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
@@ -245,9 +260,12 @@ class UserGradientsMixin(_MixinBase):
     def _check_mirrors(self) -> None:
         """param_groups[i]['lr'] mirrors eta and ['betas'] the global betas; a write means someone
         (a scheduler, SWALR, the user) expects it to do something: say so instead of ignoring it."""
-        eta, betas = self.eta, tuple(self.hyper.betas)
+        eta, betas = self.eta, self.hyper.betas
         for i, group in enumerate(self.param_groups):
             lr = group.get("lr")
+            g_betas = group.get("betas", betas)
+            if lr == eta and (g_betas is betas or tuple(g_betas) == tuple(betas)):
+                continue                  # (the usual case, in few operations: it runs every step)
             if lr != eta:
                 raise RuntimeError(
                     f"ALSALS: param_groups[{i}]['lr'] was set to {lr!r} but eta is {eta!r}. Likely "
@@ -255,16 +273,13 @@ class UserGradientsMixin(_MixinBase):
                     "(torch.optim.lr_scheduler.*, transformers' default linear schedule, "
                     "swa_utils.SWALR, Lightning's lr_scheduler_configs) or code that sets the lr "
                     "by hand. " + FIX_HINT)
-            g_betas = group.get("betas", betas)
-            if tuple(g_betas) != betas:
-                raise RuntimeError(
-                    f"ALSALS: param_groups[{i}]['betas'] was set to {tuple(g_betas)!r} but ALSALS "
-                    f"uses betas={betas!r}. Likely cause: a scheduler that cycles momentum "
-                    "(OneCycleLR, CyclicLR with cycle_momentum=True). " + FIX_HINT)
+            raise RuntimeError(
+                f"ALSALS: param_groups[{i}]['betas'] was set to {tuple(g_betas)!r} but ALSALS "
+                f"uses betas={tuple(betas)!r}. Likely cause: a scheduler that cycles momentum "
+                "(OneCycleLR, CyclicLR with cycle_momentum=True). " + FIX_HINT)
 
     def _check_grads_before_closure(self) -> None:
         """step(closure) runs backward: gradients written since zero_grad()/the last step would add up."""
-        from .accelerate import accumulation_steps, stepped_by_accelerate
         n = accumulation_steps()
         if n > 1 and stepped_by_accelerate():
             raise RuntimeError(
@@ -273,10 +288,10 @@ class UserGradientsMixin(_MixinBase):
                 "would see that micro-batch only. Run each micro-batch inside "
                 "alsals_fused.integrations.accelerate.micro_batch(accelerator, optimizer, trial) "
                 "and call optimizer.step() without a closure (README: accelerate).")
-        changed = _changed(self._all_params(), getattr(self, "_grad_marks", None))
-        if changed:
+        changed = self._gradient_marks().changed()
+        if changed == 1:
             raise RuntimeError(ACCUMULATED_BEFORE_STEP)
-        if changed is False and not getattr(self, "_grads_zeroed", False) \
+        if changed == 0 and not getattr(self, "_grads_zeroed", False) \
                 and not getattr(self, "_warned_stale", False):
             self._warned_stale = True
             warnings.warn(STALE_GRADS_WARNING, stacklevel=4)
@@ -284,7 +299,7 @@ class UserGradientsMixin(_MixinBase):
     def _check_closure_result(self, loss: Tensor) -> None:
         """Before step()'s backward: did the closure run backward itself (gradients written since
         the check at the start of step), or build a loss without autograd?"""
-        if _changed(self._all_params(), getattr(self, "_grad_marks", None)):
+        if self._gradient_marks().changed() == 1:
             raise RuntimeError(CLOSURE_RAN_BACKWARD)
         if loss.requires_grad:
             return
@@ -297,40 +312,47 @@ class UserGradientsMixin(_MixinBase):
             raise RuntimeError(CLOSURE_RAN_BACKWARD) from exc
         raise exc
 
-    def _all_params(self) -> List[Tensor]:
-        """The parameters whose gradients are watched: a fixed sample of at most MARKED of them
-        (first, last and evenly between), so the check costs a few microseconds whatever the
-        model's size; a backward outside step() writes (nearly) every parameter's gradient."""
+    def _gradient_marks(self) -> Any:
+        """The marks (``PyGradMarks``, or the host helper's ``GradMarks``) of the parameters whose
+        gradients are watched: a fixed sample of at most MARKED of them (first, last and evenly
+        between), so the checks cost a few microseconds whatever the model's size; a backward
+        outside step() writes (nearly) every parameter's gradient.  New param groups start a new
+        sample, recorded at once if the old one had a record (the watch starts afresh)."""
         key = (getattr(self, "_groups_version", None), len(self.param_groups))
-        cached = getattr(self, "_marked", None)
+        cached = getattr(self, "_marks", None)
         if cached is None or cached[0] != key:
             params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
             n = len(params)
             picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
-            cached = self._marked = (key, [params[i] for i in picks])
+            watched = [params[i] for i in picks]
+            native = host_ext.module()
+            marks = native.GradMarks(watched) if native is not None else PyGradMarks(watched)
+            if cached is not None and getattr(self, "_marks_recorded", False):
+                marks.record()
+            cached = self._marks = (key, marks)
         return cached[1]
+
+    def _record_gradient_marks(self) -> None:
+        self._gradient_marks().record()
+        self._marks_recorded = True
 
     def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
         """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
         which gradients the step saw, so a later backward outside step() is detected."""
         if loss is not None and self.last_step is not None:
             self.last_step.loss = loss
-        self._grad_marks = _grad_marks(self._all_params())
+        self._record_gradient_marks()
         self._grads_zeroed = False
         self._window = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        self._grad_marks = _grad_marks(self._all_params())
+        self._record_gradient_marks()
         self._grads_zeroed = True            # zeroed in place (set_to_none=False) is not stale
         self._window = None
 
     # -- gradients the optimizer did not compute -------------------------------------------------
-    @staticmethod
-    def _is_framework_closure(closure) -> bool:
-        return is_framework_closure(closure)
-
     def micro_batch(self, trial: Callable[[], Tensor], *, scale: float = 1.0):
         """Context manager around a forward/backward you run yourself; see the module docstring.
 
@@ -343,8 +365,7 @@ class UserGradientsMixin(_MixinBase):
     def _open_window(self) -> GradientWindow:
         window = getattr(self, "_window", None)
         if window is None:
-            from ..optimizer import _RngState
-            window = self._window = GradientWindow(_RngState(self._param_devices()))
+            window = self._window = GradientWindow(self._capture_rng())
         return window
 
     def _step_user_gradients(self, closure) -> Optional[Tensor]:
