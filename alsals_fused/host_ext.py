@@ -2,26 +2,27 @@
 
 It does the driver's per-step host work in C++: the parameter plan's gradient read
 (``GradReader``: ``refresh_grads`` then costs a pointer walk instead of several torch method
-calls per tensor and a Python object per gradient) and the line search's CPU random-number
-snapshots (``CpuRngState``: copied in place into reused objects, where ``torch.get_rng_state``
-allocates 5 KB each time, which right after a backward costs tens of microseconds).
+calls per tensor and a Python object per gradient), the integration checks' watch on a few
+gradients (``GradMarks``: one call where Python loops, three times per step) and the line
+search's CPU random-number snapshots (``CpuRngState``: copied in place into objects the driver
+reuses, where ``torch.get_rng_state`` allocates 5 KB each time, which right after a backward
+costs tens of microseconds).
 
 ``pip install --no-build-isolation -e .`` builds it with any torch, CPU or CUDA; from a source
 checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use instead (as for the CUDA extension;
-``torch.utils.cpp_extension.load``, about 30 s).  Without it the driver does both in Python,
-with the same checks and the same decisions.  ``ALSALS_FUSED_PYTHON_READS=1`` makes the driver
-ignore the helper (tests and benchmarks compare both paths).
+``torch.utils.cpp_extension.load``, about 30 s).  Without it the driver does all of it in
+Python, with the same checks and the same decisions.  ``ALSALS_FUSED_PYTHON_READS=1`` makes the
+driver ignore the helper (tests and benchmarks compare both paths); the driver asks
+``module()`` once per parameter plan (and per watched sample of gradients), not per step.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 _ENV = "ALSALS_FUSED_PYTHON_READS"
 _module: Any = None
 _error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
-_rng_free: List[Any] = []         # CpuRngState objects handed back, reused by take_cpu_rng_state
-_RNG_FREE_MAX = 8
 
 
 def _disabled() -> bool:
@@ -68,23 +69,6 @@ def grad_reader_class() -> Optional[Any]:
     """``GradReader`` of the helper, or None when it is not built or is disabled."""
     native = module()
     return None if native is None else native.GradReader
-
-
-def take_cpu_rng_state(native: Optional[Any]) -> Optional[Any]:
-    """A ``CpuRngState`` of ``native`` (the helper, from ``module()``) holding the default CPU
-    generator's state now, reused from the free list when one was given back; None when
-    ``native`` is None (then use torch.get_rng_state)."""
-    if native is None:
-        return None
-    state = _rng_free.pop() if _rng_free else native.CpuRngState()
-    state.capture()
-    return state
-
-
-def give_back_cpu_rng_state(state: Any) -> None:
-    """Return a state from take_cpu_rng_state for reuse; the caller must not use it again."""
-    if len(_rng_free) < _RNG_FREE_MAX:
-        _rng_free.append(state)
 
 
 def status() -> str:

@@ -113,14 +113,21 @@ class StepInfo:
 class _RngState:
     """CPU and CUDA generator states, captured and restored for dropout replay (section 4).
 
-    The CPU state is a reused native snapshot when ``native`` is the host helper
-    (``host_ext.module()``), else torch.get_rng_state()'s tensor; ``release`` hands a native
-    snapshot back for reuse."""
+    The CPU state is a native snapshot (``CpuRngState``, reused from ``free``) when ``native``
+    is the host helper (``host_ext.module()``), else torch.get_rng_state()'s tensor, which
+    allocates 5 KB each time; ``release`` hands a native snapshot back for reuse."""
+
+    free: List[Any] = []          # released CpuRngState objects (a searching step uses two)
+    FREE_MAX = 8
 
     def __init__(self, cuda_devices: Tuple[int, ...], native: Optional[Any]):
         self.native = native
-        snapshot = host_ext.take_cpu_rng_state(native)
-        self.cpu: Any = snapshot if snapshot is not None else torch.get_rng_state()
+        if native is not None:
+            free = _RngState.free
+            self.cpu: Any = free.pop() if free else native.CpuRngState()
+            self.cpu.capture()
+        else:
+            self.cpu = torch.get_rng_state()
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices} if cuda_devices else {}
 
     def restore(self) -> None:
@@ -136,7 +143,8 @@ class _RngState:
 
     def release(self) -> None:
         if self.cpu is not None and not isinstance(self.cpu, Tensor):
-            host_ext.give_back_cpu_rng_state(self.cpu)
+            if len(_RngState.free) < _RngState.FREE_MAX:
+                _RngState.free.append(self.cpu)
             self.cpu = None
 
 
@@ -814,7 +822,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
               dst_dir: Dir, only_if_fallback: bool = False) -> None:
         from_backup = not self.hyper.memory_efficient
-        ctl = self._step_ctl()
+        ctl = self._ctl
+        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
         for backend, buckets in plan.groups:
             backend.move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
                               dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup,

@@ -318,7 +318,7 @@ def test_cpu_rng_state_round_trips_everything_get_rng_state_encodes():
 @needs_reader
 def test_rng_snapshots_are_reused_and_not_restored_after_release(monkeypatch):
     from alsals_fused.optimizer import _RngState
-    monkeypatch.setattr(host_ext, "_rng_free", [])
+    monkeypatch.setattr(_RngState, "free", [])
     first = _RngState((), host_ext.module())
     native = first.cpu
     assert not isinstance(native, torch.Tensor)

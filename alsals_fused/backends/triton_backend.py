@@ -15,7 +15,9 @@ With several buckets (dtypes) a pass launches once per bucket and only the last 
 finishes (its last program adds every bucket's partials: the earlier launches are complete by
 stream order).  Every launch goes through ``TritonBackend._launch`` (one place to count or stub
 launches; ``benchmarks/hot_path.py`` replaces it) and no torch operation runs on the hot path:
-partials, counters and tables are allocated when a plan is built.
+partials, counters and tables are allocated when a plan is built, and each pass variant's launch
+list (kernel, grid, arguments, constexprs) is built once and reused with only the per-step values
+(the loss, the step's scalars) spliced in.
 
 Nothing here reads a device value on the host.  Tables are cached per bucket in
 ``bucket.cache`` (a bucket's tensors other than its grads are fixed for its lifetime, base.py);
