@@ -13,7 +13,7 @@ checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use instead (as for the CUD
 ``torch.utils.cpp_extension.load``, about 30 s).  Without it the driver does all of it in
 Python, with the same checks and the same decisions.  ``ALSALS_FUSED_PYTHON_READS=1`` makes the
 driver ignore the helper (tests and benchmarks compare both paths); the driver asks
-``module()`` once per parameter plan (and per watched sample of gradients), not per step.
+``module()`` when it builds a parameter plan or a sample of watched gradients, not per step.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import os
 from typing import Any, Optional
 
 _ENV = "ALSALS_FUSED_PYTHON_READS"
+_API = ("GradReader", "GradMarks", "CpuRngState")   # what the driver uses of the module
 _module: Any = None
 _error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
 
@@ -46,6 +47,11 @@ def _load() -> Any:
         return _module
     try:
         from . import _host  # type: ignore[attr-defined]
+        missing = [name for name in _API if not hasattr(_host, name)]
+        if missing:      # built from older sources (a pull without a rebuild): use Python instead
+            _error = (f"alsals_fused._host is out of date (no {', '.join(missing)}); rebuild it: "
+                      "pip install --no-build-isolation -e .")
+            return None
         _module = _host
     except ImportError as exc:
         _error = f"alsals_fused._host is not built ({exc}); pip install --no-build-isolation -e ."
@@ -60,8 +66,9 @@ def _load() -> Any:
 def module() -> Optional[Any]:
     """The helper module, or None when it is not built or ``ALSALS_FUSED_PYTHON_READS`` is set.
 
-    The driver asks once per parameter plan and passes the answer on: reading ``os.environ``
-    runs tens of microseconds of cold Python right after a backward."""
+    The driver asks when it builds a parameter plan or a sample of watched gradients (and for
+    RNG snapshots before its first plan) and passes the answer on: reading ``os.environ`` runs
+    tens of microseconds of cold Python right after a backward."""
     return None if _disabled() else _load()
 
 

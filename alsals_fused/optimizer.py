@@ -443,6 +443,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._check_group_keys(param_group)              # integ: unknown keys would be no-ops
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if hasattr(self, "eta"):         # after construction: the lr mirror shows the current eta
+            group["lr"] = self.eta
         validate_weight_decay(group["weight_decay"])
         for p in group["params"]:
             if not p.is_floating_point() or p.is_complex():

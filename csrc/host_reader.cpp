@@ -66,12 +66,16 @@ class GradReader {
     TORCH_CHECK_VALUE(dest_address != 0 && dest_address % alignof(int64_t) == 0,
                       "GradReader: dest_address must be an aligned int64 address");
     TORCH_CHECK_VALUE(dest_stride >= 1, "GradReader: dest_stride must be at least 1");
-    for (const auto& handle : params) {
+    for (const auto& handle : params) {     // every check first: a refused list holds no reference
       PyObject* obj = handle.ptr();
       TORCH_CHECK_TYPE(THPVariable_Check(obj), "GradReader: params must be tensors");
       const at::Tensor& p = THPVariable_Unpack(obj);
       TORCH_CHECK_VALUE(p.layout() == at::kStrided && p.has_storage(),
                         "GradReader: params must be dense tensors with storage");
+    }
+    for (const auto& handle : params) {
+      PyObject* obj = handle.ptr();
+      const at::Tensor& p = THPVariable_Unpack(obj);
       Py_INCREF(obj);
       params_.push_back(obj);
       addresses_.push_back(p.data_ptr());
@@ -131,11 +135,12 @@ class GradReader {
 class GradMarks {
  public:
   explicit GradMarks(const py::list& params) {
+    for (const auto& handle : params) {     // every check first: a refused list holds no reference
+      TORCH_CHECK_TYPE(THPVariable_Check(handle.ptr()), "GradMarks: params must be tensors");
+    }
     for (const auto& handle : params) {
-      PyObject* obj = handle.ptr();
-      TORCH_CHECK_TYPE(THPVariable_Check(obj), "GradMarks: params must be tensors");
-      Py_INCREF(obj);
-      params_.push_back(obj);
+      Py_INCREF(handle.ptr());
+      params_.push_back(handle.ptr());
     }
   }
 
@@ -147,15 +152,18 @@ class GradMarks {
   }
 
   void record() {
-    marks_.clear();
+    std::vector<Mark> marks;              // swapped in whole: a throw (e.g. an inference-mode
+    marks.reserve(params_.size());        // gradient has no version counter) keeps the old record
     for (PyObject* obj : params_) {
       const at::Tensor& g = THPVariable_Unpack(obj).grad();
       if (g.defined()) {
-        marks_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(g.getIntrusivePtr()), g._version()});
+        const int64_t version = g._version();
+        marks.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(g.getIntrusivePtr()), version});
       } else {
-        marks_.push_back({std::nullopt, 0});
+        marks.push_back({std::nullopt, 0});
       }
     }
+    marks_.swap(marks);
     recorded_ = true;
   }
 

@@ -180,6 +180,41 @@ def test_the_integration_checks_fire_alike_with_either_marks(kind, monkeypatch):
         opt.step(closure)                                # no zero_grad() since the last step
 
 
+
+@pytest.mark.parametrize("kind", MARKS)
+def test_a_failed_record_keeps_the_previous_marks(kind):
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    (p.sum() + q.sum()).backward()
+    marks = _marks(kind, [p, q])
+    marks.record()
+    with torch.inference_mode():
+        p.grad = torch.ones(3)             # an inference tensor has no version counter
+    with pytest.raises(RuntimeError, match="version counter"):
+        marks.record()
+    p.grad = None
+    assert marks.changed() == 0, "q's gradient is as recorded before the failed record"
+
+
+@pytest.mark.parametrize("kind", MARKS)
+@pytest.mark.parametrize("then", ["add_param_group", "load_state_dict"])
+def test_a_backward_before_new_groups_or_a_load_is_still_seen(kind, then, monkeypatch):
+    monkeypatch.setenv("ALSALS_FUSED_PYTHON_READS", "1" if kind == "python" else "0")
+    w, extra = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
+    opt = ALSALS([w], backend="foreach")
+    closure = lambda: (w * w).sum()  # noqa: E731
+    opt.zero_grad()
+    opt.step(closure)
+    saved = opt.state_dict()
+    opt.zero_grad()
+    (w * w).sum().backward()                            # a backward outside step()
+    if then == "add_param_group":
+        opt.add_param_group({"params": [extra]})
+    else:
+        opt.load_state_dict(saved)
+    with pytest.raises(RuntimeError, match="already holds gradients computed"):
+        opt.step(closure)
+
+
 # -- the plan with native and with Python reads ---------------------------------------------------
 READS = [pytest.param("native", marks=needs_reader), "python"]
 

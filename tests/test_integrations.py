@@ -606,3 +606,17 @@ def test_accelerate_accumulate_with_a_step_closure_is_refused(fresh_accelerate):
             with accelerator.accumulate(model):
                 aopt.step(lambda: mse(model, x, y))
                 aopt.zero_grad()
+
+
+def test_a_group_added_after_steps_mirrors_the_current_eta():
+    """add_param_group after eta moved: the new group's lr mirror is eta (not init_step_size,
+    which the next step would take for a scheduler's write)."""
+    w, extra = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
+    opt = ALSALS([w], backend="foreach")
+    opt.zero_grad()
+    opt.step(lambda: (w * w).sum())
+    assert opt.eta != opt.hyper.init_step_size
+    opt.add_param_group({"params": [extra]})
+    assert opt.param_groups[1]["lr"] == opt.eta
+    opt.zero_grad()
+    opt.step(lambda: (w * w).sum() + (extra * extra).sum())

@@ -1070,3 +1070,34 @@ def test_offsets_beyond_int32():
                         K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.grad_constexprs("fp32"))
     torch.testing.assert_close(sumsq, REF.grad_pass([ref], ctl.clone(), f64(1.0), hp, finish=False),
                                rtol=1e-6, atol=0)
+
+
+def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeypatch):
+    """Bucket plans are shared by every backend instance with the same chunking (bucket.cache),
+    so a reschedule through one instance (a misaligned gradient) must reach the launch lists
+    another instance cached: each launch carries the bucket's current schedule."""
+    launched = []
+    monkeypatch.setattr(tb.TritonBackend, "_launch",
+                        lambda self, kernel, grid, *args, **meta: launched.append(
+                            (grid, dict(zip(kernel.arg_names, args)))))
+    first, second = tb.TritonBackend(**TINY), tb.TritonBackend(**TINY)
+    b = make_bucket(torch.float32, [(97,), (5, 13)])
+    ctl, hp = make_ctl(), scalars(1)
+
+    def check(backend):
+        launched.clear()
+        backend.grad_pass([b], ctl, f64(1.0), hp)
+        backend.step_pass([b], hp, ctl, searching=False, write_backup=False)
+        plan = backend._bucket_plan(b)
+        assert len(launched) == 2
+        for grid, args in launched:
+            assert grid == (plan.n_prog,) and args["sched"] is plan.sched
+            assert (args["n_fast"], args["n_prog"]) == (plan.n_fast, plan.n_prog)
+        return plan.n_fast
+
+    aligned = check(first)
+    grads = list(b.grads)
+    grads[0] = _offset_view(grads[0])
+    b.replace_grads(grads)
+    assert check(second) < aligned
+    assert check(first) < aligned, "the first instance launched its cached, stale schedule"

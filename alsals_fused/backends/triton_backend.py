@@ -15,9 +15,9 @@ With several buckets (dtypes) a pass launches once per bucket and only the last 
 finishes (its last program adds every bucket's partials: the earlier launches are complete by
 stream order).  Every launch goes through ``TritonBackend._launch`` (one place to count or stub
 launches; ``benchmarks/hot_path.py`` replaces it) and no torch operation runs on the hot path:
-partials, counters and tables are allocated when a plan is built, and each pass variant's launch
-list (kernel, grid, arguments, constexprs) is built once and reused with only the per-step values
-(the loss, the step's scalars) spliced in.
+partials, counters and tables are allocated when a plan is built, and each finishing pass
+variant's launch list (kernel, grid, arguments, constexprs) is built once and reused with only
+the per-step values (the loss, the step's scalars) spliced in.
 
 Nothing here reads a device value on the host.  Tables are cached per bucket in
 ``bucket.cache`` (a bucket's tensors other than its grads are fixed for its lifetime, base.py);
@@ -98,6 +98,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
+_CALLS_MAX = 32   # launch lists kept per list plan (a max_grad_norm changed every step makes new ones)
+_SCHEDULES = 0    # program schedules built by any bucket plan (see _BucketPlan._schedule)
 _G = int(TableCol.G)
 _data_ptr = Tensor.data_ptr
 _uid = operator.attrgetter("uid")
@@ -189,17 +191,19 @@ class _BucketPlan:
         self.grads_version = bucket.grads_version if (bucket.grads or not bucket.params) else -1
         self.aligned: Optional[List[bool]] = None
         self.sched: Optional[Tensor] = None
-        self._schedule(backend, [r[TableCol.G] for r in rows])
+        self._schedule([r[TableCol.G] for r in rows])
         backend.table_builds += 1
 
-    def _schedule(self, backend: "TritonBackend", grad_ptrs: List[int]) -> None:
+    def _schedule(self, grad_ptrs: List[int]) -> None:
         """Programs: aligned full chunks first (the unmasked specialization), then tails and
         misaligned tensors' chunks (masked).  Python ints only: nothing read from a device.
-        A new schedule bumps ``backend.schedules`` (the cached launch lists hold it)."""
+        A new schedule bumps ``_SCHEDULES`` (cached launch lists hold schedules; a bucket plan
+        is shared by every backend instance with the same chunking, so the count is global)."""
+        global _SCHEDULES
         aligned = [a and g % 16 == 0 for a, g in zip(self.others_aligned, grad_ptrs)]
         if aligned == self.aligned:
             return
-        backend.schedules += 1
+        _SCHEDULES += 1
         chunk = self.chunk
         fast: List[Tuple[int, int]] = []
         slow: List[Tuple[int, int]] = []
@@ -228,7 +232,7 @@ class _BucketPlan:
             # The driver's native reader wrote the column and checked every layout (host_ext).
             self.table.upload()
             if not (self.all_aligned and not bucket.grads_misaligned):
-                self._schedule(backend, self.table.column(_G, len(self.numels)))
+                self._schedule(self.table.column(_G, len(self.numels)))
             self.grads_version = bucket.grads_version
             backend.grad_refreshes += 1
             return
@@ -246,7 +250,7 @@ class _BucketPlan:
         self.table.set_column(_G, ptrs)
         self.table.upload()
         if not (self.all_aligned and not any(map(_MISALIGNED, ptrs))):
-            self._schedule(backend, list(ptrs))
+            self._schedule(list(ptrs))
         self.grads_version = bucket.grads_version
         backend.grad_refreshes += 1
 
@@ -254,7 +258,7 @@ class _BucketPlan:
 class _ListPlan:
     """What a pass over one list of buckets needs: the buckets' plans, where each bucket's
     partials start, the shared partials buffer and ticket counters (allocated once), and the
-    passes' launch lists (``calls``: built once per pass variant, see ``TritonBackend._calls``)."""
+    passes' launch lists (``calls``: one per pass variant, see ``TritonBackend._run``)."""
 
     __slots__ = ("plans", "offsets", "work", "n_parts", "partials", "counters", "dummy_table",
                  "dummy_sched", "device", "cuda_index", "ctl", "calls", "calls_schedules")
@@ -276,7 +280,7 @@ class _ListPlan:
         self.cuda_index = device.index if device.type == "cuda" else None
         self.ctl: Optional[Tensor] = None           # the last ctl checked against this plan
         self.calls: Dict[tuple, List[tuple]] = {}
-        self.calls_schedules = -1                   # backend.schedules when calls were built
+        self.calls_schedules = -1                   # _SCHEDULES when calls were built
 
 
 class TritonBackend:
@@ -299,7 +303,6 @@ class TritonBackend:
         self._lists: "OrderedDict[tuple, _ListPlan]" = OrderedDict()
         self._cx: Dict[tuple, dict] = {}
         self.table_builds = 0     # telemetry for tests: bucket tables built
-        self.schedules = 0        # program schedules built (cached launch lists hold them)
         self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -351,9 +354,9 @@ class TritonBackend:
         for bp, b in zip(lp.plans, buckets):
             if bp.grads_version != b.grads_version:
                 bp.refresh_grads(self, b)
-        if lp.calls_schedules != self.schedules:    # a bucket's program schedule changed
-            lp.calls.clear()
-            lp.calls_schedules = self.schedules
+        if lp.calls_schedules != _SCHEDULES or len(lp.calls) > _CALLS_MAX:
+            lp.calls.clear()                        # a bucket's program schedule changed
+            lp.calls_schedules = _SCHEDULES
         return lp
 
     def _check_like(self, i: int, p: Tensor, what: str, t: Tensor, dtype: torch.dtype) -> None:
@@ -409,9 +412,10 @@ class TritonBackend:
     # -- launch lists ---------------------------------------------------------------------------
     # A pass is a list of launches whose arguments are fixed for the plan's lifetime except the
     # per-step values (the loss, the step's scalars): each entry is (kernel, grid, head, tail,
-    # meta) and launches as kernel[grid](*head, *per_step, *tail, **meta).  The lists are built
-    # once per pass variant and list plan (``_ListPlan.calls``), so a pass costs one loop of
-    # launches on the host.
+    # meta) and launches as kernel[grid](*head, *per_step, *tail, **meta).  The finishing passes'
+    # lists are built once per pass variant and list plan (``_ListPlan.calls``), so such a pass
+    # costs one loop of launches on the host; the partial passes of the generic path
+    # (finish=False) write fresh ``out`` tensors and build theirs per call.
     def _run(self, lp: _ListPlan, calls: List[tuple], per_step: tuple) -> None:
         launch = self._launch
         if lp.cuda_index is not None and lp.cuda_index != torch.cuda.current_device():

@@ -316,25 +316,30 @@ class UserGradientsMixin(_MixinBase):
         """The marks (``PyGradMarks``, or the host helper's ``GradMarks``) of the parameters whose
         gradients are watched: a fixed sample of at most MARKED of them (first, last and evenly
         between), so the checks cost a few microseconds whatever the model's size; a backward
-        outside step() writes (nearly) every parameter's gradient.  New param groups start a new
-        sample, recorded at once if the old one had a record (the watch starts afresh)."""
+        outside step() writes (nearly) every parameter's gradient.  The sample is the one of the
+        last record (param groups added since join it at the next record), so a backward run
+        between a record and add_param_group/load_state_dict is still seen."""
+        marks = getattr(self, "_marks", None)
+        if marks is None:
+            marks = self._new_gradient_marks()
+        return marks[1]
+
+    def _new_gradient_marks(self) -> Tuple[tuple, Any]:
         key = (getattr(self, "_groups_version", None), len(self.param_groups))
-        cached = getattr(self, "_marks", None)
-        if cached is None or cached[0] != key:
-            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-            n = len(params)
-            picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
-            watched = [params[i] for i in picks]
-            native = host_ext.module()
-            marks = native.GradMarks(watched) if native is not None else PyGradMarks(watched)
-            if cached is not None and getattr(self, "_marks_recorded", False):
-                marks.record()
-            cached = self._marks = (key, marks)
-        return cached[1]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        n = len(params)
+        picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
+        watched = [params[i] for i in picks]
+        native = host_ext.module()
+        marks = self._marks = (key, native.GradMarks(watched) if native is not None else PyGradMarks(watched))
+        return marks
 
     def _record_gradient_marks(self) -> None:
-        self._gradient_marks().record()
-        self._marks_recorded = True
+        """Note the watched gradients as they are now (end of a step, zero_grad)."""
+        marks = getattr(self, "_marks", None)
+        if marks is None or marks[0] != (getattr(self, "_groups_version", None), len(self.param_groups)):
+            marks = self._new_gradient_marks()
+        marks[1].record()
 
     def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
         """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
