@@ -59,25 +59,43 @@ bool same_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides, const std::ve
   return true;
 }
 
+// The parameters a helper watches, as Python tensors with a reference each (so that a swapped
+// tensor is seen as it is now).  Every element is checked before any reference is taken, so a
+// refused list holds none; released by Python's destructor, with the GIL held.
+class HeldTensors {
+ public:
+  HeldTensors(const py::list& params, const char* owner) {
+    for (const auto& handle : params) {
+      TORCH_CHECK_TYPE(THPVariable_Check(handle.ptr()), owner, ": params must be tensors");
+    }
+    for (const auto& handle : params) {
+      Py_INCREF(handle.ptr());
+      objects_.push_back(handle.ptr());
+    }
+  }
+  HeldTensors(const HeldTensors&) = delete;
+  HeldTensors& operator=(const HeldTensors&) = delete;
+  ~HeldTensors() {
+    for (PyObject* obj : objects_) Py_DECREF(obj);
+  }
+
+  size_t size() const { return objects_.size(); }
+  const at::Tensor& operator[](size_t i) const { return THPVariable_Unpack(objects_[i]); }
+
+ private:
+  std::vector<PyObject*> objects_;
+};
+
 class GradReader {
  public:
   GradReader(const py::list& params, int64_t dest_address, int64_t dest_stride)
-      : dest_(reinterpret_cast<int64_t*>(dest_address)), dest_stride_(dest_stride) {
+      : params_(checked_dense(params), "GradReader"), dest_(reinterpret_cast<int64_t*>(dest_address)),
+        dest_stride_(dest_stride) {
     TORCH_CHECK_VALUE(dest_address != 0 && dest_address % alignof(int64_t) == 0,
                       "GradReader: dest_address must be an aligned int64 address");
     TORCH_CHECK_VALUE(dest_stride >= 1, "GradReader: dest_stride must be at least 1");
-    for (const auto& handle : params) {     // every check first: a refused list holds no reference
-      PyObject* obj = handle.ptr();
-      TORCH_CHECK_TYPE(THPVariable_Check(obj), "GradReader: params must be tensors");
-      const at::Tensor& p = THPVariable_Unpack(obj);
-      TORCH_CHECK_VALUE(p.layout() == at::kStrided && p.has_storage(),
-                        "GradReader: params must be dense tensors with storage");
-    }
-    for (const auto& handle : params) {
-      PyObject* obj = handle.ptr();
-      const at::Tensor& p = THPVariable_Unpack(obj);
-      Py_INCREF(obj);
-      params_.push_back(obj);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = params_[i];
       addresses_.push_back(p.data_ptr());
       sizes_.push_back(p.sizes().vec());
       strides_.push_back(p.strides().vec());
@@ -86,18 +104,11 @@ class GradReader {
     }
   }
 
-  GradReader(const GradReader&) = delete;
-  GradReader& operator=(const GradReader&) = delete;
-
-  ~GradReader() {
-    for (PyObject* obj : params_) Py_DECREF(obj);   // destroyed by Python, with the GIL held
-  }
-
   int64_t read() {
     bool changed = false;
     bool misaligned = false;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = THPVariable_Unpack(params_[i]);
+      const at::Tensor& p = params_[i];
       if (!p.has_storage() || p.data_ptr() != addresses_[i] || p.sizes() != c10::IntArrayRef(sizes_[i]) ||
           !same_layout(p.sizes(), p.strides(), strides_[i])) {
         return -1;
@@ -122,7 +133,18 @@ class GradReader {
   size_t size() const { return params_.size(); }
 
  private:
-  std::vector<PyObject*> params_;
+  static const py::list& checked_dense(const py::list& params) {
+    for (const auto& handle : params) {
+      PyObject* obj = handle.ptr();
+      TORCH_CHECK_TYPE(THPVariable_Check(obj), "GradReader: params must be tensors");
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      TORCH_CHECK_VALUE(p.layout() == at::kStrided && p.has_storage(),
+                        "GradReader: params must be dense tensors with storage");
+    }
+    return params;
+  }
+
+  HeldTensors params_;
   std::vector<const void*> addresses_;
   std::vector<std::vector<int64_t>> sizes_;
   std::vector<std::vector<int64_t>> strides_;
@@ -134,28 +156,13 @@ class GradReader {
 
 class GradMarks {
  public:
-  explicit GradMarks(const py::list& params) {
-    for (const auto& handle : params) {     // every check first: a refused list holds no reference
-      TORCH_CHECK_TYPE(THPVariable_Check(handle.ptr()), "GradMarks: params must be tensors");
-    }
-    for (const auto& handle : params) {
-      Py_INCREF(handle.ptr());
-      params_.push_back(handle.ptr());
-    }
-  }
-
-  GradMarks(const GradMarks&) = delete;
-  GradMarks& operator=(const GradMarks&) = delete;
-
-  ~GradMarks() {
-    for (PyObject* obj : params_) Py_DECREF(obj);   // destroyed by Python, with the GIL held
-  }
+  explicit GradMarks(const py::list& params) : params_(params, "GradMarks") {}
 
   void record() {
     std::vector<Mark> marks;              // swapped in whole: a throw (e.g. an inference-mode
     marks.reserve(params_.size());        // gradient has no version counter) keeps the old record
-    for (PyObject* obj : params_) {
-      const at::Tensor& g = THPVariable_Unpack(obj).grad();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
       if (g.defined()) {
         const int64_t version = g._version();
         marks.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(g.getIntrusivePtr()), version});
@@ -170,7 +177,7 @@ class GradMarks {
   int64_t changed() const {
     bool any_grad = false;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = THPVariable_Unpack(params_[i]).grad();
+      const at::Tensor& g = params_[i].grad();
       if (!g.defined()) continue;              // set to None since: nothing can accumulate into it
       any_grad = true;
       if (!recorded_) return 1;
@@ -187,7 +194,7 @@ class GradMarks {
     std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> grad;
     int64_t version;
   };
-  std::vector<PyObject*> params_;
+  HeldTensors params_;
   std::vector<Mark> marks_;
   bool recorded_ = false;
 };
