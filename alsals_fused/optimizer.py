@@ -257,7 +257,7 @@ class _Plan:
             b.grad_ptrs = tuple(map(_data_ptr, b.grads))
         self.shapes = [[m.shape for m in b.exp_avgs] for b in buckets]
         self.max_wd = max((wd for b in buckets for wd in b.weight_decays), default=0.0)
-        # groups holding fp16 buckets, whose candidates can overflow (see _overflow_guarded)
+        # groups holding fp16 buckets, whose candidates can overflow (see _non_finite_params)
         self.guarded = [j for j, (_, bs) in enumerate(groups)
                         if any(b.dtype == torch.float16 and b.params for b in bs)]
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
@@ -794,8 +794,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
         """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
-        ctl = self._ctl
-        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
+        ctl = self._step_ctl()
         if not plan.generic:
             backend, buckets = plan.groups[0]
             backend.grad_pass(buckets, ctl, loss0, hp)
@@ -806,9 +805,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
         """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
-        guarded = plan.guarded                 # (_overflow_guarded, read directly on the hot path)
-        ctl = self._ctl
-        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
+        guarded = plan.guarded
+        ctl = self._step_ctl()
         write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
         if not plan.generic or not searching:
             for backend, buckets in plan.groups:
@@ -824,8 +822,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
               dst_dir: Dir, only_if_fallback: bool = False) -> None:
         from_backup = not self.hyper.memory_efficient
-        ctl = self._ctl
-        assert ctl is not None, "the device state is created by _refresh_plan before any pass"
+        ctl = self._step_ctl()
         for backend, buckets in plan.groups:
             backend.move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
                               dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup,
@@ -835,8 +832,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         """One trial's verdict on the device, then its one read."""
         hyper = self.hyper
         dp = DecisionScalars(eta, hyper.c, hyper.smoothing)
-        ctl, out = self._ctl, self._verdict
-        assert ctl is not None and out is not None      # created by _ensure_device_state
+        ctl, out = self._step_ctl(), self._verdict
+        assert out is not None                 # created with ctl by _ensure_device_state
         if plan.generic:
             decisions.verdict(ctl, loss_try, dp, out)
         else:
@@ -893,7 +890,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
         loss_try = self._device_loss(loss_try, plan)
-        guarded = plan.guarded                  # (_overflow_guarded, read directly on the hot path)
+        guarded = plan.guarded
         if guarded:                         # a candidate that overflowed is a non-finite trial
             bad = self._non_finite_params(plan, guarded) > 0
             loss_try = torch.where(bad, torch.full_like(loss_try, math.nan), loss_try)
@@ -909,7 +906,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 if not self.hyper.update_is_trial_point and not found.fallback:
                     # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
                     self._move(plan, hp, found.eta, search_dir, found.eta, Dir.UPDATE)
-                    guarded = self._overflow_guarded(plan)
+                    guarded = plan.guarded
                     if guarded:
                         self._undo_if_non_finite(plan, hp, guarded, found.eta, Dir.UPDATE)
             else:
@@ -928,11 +925,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # fp16 buckets the driver keeps a w0 backup on non-searching steps too, checks the written
     # candidate on the device (no host read) and restores w0 when any element is not finite; on
     # searching steps such a candidate counts as a non-finite trial.  Other dtypes cannot overflow
-    # inside config.ETA_MAX, so they pay nothing.
-    @staticmethod
-    def _overflow_guarded(plan: _Plan) -> List[int]:
-        return plan.guarded
-
+    # inside config.ETA_MAX, so they pay nothing (``_Plan.guarded``: the groups to check).
     def _non_finite_params(self, plan: _Plan, guarded: List[int]) -> Tensor:
         """Count of non-finite fp16 tensors, summed over the shard groups (0-dim float64)."""
         parts = []

@@ -477,8 +477,7 @@ class TritonBackend:
         search_dir = hp.search_dir if searching else Dir.MOMENTUM
         b1, b2, b3 = hp.beta1, hp.beta2, float(hp.smoothing)
         scalars = (float(hp.eta), float(b1), float(b2), float(1 - b1), float(1 - b2), float(hp.eps),
-                   float(hp.bias_correction1), float(hp.bias_correction2),
-                   _unpack_q(_pack_d(b3))[0], _unpack_q(_pack_d(1 - b3))[0])   # _bits, inlined
+                   float(hp.bias_correction1), float(hp.bias_correction2), _bits(b3), _bits(1 - b3))
         if searching and not finish:
             out = torch.empty(2, dtype=torch.float64, device=lp.device)
             self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, search_dir, write_backup), scalars)
@@ -541,9 +540,8 @@ class TritonBackend:
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
         b3 = float(dp.beta3)
-        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out,       # _bits, inlined
-                     _unpack_q(_pack_d(float(dp.c) * float(dp.eta)))[0], _unpack_q(_pack_d(b3))[0],
-                     _unpack_q(_pack_d(1 - b3))[0], num_warps=_tk.VERDICT_WARPS)
+        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out, _bits(float(dp.c) * float(dp.eta)),
+                     _bits(b3), _bits(1 - b3), num_warps=_tk.VERDICT_WARPS)
 
 
 __all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]

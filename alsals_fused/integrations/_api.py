@@ -324,8 +324,11 @@ class UserGradientsMixin(_MixinBase):
             marks = self._new_gradient_marks()
         return marks[1]
 
+    def _marks_key(self) -> tuple:
+        return (getattr(self, "_groups_version", None), len(self.param_groups))
+
     def _new_gradient_marks(self) -> Tuple[tuple, Any]:
-        key = (getattr(self, "_groups_version", None), len(self.param_groups))
+        key = self._marks_key()
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         n = len(params)
         picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
@@ -337,7 +340,7 @@ class UserGradientsMixin(_MixinBase):
     def _record_gradient_marks(self) -> None:
         """Note the watched gradients as they are now (end of a step, zero_grad)."""
         marks = getattr(self, "_marks", None)
-        if marks is None or marks[0] != (getattr(self, "_groups_version", None), len(self.param_groups)):
+        if marks is None or marks[0] != self._marks_key():
             marks = self._new_gradient_marks()
         marks[1].record()
 
