@@ -108,6 +108,7 @@ HOT_PATH_COLUMNS = {
     "ops_nonsearching_step": "device ops, non-searching step",
     "host_us_searching_step": "host us, searching step",
     "host_us_nonsearching_step": "host us, non-searching step",
+    "host_us_harness_floor": "host us, harness alone (included above)",
 }
 HOT_PATH_GROUP = "hot path: device operations and host microseconds per step (hot_path.py)"
 
