@@ -57,7 +57,7 @@ namespace py = pybind11;
 namespace {
 
 // Strides that matter: size-1 dimensions may carry any stride (as Python's _layout).
-bool same_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides, const std::vector<int64_t>& expected) {
+bool same_layout(c10::IntArrayRef sizes, c10::IntArrayRef strides, c10::IntArrayRef expected) {
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (sizes[d] != 1 && strides[d] != expected[d]) return false;
   }
@@ -111,11 +111,13 @@ class GradReader {
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
       addresses_.push_back(p.data_ptr());
-      sizes_.push_back(p.sizes().vec());
-      strides_.push_back(p.strides().vec());
+      shape_start_.push_back(shapes_.size());
+      shapes_.insert(shapes_.end(), p.sizes().begin(), p.sizes().end());
+      shapes_.insert(shapes_.end(), p.strides().begin(), p.strides().end());
       dtypes_.push_back(p.scalar_type());
       devices_.push_back(p.device());
     }
+    shape_start_.push_back(shapes_.size());
   }
 
   int64_t read() {
@@ -124,14 +126,17 @@ class GradReader {
     bool misaligned = false;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
-      if (!p.has_storage() || p.data_ptr() != addresses_[i] || p.sizes() != c10::IntArrayRef(sizes_[i]) ||
-          !same_layout(p.sizes(), p.strides(), strides_[i])) {
+      const size_t dims = shape_start_[i + 1] - shape_start_[i];   // twice the recorded dim()
+      const int64_t* shape = shapes_.data() + shape_start_[i];
+      const c10::IntArrayRef sizes(shape, dims / 2), strides(shape + dims / 2, dims / 2);
+      if (!p.has_storage() || p.data_ptr() != addresses_[i] || p.sizes() != sizes ||
+          !same_layout(p.sizes(), p.strides(), strides)) {
         return -1;
       }
       const at::Tensor& g = p.unsafeGetTensorImpl()->grad();   // (p.grad() also asks is_leaf())
       if (!g.defined() || g.layout() != at::kStrided || !g.has_storage() || g.sizes() != p.sizes() ||
           g.scalar_type() != dtypes_[i] || g.device() != devices_[i] ||
-          !same_layout(g.sizes(), g.strides(), strides_[i])) {
+          !same_layout(g.sizes(), g.strides(), strides)) {
         return -1;
       }
       const auto address = reinterpret_cast<int64_t>(g.data_ptr());
@@ -189,8 +194,10 @@ class GradReader {
 
   HeldTensors params_;
   std::vector<const void*> addresses_;
-  std::vector<std::vector<int64_t>> sizes_;
-  std::vector<std::vector<int64_t>> strides_;
+  // Each parameter's sizes then strides, in one array (one stream of reads, no per-tensor
+  // allocation to miss on); parameter i's start at shape_start_[i], and one start past the end.
+  std::vector<int64_t> shapes_;
+  std::vector<size_t> shape_start_;
   std::vector<at::ScalarType> dtypes_;
   std::vector<at::Device> devices_;
   int64_t* dest_;
