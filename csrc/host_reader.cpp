@@ -126,9 +126,9 @@ class GradReader {
     bool misaligned = false;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
-      const size_t dims = shape_start_[i + 1] - shape_start_[i];   // twice the recorded dim()
+      const size_t ndim = (shape_start_[i + 1] - shape_start_[i]) / 2;   // as recorded
       const int64_t* shape = shapes_.data() + shape_start_[i];
-      const c10::IntArrayRef sizes(shape, dims / 2), strides(shape + dims / 2, dims / 2);
+      const c10::IntArrayRef sizes(shape, ndim), strides(shape + ndim, ndim);
       if (!p.has_storage() || p.data_ptr() != addresses_[i] || p.sizes() != sizes ||
           !same_layout(p.sizes(), p.strides(), strides)) {
         return -1;
@@ -153,7 +153,8 @@ class GradReader {
   size_t size() const { return params_.size(); }
 
  private:
-  // Loads nothing read() relies on: prefetches only, level by level (see the file's comment).
+  // Level by level (see the file's comment): its loads only find the next level's addresses to
+  // prefetch; the checks in read() rely on none of them.
   void prefetch_chains() {
     const size_t n = params_.size();
     for (size_t i = 0; i < n; ++i) prefetch_lines<1>(params_.object(i));
