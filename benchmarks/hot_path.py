@@ -325,6 +325,13 @@ def op_counts(backend: str, shapes: List[tuple], **kw) -> Dict:
                        "nonsearching": dict(zero.names)}}
 
 
+def median_step_us(h: Harness, steps: int) -> float:
+    """Median host microseconds of ``steps`` steps of ``h`` (each trial accepted), after 3 warm-up steps."""
+    for _ in range(3):
+        h.step([True])
+    return round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
+
+
 def host_times(backend: str, shapes: List[tuple], steps: int) -> Dict:
     """Median host microseconds per searching and per non-searching step."""
     hbox: list = [None]
@@ -332,9 +339,7 @@ def host_times(backend: str, shapes: List[tuple], steps: int) -> Dict:
     with backward_excluded(hbox):
         for key, every in (("host_us_searching_step", 1), ("host_us_nonsearching_step", 10 ** 9)):
             h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=every)
-            for _ in range(3):
-                h.step([True])
-            out[key] = round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
+            out[key] = median_step_us(h, steps)
     return out
 
 
@@ -357,14 +362,13 @@ class _ClosureOnly(torch.optim.Optimizer):
 
 
 def harness_floor(shapes: List[tuple], steps: int) -> float:
-    """Median host microseconds of a step of ``_ClosureOnly`` in the same harness."""
+    """Median host microseconds of a step of ``_ClosureOnly`` in the same harness (measured for
+    every row, right after it: the machine's speed drifts between rows)."""
     hbox: list = [None]
     with backward_excluded(hbox):
         h = hbox[0] = Harness("foreach", shapes, COUNTER)
         h.opt = _ClosureOnly(h.params)
-        for _ in range(3):
-            h.step()
-        return round(statistics.median(h.step() for _ in range(steps)) * 1e6, 1)
+        return median_step_us(h, steps)
 
 
 def reads_floor(shapes: List[tuple], steps: int) -> float:
