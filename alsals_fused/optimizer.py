@@ -164,6 +164,7 @@ _weight_decay_of = operator.itemgetter("weight_decay")
 # 10 us of cold Python per step right after a backward; the flag they set is this one.
 _set_grad_enabled = torch._C._set_grad_enabled
 _shape = operator.attrgetter("shape")
+_new_tuple = tuple.__new__    # StepScalars without its generated __new__ (see _step_scalars)
 
 
 def _partials(parts: List[Optional[Tensor]]) -> List[Tensor]:
@@ -233,7 +234,8 @@ class _Plan:
     several backends, or parameters sharded across ranks.
     """
 
-    def __init__(self, device: torch.device, buckets: List[Bucket], groups: List[Tuple[Backend, List[Bucket]]],
+    def __init__(self, device: torch.device, buckets: List[Bucket],
+                 groups: List[Tuple[Backend, Tuple[Bucket, ...]]],
                  others: List[Tensor], config: tuple, sharded: bool,
                  owners: Optional[List[List[Tensor]]] = None,
                  group_keys: Optional[List[_dist.ShardKey]] = None):
@@ -428,6 +430,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._slow: Optional[float] = None
         self._last_search_t = 0
         self._growth: Optional[float] = None       # adapted growth (growth_boost; None: hyper.growth)
+        self._fixed_scalars: tuple = (None,)       # (hyper, its part of every StepScalars)
         self._scale_found = False                  # a search has accepted (ends first_backtrack)
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
@@ -574,7 +577,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             backend = self._backend_for(b)
             # One group per backend and shard group: partial sums are reduced per shard group.
             groups.setdefault((id(backend), key[2]), (backend, []))[1].append(b)
-        return _Plan(device, list(buckets.values()), list(groups.values()), others, self._config(),
+        # Each group's buckets as a tuple: immutable, so a backend may key its tables on the object.
+        return _Plan(device, list(buckets.values()), [(be, tuple(bs)) for be, bs in groups.values()],
+                     others, self._config(),
                      self.sharded, owners=list(owners.values()),
                      group_keys=[k[1] for k in groups])
 
@@ -711,27 +716,29 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self._explain_backward_error(exc)            # integ: a closure that ran backward
         _set_grad_enabled(False)                         # torch.no_grad()
         try:
-            self._update(closure, loss, searching, rng_before)
-            self._finish_step(loss.detach())             # last_step.loss: detached
+            loss0 = loss.detach()                        # last_step.loss and what the passes read
+            self._update(closure, loss0, searching, rng_before)
+            self._finish_step(loss0)
         finally:
             _set_grad_enabled(grad_mode)
         # The loss as the closure returned it, as torch's optimizers return theirs: its spent
         # autograd graph is then released by the caller, not inside step().
         return loss
 
-    def _update(self, closure, loss: Tensor, searching: bool, rng_before: Optional[_RngState]) -> None:
-        """Everything after the gradient: moments, candidate, line search (under no_grad)."""
+    def _update(self, closure, loss0: Tensor, searching: bool, rng_before: Optional[_RngState]) -> None:
+        """Everything after the gradient: moments, candidate, line search (under no_grad);
+        ``loss0`` is the gradient forward's loss, detached."""
         plan = self._refresh_plan()
         try:
             eta_before = self.eta
             hp = self._step_scalars(plan, searching)
-            self._pre_pass(plan, hp, self._device_loss(loss, plan))
+            self._pre_pass(plan, hp, self._device_loss(loss0, plan))
             self._step_pass(plan, hp, searching)
             self.t += 1
             self.counters["steps"] += 1
             if not searching:
                 self.last_step = StepInfo(eta=hp.eta, trials=0, accepted=True, searched=False,
-                                          loss=loss, loss_trial=None, slope=None)
+                                          loss=loss0, loss_trial=None, slope=None)
                 return
             assert rng_before is not None        # callers capture it on searching steps
             found = self._search(plan, hp, closure, rng_before, eta_before)
@@ -774,18 +781,22 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
                              f"(1 - eta*weight_decay), and eta*weight_decay = {eta * plan.max_wd:.3g} "
                              "is too large for that; lower weight_decay or use memory_efficient=False")
-        beta1, beta2 = hyper.betas
-        return StepScalars(eta=eta, beta1=beta1, beta2=beta2, eps=hyper.eps,
-                           bias_correction1=1 - beta1 ** t, bias_correction2=1 - beta2 ** t,
-                           smoothing=hyper.smoothing,
-                           search_dir=Dir.MOMENTUM if hyper.momentum_search else Dir.GRAD,
-                           max_grad_norm=hyper.max_grad_norm)
+        fixed = self._fixed_scalars
+        if fixed[0] is not hyper:         # once per Hyper (frozen; a checkpoint load may replace it)
+            fixed = self._fixed_scalars = (hyper, *hyper.betas, hyper.eps, hyper.smoothing,
+                                           Dir.MOMENTUM if hyper.momentum_search else Dir.GRAD,
+                                           hyper.max_grad_norm)
+        _, beta1, beta2, eps, smoothing, search_dir, max_grad_norm = fixed
+        # tuple.__new__ in StepScalars' field order is what its generated __new__ does, without
+        # that Python function: this runs every step right after a backward has evicted the
+        # caches, where keyword construction costs a few microseconds more.
+        return _new_tuple(StepScalars, (eta, beta1, beta2, eps, 1 - beta1 ** t, 1 - beta2 ** t,
+                                        smoothing, search_dir, max_grad_norm))
 
     def _device_loss(self, loss: Tensor, plan: _Plan) -> Tensor:
-        """The closure's loss as the passes read it: a 0-dim tensor on the plan's device in the
+        """A detached loss as the passes read it: a 0-dim tensor on the plan's device in the
         dtype the closure returned (every backend reads any float dtype, so the usual case costs
         no device operation), or its float64 mean over the ranks."""
-        loss = loss.detach()
         if self.process_group is not None:
             return self._mean_over_ranks(loss.reshape(()).to(device=plan.device, dtype=torch.float64))
         if loss.dim():
@@ -889,7 +900,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return found
 
     def _trial_loss(self, loss_try: Tensor, plan: _Plan) -> Tensor:
-        loss_try = self._device_loss(loss_try, plan)
+        loss_try = self._device_loss(loss_try.detach(), plan)
         guarded = plan.guarded
         if guarded:                         # a candidate that overflowed is a non-finite trial
             bad = self._non_finite_params(plan, guarded) > 0

@@ -185,7 +185,7 @@ class UserGradientsMixin(_MixinBase):
 
         def _capture_rng(self) -> _RngState: ...
 
-        def _update(self, closure: Callable[[], Tensor], loss: Tensor, searching: bool,
+        def _update(self, closure: Callable[[], Tensor], loss0: Tensor, searching: bool,
                     rng_before: Optional[_RngState]) -> None: ...
 
     # -- construction ---------------------------------------------------------------------------
@@ -390,16 +390,16 @@ class UserGradientsMixin(_MixinBase):
                 raise TypeError(CLOSURE_HELP + "\n" + USER_GRADIENTS_HELP)
         self._window = None
         searching = self._searches_at(self.t + 1)
-        loss = window.loss()
+        loss0 = window.loss()                  # detached
         saved_module = self._buffer_module
         if window.buffers_module is not None and saved_module is None and not self._buffers:
             self._buffer_module = window.buffers_module
         try:
             with torch.no_grad():
-                self._update(window.trial, loss, searching, window.rng if searching else None)
+                self._update(window.trial, loss0, searching, window.rng if searching else None)
         finally:
             self._buffer_module = saved_module
-        return self._finish_step(loss.detach())
+        return self._finish_step(loss0)
 
 
 class _MicroBatchContext:
