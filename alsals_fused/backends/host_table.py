@@ -34,8 +34,9 @@ class HostTable:
         for i, row in enumerate(rows):
             self.view[i * TABLE_COLS:(i + 1) * TABLE_COLS] = cast(_CInt64List, row)
         self.device = device
+        self.on_cuda = device.type == "cuda"
         self._staging: List[Tuple[Tensor, torch.cuda.Event]] = []
-        if device.type == "cuda":
+        if self.on_cuda:
             self.table = torch.empty((self.rows, TABLE_COLS), dtype=torch.int64, device=device)
             self.upload()
         else:
@@ -48,7 +49,7 @@ class HostTable:
         return list(self.view[col:n * TABLE_COLS:TABLE_COLS])
 
     def upload(self) -> None:
-        if self.device.type != "cuda":
+        if not self.on_cuda:
             return
         buf = None
         for i, (_, event) in enumerate(self._staging):

@@ -97,7 +97,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_CACHE_SIZE = 8   # bucket-list plans kept per backend (several optimizers)
+_CACHE_SIZE = 8   # multi-bucket list plans kept per backend (several optimizers)
 _CALLS_MAX = 32   # launch lists kept per list plan (a max_grad_norm changed every step makes new ones)
 _SCHEDULES = 0    # program schedules built by any bucket plan (see _BucketPlan._schedule)
 _G = int(TableCol.G)
@@ -300,6 +300,8 @@ class TritonBackend:
         self.iters = iters or (_tk.ITERS if block is None else 1)
         self.chunk = self.block * self.iters
         self._cache_key = f"triton:{self.block}x{self.iters}"
+        self._list_key = self._cache_key + ":list"
+        self._step_fixed: tuple = (None,)   # (beta1, beta2, eps, smoothing) and their kernel arguments
         self._lists: "OrderedDict[tuple, _ListPlan]" = OrderedDict()
         self._cx: Dict[tuple, dict] = {}
         self.table_builds = 0     # telemetry for tests: bucket tables built
@@ -340,13 +342,20 @@ class TritonBackend:
         return bp
 
     def _plan(self, buckets: Sequence[Bucket], ctl: Tensor) -> _ListPlan:
-        lp = self._lists.get(tuple(map(_uid, buckets)))
-        if lp is None:
-            device = buckets[0].device if buckets else ctl.device
-            lp = _ListPlan(self, buckets, device)
-            self._lists[tuple(map(_uid, buckets))] = lp
-            if len(self._lists) > _CACHE_SIZE:
-                self._lists.popitem(last=False)
+        if len(buckets) == 1:
+            # The usual list (one dtype): its plan lives in the bucket's cache, found without
+            # building a key, and as long as the bucket.
+            lp = buckets[0].cache.get(self._list_key)
+            if lp is None:
+                lp = buckets[0].cache[self._list_key] = _ListPlan(self, buckets, buckets[0].device)
+        else:
+            lp = self._lists.get(tuple(map(_uid, buckets)))
+            if lp is None:
+                device = buckets[0].device if buckets else ctl.device
+                lp = _ListPlan(self, buckets, device)
+                self._lists[tuple(map(_uid, buckets))] = lp
+                if len(self._lists) > _CACHE_SIZE:
+                    self._lists.popitem(last=False)
         if lp.ctl is not ctl:
             self._check_ctl(ctl, lp.device)
             lp.ctl = ctl
@@ -475,9 +484,14 @@ class TritonBackend:
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
         search_dir = hp.search_dir if searching else Dir.MOMENTUM
-        b1, b2, b3 = hp.beta1, hp.beta2, float(hp.smoothing)
-        scalars = (float(hp.eta), float(b1), float(b2), float(1 - b1), float(1 - b2), float(hp.eps),
-                   float(hp.bias_correction1), float(hp.bias_correction2), _bits(b3), _bits(1 - b3))
+        key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
+        fixed = self._step_fixed
+        if fixed[0] != key:               # the step's constants change only with the hyperparameters
+            b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
+            fixed = self._step_fixed = (key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
+                                        (_bits(b3), _bits(1 - b3)))
+        scalars = (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
+                   *fixed[2])
         if searching and not finish:
             out = torch.empty(2, dtype=torch.float64, device=lp.device)
             self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, search_dir, write_backup), scalars)
