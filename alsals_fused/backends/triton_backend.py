@@ -484,11 +484,11 @@ class TritonBackend:
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
         search_dir = hp.search_dir if searching else Dir.MOMENTUM
-        key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
+        hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
         fixed = self._step_fixed
-        if fixed[0] != key:               # the step's constants change only with the hyperparameters
+        if fixed[0] != hyper_key:               # the step's constants change only with the hyperparameters
             b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
-            fixed = self._step_fixed = (key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
+            fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
                                         (_bits(b3), _bits(1 - b3)))
         scalars = (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
                    *fixed[2])
