@@ -165,6 +165,10 @@ _weight_decay_of = operator.itemgetter("weight_decay")
 _set_grad_enabled = torch._C._set_grad_enabled
 _shape = operator.attrgetter("shape")
 _new_tuple = tuple.__new__    # StepScalars without its generated __new__ (see _step_scalars)
+# _search unpacks the verdict by position (one unpacking instead of an enum lookup per slot)
+_VERDICT_ORDER = ("ACCEPT", "FINITE", "FALLBACK", "LOSS0", "LOSS_TRY", "SLOPE_USED", "PENDING", "H_NEW")
+if tuple(v.name for v in sorted(Verdict)) != _VERDICT_ORDER or VERDICT_SIZE != len(_VERDICT_ORDER):
+    raise RuntimeError("alsals_fused: Verdict's slots changed; update _search's unpacking")
 
 
 def _partials(parts: List[Optional[Tensor]]) -> List[Tensor]:
@@ -869,15 +873,16 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 rng_before.restore()                       # same dropout masks as L0
                 loss_try = _as_loss(closure(), "trial forward")
                 found.trials += 1
-                v = self._decide(plan, self._trial_loss(loss_try, plan), found.eta)
-                found.loss0, found.loss_try, found.slope = v[Verdict.LOSS0], v[Verdict.LOSS_TRY], v[Verdict.SLOPE_USED]
-                if v[Verdict.PENDING]:
-                    self._absorb_skips(int(v[Verdict.PENDING]))
-                if not v[Verdict.FINITE]:  # nothing was written: params are w0 (section 1)
+                # The verdict's slots in Verdict's order (checked where _VERDICT_ORDER is defined)
+                accept, finite, fallback, found.loss0, found.loss_try, found.slope, pending, _ = \
+                    self._decide(plan, self._trial_loss(loss_try, plan), found.eta)
+                if pending:
+                    self._absorb_skips(int(pending))
+                if not finite:             # nothing was written: params are w0 (section 1)
                     found.skipped = True
                     break
-                found.fallback = bool(v[Verdict.FALLBACK])
-                if v[Verdict.ACCEPT]:
+                found.fallback = bool(fallback)
+                if accept:
                     found.accepted = True
                     break
                 found.eta *= self._backtrack_factor()
