@@ -486,7 +486,7 @@ class TritonBackend:
         search_dir = hp.search_dir if searching else Dir.MOMENTUM
         hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
         fixed = self._step_fixed
-        if fixed[0] != hyper_key:               # the step's constants change only with the hyperparameters
+        if fixed[0] != hyper_key:         # the step's constants change only with the hyperparameters
             b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
             fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
                                         (_bits(b3), _bits(1 - b3)))
