@@ -7,9 +7,9 @@ counters) and runs the search loop; the element-wise passes and the device decis
 are the backend's (contract v2, ``backends/base.py``; the reference decisions in torch ops are
 ``backends/decisions.py``).
 
-A step, in named parts: ``_refresh_plan`` (the persistent parameter plan), ``_pre_pass`` (the
-gradient norm and the non-finite check, all on the device), ``_step_pass`` (moments, backup,
-candidate, slope), ``_search`` (the trial loop: one verdict and one device-to-host read per trial)
+A step, in named parts: ``_refresh_plan`` (the persistent parameter plan), ``_passes`` (the grad
+pass: the gradient norm and the non-finite check, all on the device; then the step pass: moments,
+backup, candidate, slope), ``_search`` (the trial loop: one verdict and one device-to-host read per trial)
 and ``_commit`` (accept, reject or skip; host state).
 
 The parameter plan: buckets (one per device and dtype), backups, the backend of each bucket and
@@ -269,6 +269,8 @@ class _Plan:
         self.cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
         self.host = host_ext.module()         # the native helper, or None: decided once per plan
         self.readers = self._native_readers()
+        # The backend's grad and step passes in one call (optional in the contract, base.py).
+        self.update_pass = None if self.generic else getattr(groups[0][0], "update_pass", None)
 
     def _native_readers(self) -> Optional[List[Any]]:
         """One host_ext.GradReader per bucket, writing into its backend's grad_sink, when the
@@ -736,8 +738,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         try:
             eta_before = self.eta
             hp = self._step_scalars(plan, searching)
-            self._pre_pass(plan, hp, self._device_loss(loss0, plan))
-            self._step_pass(plan, hp, searching)
+            self._passes(plan, hp, self._device_loss(loss0, plan), searching)
             self.t += 1
             self.counters["steps"] += 1
             if not searching:
@@ -807,27 +808,35 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             loss = loss.reshape(())
         return loss if loss.device == plan.device else loss.to(plan.device)
 
-    def _pre_pass(self, plan: _Plan, hp: StepScalars, loss0: Tensor) -> None:
-        """Gradient norm, non-finite check, clip scale: the grad finisher writes ctl."""
+    def _passes(self, plan: _Plan, hp: StepScalars, loss0: Tensor, searching: bool) -> None:
+        """The grad pass (gradient norm, non-finite check, clip scale: its finisher writes ctl),
+        then the step pass (moments, backup and candidate; when searching, its finisher writes
+        the slopes).  A plan of one backend makes them one call (``update_pass``) when it has it."""
         ctl = self._step_ctl()
-        if not plan.generic:
+        guarded = plan.guarded
+        write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
+        if plan.update_pass is not None:
+            plan.update_pass(plan.groups[0][1], ctl, loss0, hp, searching=searching,
+                             write_backup=write_backup)
+        elif not plan.generic:
             backend, buckets = plan.groups[0]
             backend.grad_pass(buckets, ctl, loss0, hp)
-            return
+            backend.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
+        else:
+            self._generic_passes(plan, hp, ctl, loss0, searching, write_backup)
+        if guarded and not searching:
+            self._undo_if_non_finite(plan, hp, guarded, hp.eta, Dir.MOMENTUM)
+
+    def _generic_passes(self, plan: _Plan, hp: StepScalars, ctl: Tensor, loss0: Tensor,
+                        searching: bool, write_backup: bool) -> None:
+        """Several backends or sharded parameters: each pass returns its partial sums, and the
+        driver adds them (over the shard groups) and runs the finishers (``decisions``)."""
         parts = [backend.grad_pass(buckets, ctl, loss0, hp, finish=False) for backend, buckets in plan.groups]
         sumsq = self._sum_over_shards(plan, _partials(parts))
         decisions.finish_grad(ctl, sumsq, loss0, hp.max_grad_norm)
-
-    def _step_pass(self, plan: _Plan, hp: StepScalars, searching: bool) -> None:
-        """Moments, backup and candidate; when searching, the step finisher writes the slopes."""
-        guarded = plan.guarded
-        ctl = self._step_ctl()
-        write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
-        if not plan.generic or not searching:
+        if not searching:
             for backend, buckets in plan.groups:
-                backend.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
-            if guarded and not searching:
-                self._undo_if_non_finite(plan, hp, guarded, hp.eta, Dir.MOMENTUM)
+                backend.step_pass(buckets, hp, ctl, searching=False, write_backup=write_backup)
             return
         parts = [backend.step_pass(buckets, hp, ctl, searching=True, write_backup=write_backup,
                                    finish=False) for backend, buckets in plan.groups]

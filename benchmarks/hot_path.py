@@ -254,12 +254,17 @@ def stub_triton(counter_box: list, setattr=setattr) -> Optional[str]:
             decisions.finish_slope(ctl, torch.ones(2, dtype=torch.float64, device=ctl.device),
                                    hp.smoothing)
 
+    def fill_update(buckets, ctl, loss0, hp, *, searching, write_backup):
+        fill_grad(buckets, ctl, loss0, hp)
+        fill_step(buckets, hp, ctl, searching=searching, write_backup=write_backup)
+
     def fill_verdict(ctl, loss_try, dp, out):
         decisions.verdict(ctl, loss_try, dp, out)
 
     setattr(cls, "_launch", launch)
     setattr(cls, "grad_pass", filled("grad_pass", fill_grad))
     setattr(cls, "step_pass", filled("step_pass", fill_step))
+    setattr(cls, "update_pass", filled("update_pass", fill_update))
     setattr(cls, "verdict", filled("verdict", fill_verdict))
     return None
 

@@ -228,6 +228,67 @@ def test_a_large_bucket_matches_reference(info):
     S.assert_buckets_close(b, r, info, "large move")
 
 
+FUSED_PAIR = ("triton", "cuda")     # the backends with update_pass; the others get two calls
+UPDATE_CASES = [
+    pytest.param(False, Dir.MOMENTUM, False, None, id="no-search"),
+    pytest.param(True, Dir.MOMENTUM, True, None, id="search-momentum"),
+    pytest.param(True, Dir.GRAD, True, 0.5, id="search-grad-clipped"),
+    pytest.param(True, Dir.MOMENTUM, False, 0.5, id="search-no-backup-clipped"),
+]
+
+
+@pytest.mark.parametrize("info, dtype", S.with_dtypes(where=lambda i: i.name in FUSED_PAIR))
+@pytest.mark.parametrize("searching, search_dir, write_backup, max_grad_norm", UPDATE_CASES)
+def test_update_pass_is_the_grad_pass_then_the_step_pass(info, dtype, searching, search_dir,
+                                                         write_backup, max_grad_norm):
+    """The optional one-call pair (base.py): bit for bit what the two finishing passes write."""
+    be = info.backend()
+    if not write_backup and dtype not in (torch.float32, torch.float64):
+        pytest.skip("memory_efficient (no backup) is fp32/fp64 only")
+    b = [S.random_bucket(info.device, dtype, info.sizes, backups=write_backup or not searching)]
+    two = S.clone_all(b)
+    hp = S.step_scalars(search_dir=search_dir, max_grad_norm=max_grad_norm)
+    ctl = S.make_ctl(info.device, H=0.02, S=0.01, PENDING=1.0, FALLBACK=1.0)
+    c, c2 = ctl.clone(), ctl.clone()
+    assert be.update_pass(b, c, _loss0(info), hp, searching=searching, write_backup=write_backup) is None
+    be.grad_pass(two, c2, _loss0(info), hp)
+    be.step_pass(two, hp, c2, searching=searching, write_backup=write_backup)
+    assert torch.equal(c, c2), f"ctl: {c.tolist()} vs {c2.tolist()}"
+    S.assert_buckets_equal(b, two, "update_pass vs grad_pass + step_pass")
+
+
+def test_the_driver_makes_one_update_call_per_step_when_the_backend_has_it(monkeypatch):
+    """A plan of one backend with update_pass: one call per step and no separate passes; a
+    backend without it: the two passes (the reference backend, given and then denied it)."""
+    from alsals_fused.backends.reference import ReferenceBackend
+    calls = []
+    for name in ("grad_pass", "step_pass"):
+        original = getattr(ReferenceBackend, name)
+        monkeypatch.setattr(ReferenceBackend, name, lambda self, *a, _o=original, _n=name, **k:
+                            (calls.append(_n), _o(self, *a, **k))[1])
+
+    def update_pass(self, buckets, ctl, loss0, hp, *, searching, write_backup):
+        calls.append("update_pass")
+        ReferenceBackend.grad_pass(self, buckets, ctl, loss0, hp)
+        ReferenceBackend.step_pass(self, buckets, hp, ctl, searching=searching, write_backup=write_backup)
+
+    def run(**kw):
+        calls.clear()
+        w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        opt = ALSALS([w], backend="reference", **kw)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(lambda: (w ** 2).sum())
+        return list(calls), w.detach().clone()
+
+    two_calls, w_two = run(line_search_every=2)
+    assert two_calls == ["grad_pass", "step_pass"] * 3
+    monkeypatch.setattr(ReferenceBackend, "update_pass", update_pass, raising=False)
+    one_call, w_one = run(line_search_every=2)
+    assert one_call == ["update_pass", "grad_pass", "step_pass"] * 3
+    assert torch.equal(w_one, w_two)
+
+
 @pytest.mark.parametrize("info", ALL)
 @pytest.mark.parametrize("s_prev, want", [(0.5, 0.0), (-50.0, 1.0)], ids=["descent", "not-descent"])
 @pytest.mark.parametrize("search_dir", [Dir.MOMENTUM, Dir.GRAD], ids=["momentum", "grad"])

@@ -43,6 +43,12 @@ Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
     these buckets and writes no ctl slot (driver then calls ``decisions.finish_slope``).
     ``ctl[SKIP]`` set: writes nothing at all (partials returned as zeros).
 
+``update_pass(buckets, ctl, loss0, hp, *, searching, write_backup) -> None`` (optional)
+    Exactly ``grad_pass(buckets, ctl, loss0, hp)`` then ``step_pass(buckets, hp, ctl,
+    searching=searching, write_backup=write_backup)``, both finishing: the driver's call when all
+    of a step's buckets run on this backend unsharded, so that the two passes cost one host call
+    (the triton and cuda backends have it; the driver makes the two calls for one without it).
+
 ``move_pass(buckets, hp, ctl, *, src_eta, src_dir, dst_eta, dst_dir, from_backup, only_if_fallback=False)``
     Rewrites the params from ``cand(src_eta, src_dir)`` to ``cand(dst_eta, dst_dir)``;
     ``dst_eta == 0`` is the restore to w0.  ``from_backup`` reads w0 from the backups; otherwise
@@ -248,6 +254,7 @@ class Backend(Protocol):
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None: ...
 
+    # Optional: ``update_pass`` (the module docstring).
     # Optional: ``grad_sink(bucket) -> Optional[Tuple[Tensor, int]]``, a contiguous int64 host
     # table and the column in which row i holds the address of the bucket's i-th gradient.  A
     # backend that has one lets the driver's native reader write the addresses there every step

@@ -498,11 +498,7 @@ class CudaBackend:
         tables = self._tables(buckets)
         if tables is None:
             return self._fallback_for(buckets).grad_pass(buckets, ctl, loss0, hp, finish=finish)
-        partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))
-        out = None if finish else torch.empty((), dtype=torch.float64, device=ctl.device)
-        max_norm = -1.0 if hp.max_grad_norm is None else float(hp.max_grad_norm)
-        self._ops.grad_pass(*self._args(tables), partials, tickets, ctl, loss0, max_norm, finish, out)
-        return out
+        return self._grad_op(tables, ctl, loss0, hp, finish)
 
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
@@ -510,6 +506,30 @@ class CudaBackend:
         if tables is None:
             return self._fallback_for(buckets).step_pass(buckets, hp, ctl, searching=searching,
                                               write_backup=write_backup, finish=finish)
+        return self._step_op(tables, hp, ctl, searching, write_backup, finish)
+
+    def update_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                    searching: bool, write_backup: bool) -> None:
+        """grad_pass then step_pass, both finishing (base.py), on one table lookup."""
+        tables = self._tables(buckets)
+        if tables is None:
+            fallback = self._fallback_for(buckets)
+            fallback.grad_pass(buckets, ctl, loss0, hp)
+            fallback.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
+            return
+        self._grad_op(tables, ctl, loss0, hp, True)
+        self._step_op(tables, hp, ctl, searching, write_backup, True)
+
+    def _grad_op(self, tables: List[_Table], ctl: Tensor, loss0: Tensor, hp: StepScalars,
+                 finish: bool) -> Optional[Tensor]:
+        partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))
+        out = None if finish else torch.empty((), dtype=torch.float64, device=ctl.device)
+        max_norm = -1.0 if hp.max_grad_norm is None else float(hp.max_grad_norm)
+        self._ops.grad_pass(*self._args(tables), partials, tickets, ctl, loss0, max_norm, finish, out)
+        return out
+
+    def _step_op(self, tables: List[_Table], hp: StepScalars, ctl: Tensor, searching: bool,
+                 write_backup: bool, finish: bool) -> Optional[Tensor]:
         if write_backup and not all(t.has_backups for t in tables):
             raise ValueError("ALSALS cuda backend: write_backup=True for a bucket without backups")
         partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))

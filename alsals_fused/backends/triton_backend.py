@@ -454,15 +454,12 @@ class TritonBackend:
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                   finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
-        clip = hp.max_grad_norm is not None
-        norm_bits = _bits(float(hp.max_grad_norm)) if hp.max_grad_norm is not None else 0
         if finish:
-            key = ("grad", clip, norm_bits)
-            calls = lp.calls.get(key)
-            if calls is None:
-                calls = lp.calls[key] = self._grad_calls(lp, ctl, _tk.FINISH_CTL, clip, norm_bits)
-            self._run(lp, calls, (loss0,))
+            self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
             return None
+        max_norm = hp.max_grad_norm
+        clip = max_norm is not None
+        norm_bits = _bits(float(max_norm)) if max_norm is not None else 0
         out = torch.empty((), dtype=torch.float64, device=lp.device)
         self._run(lp, self._grad_calls(lp, out, _tk.FINISH_SUM, clip, norm_bits), (loss0,))
         return out
@@ -483,27 +480,52 @@ class TritonBackend:
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
         lp = self._plan(buckets, ctl)
-        search_dir = hp.search_dir if searching else Dir.MOMENTUM
-        hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
-        fixed = self._step_fixed
-        if fixed[0] != hyper_key:         # the step's constants change only with the hyperparameters
-            b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
-            fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
-                                        (_bits(b3), _bits(1 - b3)))
-        scalars = (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
-                   *fixed[2])
         if searching and not finish:
             out = torch.empty(2, dtype=torch.float64, device=lp.device)
-            self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, search_dir, write_backup), scalars)
+            self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, hp.search_dir, write_backup),
+                      self._step_scalars(hp))
             return out
+        self._run(lp, self._finishing_step_calls(lp, ctl, hp, searching, write_backup), self._step_scalars(hp))
+        return None
+
+    def update_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
+                    searching: bool, write_backup: bool) -> None:
+        """grad_pass then step_pass, both finishing (base.py), on one plan lookup."""
+        lp = self._plan(buckets, ctl)
+        self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
+        self._run(lp, self._finishing_step_calls(lp, ctl, hp, searching, write_backup), self._step_scalars(hp))
+
+    def _finishing_grad_calls(self, lp: _ListPlan, ctl: Tensor, hp: StepScalars) -> List[tuple]:
+        max_norm = hp.max_grad_norm
+        clip = max_norm is not None
+        norm_bits = _bits(float(max_norm)) if max_norm is not None else 0
+        key = ("grad", clip, norm_bits)
+        calls = lp.calls.get(key)
+        if calls is None:
+            calls = lp.calls[key] = self._grad_calls(lp, ctl, _tk.FINISH_CTL, clip, norm_bits)
+        return calls
+
+    def _finishing_step_calls(self, lp: _ListPlan, ctl: Tensor, hp: StepScalars, searching: bool,
+                              write_backup: bool) -> List[tuple]:
+        search_dir = hp.search_dir if searching else Dir.MOMENTUM
         key = ("step", bool(searching), search_dir, bool(write_backup))
         calls = lp.calls.get(key)
         if calls is None:
             mode = _tk.FINISH_CTL if searching else _tk.FINISH_NONE
             calls = lp.calls[key] = self._step_calls(lp, ctl, mode, bool(searching), search_dir,
                                                      bool(write_backup))
-        self._run(lp, calls, scalars)
-        return None
+        return calls
+
+    def _step_scalars(self, hp: StepScalars) -> tuple:
+        """The step kernel's per-step scalar arguments, in its order."""
+        hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
+        fixed = self._step_fixed
+        if fixed[0] != hyper_key:         # the step's constants change only with the hyperparameters
+            b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
+            fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
+                                        (_bits(b3), _bits(1 - b3)))
+        return (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
+                *fixed[2])
 
     def _step_calls(self, lp: _ListPlan, out: Tensor, mode: int, searching: bool, search_dir: Dir,
                     write_backup: bool) -> List[tuple]:
