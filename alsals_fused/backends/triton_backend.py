@@ -457,9 +457,7 @@ class TritonBackend:
         if finish:
             self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
             return None
-        max_norm = hp.max_grad_norm
-        clip = max_norm is not None
-        norm_bits = _bits(float(max_norm)) if max_norm is not None else 0
+        clip, norm_bits = self._clip_args(hp)
         out = torch.empty((), dtype=torch.float64, device=lp.device)
         self._run(lp, self._grad_calls(lp, out, _tk.FINISH_SUM, clip, norm_bits), (loss0,))
         return out
@@ -495,10 +493,14 @@ class TritonBackend:
         self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
         self._run(lp, self._finishing_step_calls(lp, ctl, hp, searching, write_backup), self._step_scalars(hp))
 
-    def _finishing_grad_calls(self, lp: _ListPlan, ctl: Tensor, hp: StepScalars) -> List[tuple]:
+    @staticmethod
+    def _clip_args(hp: StepScalars) -> Tuple[bool, int]:
+        """The grad kernel's clip flag and max_grad_norm as float64 bits (0 without clipping)."""
         max_norm = hp.max_grad_norm
-        clip = max_norm is not None
-        norm_bits = _bits(float(max_norm)) if max_norm is not None else 0
+        return (False, 0) if max_norm is None else (True, _bits(float(max_norm)))
+
+    def _finishing_grad_calls(self, lp: _ListPlan, ctl: Tensor, hp: StepScalars) -> List[tuple]:
+        clip, norm_bits = self._clip_args(hp)
         key = ("grad", clip, norm_bits)
         calls = lp.calls.get(key)
         if calls is None:
