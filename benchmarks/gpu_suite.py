@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import glob
 import importlib.util
 import json
 import os
@@ -45,16 +46,18 @@ import _report  # noqa: E402
 # (name, max seconds full/quick/dry, minimum seconds: what earlier phases leave for it)
 # --quick: the maxima sum to 210 s, + SAFETY_S = 230 s = TOTAL["quick"], inside 4 minutes on an H200
 # with a cold Triton cache (the build phase's smoke steps and the tests compile the kernels; a
-# JIT build of the extension that needs longer is cut, and the cuda rows skip).
+# JIT build of the extension that needs longer is cut, and the cuda rows skip).  The build phase
+# runs the two JIT builds side by side (each compiles a file with torch/extension.h: 35-45 s on
+# the 2-core CI machine), then the smoke steps' kernel compiles.
 PHASES = [
-    ("env", (60, 12, 60), 10),
+    ("env", (60, 16, 60), 10),
     ("wheels", (60, 8, 30), 5),
-    ("build", (180, 55, 60), 20),
+    ("build", (180, 65, 60), 20),
     ("tests", (170, 52, 150), 30),
-    ("bench-gpt2", (100, 28, 45), 20),
-    ("hot-path", (40, 25, 60), 10),
-    ("e2e", (70, 15, 45), 10),
-    ("bench-rest", (130, 10, 45), 10),
+    ("bench-gpt2", (100, 24, 45), 20),
+    ("hot-path", (40, 22, 60), 10),
+    ("e2e", (70, 10, 45), 10),
+    ("bench-rest", (130, 8, 45), 10),
     ("plot", (30, 5, 30), 5),
 ]
 TOTAL = {"full": 540, "quick": 230, "dry-run": 420}
@@ -80,7 +83,7 @@ for mod in ("triton", "pytest", "pytest_benchmark", "matplotlib", "numpy", "sals
         info[mod] = getattr(m, "__version__", "installed")
     except Exception as exc:
         info[mod] = None
-for name, cmd in (("nvcc", ["nvcc", "--version"]),
+for name, cmd in (("nvcc", ["nvcc", "--version"]), ("ninja", ["ninja", "--version"]),   # JIT builds need ninja
                   ("nvidia_smi", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                   "--format=csv,noheader"])):
     try:
@@ -93,19 +96,22 @@ print("ALSALS_ENV=" + json.dumps(info))
 
 # Import every backend on the device (this is what builds the CUDA extension with
 # ALSALS_FUSED_JIT=1) and take two ALSALS steps with each available one (compiles the kernels).
+# The C++ host helper's JIT build (about as long: each compiles torch/extension.h) runs at the
+# same time in a child process; this process then loads what it built.
 BUILD_SCRIPT = r"""
-import json, time, traceback, torch
+import json, subprocess, sys, time, traceback, torch
+t0 = time.time()
+host_build = subprocess.Popen([sys.executable, "-c", "from alsals_fused import host_ext; host_ext.status()"])
 from alsals_fused import ALSALS
 from alsals_fused.backends import available_backends
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-from alsals_fused import host_ext            # the C++ host helper first: the cheaper JIT build
-t1 = time.time()
-grad_reads = host_ext.status()
-grad_reads_s = round(time.time() - t1, 1)
-t0 = time.time()
 reasons = available_backends(dev)
-out = {"device": dev, "backends": reasons, "import_s": round(time.time() - t0, 1), "smoke": {},
-       "grad_reads": grad_reads, "grad_reads_s": grad_reads_s}
+import_s = round(time.time() - t0, 1)
+host_build.wait()
+from alsals_fused import host_ext
+grad_reads = host_ext.status()
+out = {"device": dev, "backends": reasons, "import_s": import_s, "smoke": {},
+       "grad_reads": grad_reads, "grad_reads_s": round(time.time() - t0, 1)}
 for name, reason in reasons.items():
     if reason is not None or (dev == "cpu" and name in ("triton", "cuda")):
         continue
@@ -142,6 +148,26 @@ def out_files(directory: str) -> List[str]:
                   for d, _, files in os.walk(directory) for f in files)
 
 
+# The JIT builds' names (alsals_fused/host_ext.py, alsals_fused/backends/cuda_backend.py).
+JIT_NAMES = ("alsals_fused_jit_host", "alsals_fused_jit_C")
+
+
+def clear_jit_locks(extensions_dir: str) -> List[str]:
+    """Remove the lock files that a killed JIT build of this package leaves in its build folder
+    (``<extensions_dir>/<name>/lock`` with TORCH_EXTENSIONS_DIR set, as the suite sets it, or
+    ``<root>/<python>_<cuda>/<name>/lock`` under torch's default root); returns their paths.
+    torch waits on such a lock with no time limit, so a build cut in an earlier run would hang
+    every later one.  The suite is the one builder there: it calls this before its build and
+    after a cut one."""
+    root = glob.escape(extensions_dir)
+    locks = [path for name in JIT_NAMES for pattern in (os.path.join(root, name, "lock"),
+                                                          os.path.join(root, "*", name, "lock"))
+             for path in glob.glob(pattern)]
+    for path in locks:
+        os.remove(path)
+    return locks
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -174,7 +200,7 @@ class Suite:
         self.phases = [p for p in PHASES if not args.phases or p[0] in args.phases]
         self.bundle: Optional[str] = None   # the raw bundle written last
         self.stem: Optional[str] = None
-        self.jit = True    # off after a build that was cut: a half-built extension holds a lock
+        self.jit = True    # off after a build that was cut or failed: no later phase builds again
         self.current: Optional[str] = None   # the phase running now
         self.child: Optional[subprocess.Popen] = None
         self.doc = {
@@ -297,7 +323,8 @@ class Suite:
                  f"of {d['suite']['budget_s']} s; commit {str(d['git'].get('commit'))[:12]}"
                  f"{' (dirty tree)' if d['git'].get('dirty') else ''}",
                  f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
-                 f"python {env.get('python')}, nvcc: {env.get('nvcc')}, driver: {env.get('nvidia_smi')}",
+                 f"python {env.get('python')}, nvcc: {env.get('nvcc')}, ninja {env.get('ninja')}, "
+                 f"driver: {env.get('nvidia_smi')}",
                  "", "| phase | status | seconds | timeout s | note |", "|---|---|---|---|---|"]
         for p in d["phases"]:
             lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', '-')} | "
@@ -343,8 +370,14 @@ class Suite:
         r["note"] = f"{', '.join(found)} -> {self.site}"
         return r
 
+    def clear_jit_locks(self) -> str:
+        removed = clear_jit_locks(self.child_env()["TORCH_EXTENSIONS_DIR"])
+        self.doc.setdefault("jit_locks_removed", []).extend(removed)
+        return f"; removed the lock of a killed JIT build: {', '.join(removed)}" if removed else ""
+
     def phase_build(self, timeout):
         start = time.monotonic()
+        locks_note = self.clear_jit_locks()
         if self.args.build == "pip":
             r = self.run("build-pip", [sys.executable, "-m", "pip", "install", "--no-build-isolation",
                                        "--no-deps", "--no-index", "-e", "."], timeout)
@@ -354,6 +387,7 @@ class Suite:
         r = self.run("build", [sys.executable, "-c", BUILD_SCRIPT], timeout, ALSALS_FUSED_JIT_VERBOSE=1)
         if r["timed_out"]:
             self.jit = False
+            self.clear_jit_locks()      # for the next run: this one builds no more
             self.doc["cuts"].append("build: cut, so later phases run with ALSALS_FUSED_JIT=0 "
                                     "(cuda rows skip unless the extension was already built)")
         m = re.search(r"^ALSALS_BACKENDS=(.*)$", r["text"], re.M)
@@ -366,6 +400,7 @@ class Suite:
                 self.jit = False
                 self.doc["cuts"].append("build: the JIT build of the extension failed, so later phases "
                                         "run with ALSALS_FUSED_JIT=0")
+        r["note"] = r.get("note", "") + locks_note
         return r
 
     def phase_tests(self, timeout):

@@ -40,6 +40,22 @@ def test_bundle_dir(tmp_path):
     assert "raw/phase7.log" in names and len([n for n in names if n.endswith(".log")]) == 20
 
 
+def test_clear_jit_locks_removes_only_this_packages_build_locks(tmp_path):
+    # torch's FileBaton waits with no time limit on a lock a killed build left behind.
+    # <TORCH_EXTENSIONS_DIR>/<name>/lock (the suite's layout) or <root>/py*_cu*/<name>/lock
+    ours = [tmp_path / gpu_suite.JIT_NAMES[0] / "lock",
+            *(tmp_path / "py312_cu130" / name / "lock" for name in gpu_suite.JIT_NAMES)]
+    theirs = tmp_path / "py312_cu130" / "someone_elses_ext" / "lock"
+    sources = tmp_path / "py312_cu130" / gpu_suite.JIT_NAMES[0] / "build.ninja"
+    for path in (*ours, theirs, sources):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    assert sorted(gpu_suite.clear_jit_locks(str(tmp_path))) == sorted(map(str, ours))
+    assert not any(p.exists() for p in ours) and theirs.exists() and sources.exists()
+    assert gpu_suite.clear_jit_locks(str(tmp_path)) == []
+
+
+@pytest.mark.slow   # a whole dry run of the suite
 def test_dry_run_leaves_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(BENCH, "gpu_suite.py"), "--dry-run", "--out", str(out),
