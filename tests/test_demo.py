@@ -12,6 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # -- the demo ------------------------------------------------------------------------------------
+@pytest.mark.slow   # a whole demo run
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     rows = demo.main(["--tiny", "--out", str(tmp_path)])

@@ -283,6 +283,7 @@ def _check_raising(out_dir, world, bad_rank):
           [(r, round(x["seconds"], 1), x["error"][:60]) for r, x in enumerate(res)])
 
 
+@pytest.mark.slow   # process groups of gloo workers: 4-11 s each
 def test_two_ranks_fsdp2_ddp_checkpoints_and_a_raising_closure(tmp_path):
     _spawn(_main_2, 2, str(tmp_path))
     ranks = _check_world(str(tmp_path), 2, ["ddp", "fsdp", "fsdp_reference"])
@@ -301,12 +302,14 @@ def test_two_ranks_fsdp2_ddp_checkpoints_and_a_raising_closure(tmp_path):
     _check_raising(str(tmp_path), 2, 1)
 
 
+@pytest.mark.slow   # process groups of gloo workers: 4-11 s each
 def test_four_ranks_fsdp2_hsdp_ddp_and_a_raising_closure(tmp_path):
     _spawn(_main_4, 4, str(tmp_path))
     _check_world(str(tmp_path), 4, ["ddp", "fsdp", "hsdp"])
     _check_raising(str(tmp_path), 4, 2)
 
 
+@pytest.mark.slow   # process groups of gloo workers: 4-11 s each
 def test_one_rank_fsdp2_matches_one_process(tmp_path):
     """The first report: FSDP2 failed even with one rank (DTensor ops in the driver)."""
     _spawn(_main_1, 1, str(tmp_path))
@@ -343,6 +346,7 @@ def _fp64_batches():
              torch.randn(8, 2, generator=gen, dtype=torch.float64)) for _ in range(2)]
 
 
+@pytest.mark.slow   # process groups of gloo workers: 4-11 s each
 def test_ddp_ranks_agree_and_match_the_single_process_mean_loss_fp64(tmp_path):
     _spawn(_rank_main_fp64, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

@@ -16,6 +16,7 @@ if str(REPO) not in sys.path:          # benchmarks/ is not installed; plain `py
     sys.path.insert(0, str(REPO))
 
 
+@pytest.mark.slow   # a whole quality-harness run
 def test_harness_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.quality import run
