@@ -106,11 +106,12 @@ def _driver(ps: lib.ParamSet, backend: str):
     return opt, closure
 
 
-def _accepted_step(opt: ALSALS, closure) -> None:
+def _accepted_step(opt: ALSALS, closure, loss: torch.Tensor) -> None:
     """A searching step after its gradient, as ``ALSALS.step`` runs it (``_update``: parameter
     plan, gradient pre-pass, step pass, fallback fix-up, one accepted trial with its verdict and
-    read, commit), with a model-free closure in place of the forwards and no backward."""
-    loss = torch.tensor(BIG_LOSS, device=lib.DEVICE)
+    read, commit), with a model-free closure in place of the forwards and no backward.  ``loss``
+    is the gradient forward's, made once by the caller (a host-to-device copy per call would be
+    a synchronization of the benchmark's, counted in syncs_per_step)."""
     opt._update(closure, loss, True, opt._capture_rng())
 
 
@@ -177,7 +178,7 @@ def _run_adam(bench, ps, path):
 
 def _run_accepted(bench, ps, path):
     opt, closure = _driver(ps, path.split("-")[1])
-    work = functools.partial(_accepted_step, opt, closure)
+    work = functools.partial(_accepted_step, opt, closure, torch.tensor(BIG_LOSS, device=lib.DEVICE))
     lib.run_rows(bench, work)
     last = opt.last_step
     assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
