@@ -129,6 +129,18 @@ def test_grad_scaler_unscaled_gradients_and_skipped_inf_steps():
     assert opt_s._window is None
 
 
+def test_grad_scaler_step_without_a_window_says_to_open_one():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(mse(model, x, y)).backward()       # no micro_batch: no trial forward to run
+    before = flat(model)
+    with pytest.raises(TypeError, match="(?s)GradScaler.step.*without a gradient window.*micro_batch"):
+        scaler.step(opt)
+    assert torch.equal(flat(model), before) and opt.t == 0
+
+
 # -- no silent no-ops (item 3) -------------------------------------------------------------------
 
 def test_own_backward_then_step_closure_raises_with_the_fix():
@@ -439,6 +451,19 @@ def test_lightning_trials_do_not_log_and_batchnorm_sees_one_forward(tmp_path):
     reference(x)
     torch.testing.assert_close(module.net[1].running_mean, reference[1].running_mean)
     assert trainer.logged_metrics["train_loss"].item() == pytest.approx(opt.last_step.loss.item())
+
+
+def test_lightning_fp16_mixed_precision_is_refused_with_the_fix(tmp_path):
+    # Lightning's fp16 plugin (a GradScaler; on a GPU precision="16-mixed") runs the closure
+    # itself and then steps without one: a clear error, not the generic "needs a closure".
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    module = _lightning_module()
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer = _pl_trainer(tmp_path, 2, plugins=[plugin])
+    before = flat(module)
+    with pytest.raises(TypeError, match="(?s)16-bit mixed precision.*bf16-mixed"):
+        trainer.fit(module, _loader())
+    assert torch.equal(flat(module), before) and trainer.optimizers[0].t == 0
 
 
 def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):

@@ -25,6 +25,7 @@ loss while the gradient is the whole window's.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Tuple
@@ -73,6 +74,22 @@ CLOSURE_RAN_BACKWARD = (
     "ALSALS: the closure passed to step() ran backward itself (the LBFGS convention). ALSALS's "
     "closure must only return the loss: step() runs backward once, then calls the closure again "
     "under no_grad for every trial forward. " + USER_GRADIENTS_HELP
+)
+
+LIGHTNING_FP16 = (
+    "ALSALS cannot run under Lightning's 16-bit mixed precision (precision='16-mixed', which "
+    "steps through torch.amp.GradScaler): that plugin runs the training closure itself and then "
+    "calls optimizer.step() without it, so the line search has no forward for its trial points. "
+    "Use precision='bf16-mixed' (no loss scaling needed) or '32-true'; with manual optimization, "
+    "run the forward/backward inside opt.micro_batch(...) and call scaler.step(opt). The "
+    "parameters and the optimizer's state are unchanged."
+)
+
+GRAD_SCALER_WITHOUT_WINDOW = (
+    "ALSALS: GradScaler.step(opt) called step() without a gradient window. torch.amp.GradScaler "
+    "steps the optimizer without a closure (and refuses one), so the line search needs "
+    "opt.micro_batch(trial=...) around the forward/backward before scaler.step(opt); with "
+    "accelerate's mixed_precision='fp16', alsals_fused.integrations.accelerate.micro_batch. "
 )
 
 ACCUMULATED_BEFORE_STEP = (
@@ -387,7 +404,11 @@ class UserGradientsMixin(_MixinBase):
             window = getattr(self, "_window", None)
             if window is None or not window.parts:
                 from ..optimizer import CLOSURE_HELP
-                raise TypeError(CLOSURE_HELP + "\n" + USER_GRADIENTS_HELP)
+                caller = _grad_scaler_caller(sys._getframe(1))
+                if caller == "lightning":
+                    raise TypeError(LIGHTNING_FP16)
+                raise TypeError((GRAD_SCALER_WITHOUT_WINDOW if caller else CLOSURE_HELP + "\n")
+                                + USER_GRADIENTS_HELP)
         self._window = None
         searching = self._searches_at(self.t + 1)
         loss0 = window.loss()                  # detached
@@ -400,6 +421,22 @@ class UserGradientsMixin(_MixinBase):
         finally:
             self._buffer_module = saved_module
         return self._finish_step(loss0)
+
+
+def _grad_scaler_caller(frame) -> Optional[str]:
+    """Who called step() without a closure, for its error message (only then: it walks the
+    stack): "lightning" under Lightning's fp16 precision plugin, "grad_scaler" under
+    torch.amp.GradScaler.step, else None."""
+    found = None
+    while frame is not None:
+        code = frame.f_code
+        path = code.co_filename.replace("\\", "/")
+        if "lightning" in path and path.endswith("/plugins/precision/amp.py"):
+            return "lightning"
+        if path.endswith("/torch/amp/grad_scaler.py") and code.co_name == "step":
+            found = "grad_scaler"
+        frame = frame.f_back
+    return found
 
 
 class _MicroBatchContext:
