@@ -321,6 +321,34 @@ def device_seconds(fn: Callable[[], object], calls: int, wall_per_call: float,
     return spans[len(spans) // 2]
 
 
+def busy_seconds(fn: Callable[[], object], calls: int) -> Optional[float]:
+    """Device busy time per call: the summed durations of the kernels and copies that ``calls``
+    back-to-back calls ran (torch.profiler through CUPTI; one stream, so they do not overlap), or
+    None off CUDA or when the profiler saw no device activity.  Unlike ``device_seconds``'s event
+    span it leaves out the device's idle time while the host works after a read (the verdict),
+    so rows that read and rows that do not compare as work."""
+    if not IS_CUDA:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total_us / 1e6 / calls if total_us > 0 else None
+
+
+def busy_info(fn: Callable[[], object], calls: int = 5) -> dict:
+    """extra_info fields: ``busy_s`` (``busy_seconds``), or ``busy_error`` if the profiler failed
+    (a benchmark column, not worth a failed row)."""
+    try:
+        return {"busy_s": busy_seconds(fn, calls)}
+    except Exception as exc:  # noqa: BLE001
+        return {"busy_s": None, "busy_error": repr(exc)[:200]}
+
+
 def timing_info(wall: Optional[float], device: Optional[float]) -> dict:
     """extra_info fields: wall and device seconds per call, their ratio and the host's share."""
     info = {"wall_s": wall, "device_s": device}

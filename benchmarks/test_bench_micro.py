@@ -170,6 +170,7 @@ def _run_adam(bench, ps, path):
         pytest.skip(f"torch.optim.Adam({ADAM[path]}) cannot run here: {exc}")
     lib.run_rows(bench, opt.step)
     extra = lib.bandwidth_info(ps.spec, "adam", lib.time_for_bandwidth(bench))
+    extra.update(lib.busy_info(opt.step))
     with torch.enable_grad():
         extra["syncs_per_step"] = lib.count_syncs(opt.step, 3)
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
@@ -183,6 +184,7 @@ def _run_accepted(bench, ps, path):
     last = opt.last_step
     assert last.searched and last.accepted and last.trials == 1, last   # the path we meant
     extra = lib.bandwidth_info(ps.spec, "accepted", lib.time_for_bandwidth(bench))
+    extra.update(lib.busy_info(work))     # its event span also holds host work after the read
     extra["syncs_per_step"] = lib.count_syncs(work, 3)
     extra["state_bytes_per_param"] = lib.state_bytes_per_param(opt, ps.numel)
     return extra

@@ -105,8 +105,13 @@ def test_gpu_rows_report_device_and_wall_time():
             dict(base, row="alsals-triton-opt.step", stats={"median": 2.5e-3, "min": 2.4e-3, "rounds": 5},
                  device_s=2.4e-3, wall_s=2.5e-3, wall_over_device=1.04, calls_per_sync=10)]
     table = _report.markdown_tables(rows)
-    assert "| alsals-triton-accepted | 2 | 2 | 1.1 | 1.82 | 12 |" in table, table
+    assert "| alsals-triton-accepted | 2 | 2 | 1.1 | - | 1.82 | 12 |" in table, table
     ts = {t["target"]: t for t in _report.targets(rows)}
     acc = ts["triton: accepted-step work / torch adam-fused"]
-    assert acc["value"] == pytest.approx(1.1 / 0.9) and acc["detail"] == "device time"
+    # Without the profiler's busy times: the event spans, labelled as an upper bound.
+    assert acc["value"] == pytest.approx(1.1 / 0.9) and "upper bound" in acc["detail"]
     assert ts["triton: opt.step incl. host work / torch adam-fused"]["value"] == pytest.approx(2.5)
+    rows[0]["busy_s"], rows[1]["busy_s"] = 0.85e-3, 1.0e-3       # busy times win when both exist
+    assert "| alsals-triton-accepted | 2 | 2 | 1.1 | 1 | 1.82 | 12 |" in _report.markdown_tables(rows)
+    acc = {t["target"]: t for t in _report.targets(rows)}["triton: accepted-step work / torch adam-fused"]
+    assert acc["value"] == pytest.approx(1.0 / 0.85) and acc["detail"] == "device busy time (profiler)"
