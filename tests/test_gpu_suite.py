@@ -59,7 +59,7 @@ def test_clear_jit_locks_removes_only_this_packages_build_locks(tmp_path):
 def test_dry_run_leaves_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(BENCH, "gpu_suite.py"), "--dry-run", "--out", str(out),
-           "--phases", "env,wheels,plot", "--wheels", str(tmp_path / "no-wheels")]
+           "--phases", "env,wheels,build,plot", "--wheels", str(tmp_path / "no-wheels")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = gpu_suite.out_files(str(out))
@@ -69,7 +69,10 @@ def test_dry_run_leaves_at_most_eight_files(tmp_path):
     with tarfile.open(out / bundles[0]) as tar:
         assert "raw/env.log" in tar.getnames()
     doc = json.loads((out / bundles[0].replace("-raw.tar.gz", ".json")).read_text())
-    assert [p["name"] for p in doc["phases"]] == ["env", "wheels", "plot"]
+    assert [p["name"] for p in doc["phases"]] == ["env", "wheels", "build", "plot"]
+    # The build phase (its host-helper child and the backends' import) ran and smoke-stepped.
+    assert doc["phases"][2]["status"] == "ok", doc["phases"][2]
+    assert doc["backends"]["smoke"]["reference"].startswith("ok") and doc["backends"]["grad_reads"]
     assert doc["suite"]["raw_logs"] == bundles[0]
 
 
