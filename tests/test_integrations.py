@@ -466,6 +466,20 @@ def test_lightning_fp16_mixed_precision_is_refused_with_the_fix(tmp_path):
     assert torch.equal(flat(module), before) and trainer.optimizers[0].t == 0
 
 
+def test_fabric_step_without_a_closure_gets_the_generic_help_not_the_fp16_one():
+    # Fabric's precision plugins are on the stack too, but they leave backward to the user.
+    from lightning.fabric import Fabric
+    fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+    net = tiny()
+    model, opt = fabric.setup(net, ALSALS(net.parameters()))
+    x, y = data()
+    fabric.backward(mse(model, x, y))
+    with pytest.raises(TypeError) as caught:
+        opt.step()
+    assert "16-bit mixed precision" not in str(caught.value)
+    assert "micro_batch" in str(caught.value)
+
+
 def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):
     module = _lightning_module()
     trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, gradient_clip_val=0.5)

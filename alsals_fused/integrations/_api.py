@@ -81,8 +81,9 @@ LIGHTNING_FP16 = (
     "steps through torch.amp.GradScaler): that plugin runs the training closure itself and then "
     "calls optimizer.step() without it, so the line search has no forward for its trial points. "
     "Use precision='bf16-mixed' (no loss scaling needed) or '32-true'; with manual optimization, "
-    "run the forward/backward inside opt.micro_batch(...) and call scaler.step(opt). The "
-    "parameters and the optimizer's state are unchanged."
+    "run the forward/backward inside self.optimizers().optimizer.micro_batch(...) (the ALSALS "
+    "object, not Lightning's wrapper of it) and then call step(). The parameters and the "
+    "optimizer's state are unchanged."
 )
 
 GRAD_SCALER_WITHOUT_WINDOW = (
@@ -425,16 +426,20 @@ class UserGradientsMixin(_MixinBase):
 
 def _grad_scaler_caller(frame) -> Optional[str]:
     """Who called step() without a closure, for its error message (only then: it walks the
-    stack): "lightning" under Lightning's fp16 precision plugin, "grad_scaler" under
-    torch.amp.GradScaler.step, else None."""
+    stack, innermost first): "grad_scaler" under torch.amp.GradScaler.step, "lightning" when a
+    Lightning Trainer precision plugin's optimizer_step called that GradScaler.step (its fp16
+    plugins run the closure themselves; Fabric's leave the backward to the user, as a plain
+    scaler does), else None."""
     found = None
     while frame is not None:
         code = frame.f_code
         path = code.co_filename.replace("\\", "/")
-        if "lightning" in path and path.endswith("/plugins/precision/amp.py"):
+        if found is None:
+            if path.endswith("/torch/amp/grad_scaler.py") and code.co_name == "step":
+                found = "grad_scaler"
+        elif code.co_name == "optimizer_step" and ("/lightning/pytorch/plugins/precision/" in path
+                                                   or "/pytorch_lightning/plugins/precision/" in path):
             return "lightning"
-        if path.endswith("/torch/amp/grad_scaler.py") and code.co_name == "step":
-            found = "grad_scaler"
         frame = frame.f_back
     return found
 

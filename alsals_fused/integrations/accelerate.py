@@ -3,9 +3,10 @@
 Without accumulation, ``optimizer.step(closure)`` works as in a plain loop; accelerate's wrapper
 returns None, so read the step's loss from the ALSALS object (``opt.last_step.loss``, a 0-dim
 tensor) or compute it in the closure.  Not with ``mixed_precision="fp16"``: accelerate's step
-then hands the closure to torch's GradScaler, which cannot run closures (it fails before ALSALS
-is called); use ``micro_batch`` below, which works with the scaler (``scaler.step`` unscales
-``p.grad`` before the search).  bf16 needs no scaler, and ``step(closure)`` works.
+then goes through torch's GradScaler, which unscales ``p.grad`` before it calls the optimizer,
+so it needs the scaled backward to have run already (without one it fails before ALSALS is
+called); use ``micro_batch`` below, whose ``accelerator.backward`` scales the loss and whose
+search then sees the unscaled gradients.  bf16 needs no scaler, and ``step(closure)`` works.
 
 With ``accelerator.accumulate()`` (gradient_accumulation_steps > 1) accelerate runs the inner
 ``step()`` only on a window's last micro-batch, so a closure given to ``step()`` would see that one
