@@ -336,7 +336,10 @@ def busy_seconds(fn: Callable[[], object], calls: int) -> Optional[float]:
         for _ in range(calls):
             fn()
         sync()
-    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    # Device events except record_function ranges' device-side spans (torch.optim's
+    # "Optimizer.step#Adam.step" would count Adam's kernels twice), as torch's own totals do.
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
     return total_us / 1e6 / calls if total_us > 0 else None
 
 

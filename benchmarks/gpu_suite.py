@@ -110,8 +110,11 @@ import_s = round(time.time() - t0, 1)
 host_build.wait()
 from alsals_fused import host_ext
 grad_reads = host_ext.status()
+# import_s: until the backends were imported (the CUDA extension's JIT build included);
+# grad_reads_s: until the host helper was loaded (its build ran beside that one).
 out = {"device": dev, "backends": reasons, "import_s": import_s, "smoke": {},
-       "grad_reads": grad_reads, "grad_reads_s": round(time.time() - t0, 1)}
+       "grad_reads": grad_reads, "grad_reads_s": round(time.time() - t0, 1),
+       "host_build_rc": host_build.returncode}
 for name, reason in reasons.items():
     if reason is not None or (dev == "cpu" and name in ("triton", "cuda")):
         continue
@@ -154,18 +157,22 @@ JIT_NAMES = ("alsals_fused_jit_host", "alsals_fused_jit_C")
 
 def clear_jit_locks(extensions_dir: str) -> List[str]:
     """Remove the lock files that a killed JIT build of this package leaves in its build folder
-    (``<extensions_dir>/<name>/lock`` with TORCH_EXTENSIONS_DIR set, as the suite sets it, or
-    ``<root>/<python>_<cuda>/<name>/lock`` under torch's default root); returns their paths.
-    torch waits on such a lock with no time limit, so a build cut in an earlier run would hang
-    every later one.  The suite is the one builder there: it calls this before its build and
-    after a cut one."""
+    (``<extensions_dir>/<name>/lock``, torch's layout under TORCH_EXTENSIONS_DIR, which the
+    suite sets; ``<extensions_dir>/<python>_<cuda>/<name>/lock`` too, its layout when
+    ``extensions_dir`` is torch's default root); returns the paths removed.  torch waits on such
+    a lock with no time limit, so a build cut in an earlier run would hang every later one.  The
+    suite calls this before its build and after a cut one, assuming no other process builds
+    these two extensions in that directory meanwhile."""
     root = glob.escape(extensions_dir)
-    locks = [path for name in JIT_NAMES for pattern in (os.path.join(root, name, "lock"),
-                                                          os.path.join(root, "*", name, "lock"))
-             for path in glob.glob(pattern)]
-    for path in locks:
-        os.remove(path)
-    return locks
+    removed = []
+    for name in JIT_NAMES:
+        for path in glob.glob(os.path.join(root, name, "lock")) + glob.glob(os.path.join(root, "*", name, "lock")):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def _now() -> str:
@@ -373,7 +380,7 @@ class Suite:
     def clear_jit_locks(self) -> str:
         removed = clear_jit_locks(self.child_env()["TORCH_EXTENSIONS_DIR"])
         self.doc.setdefault("jit_locks_removed", []).extend(removed)
-        return f"; removed the lock of a killed JIT build: {', '.join(removed)}" if removed else ""
+        return f"removed the lock of a killed JIT build: {', '.join(removed)}" if removed else ""
 
     def phase_build(self, timeout):
         start = time.monotonic()
@@ -400,7 +407,7 @@ class Suite:
                 self.jit = False
                 self.doc["cuts"].append("build: the JIT build of the extension failed, so later phases "
                                         "run with ALSALS_FUSED_JIT=0")
-        r["note"] = r.get("note", "") + locks_note
+        r["note"] = "; ".join(n for n in (r.get("note"), locks_note) if n)
         return r
 
     def phase_tests(self, timeout):
