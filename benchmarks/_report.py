@@ -156,17 +156,17 @@ def targets(rows: Iterable[dict]) -> List[dict]:
                     sp["frac_copy"] >= 0.90, f"{sp['gbps']} vs {sp['copy_gbps']} GB/s"
                     + (" (device time)" if sp.get("device_s") else ""))
             acc_row = micro.get((label, f"alsals-{b}-accepted"))
+            work = None                   # (ratio, how it was timed)
             if acc_row and adam and acc_row.get("busy_s") and adam.get("busy_s"):
-                ratio = acc_row["busy_s"] / adam["busy_s"]
-                add(f"{b}: accepted-step work / torch {adam['row']}", label, ratio, "<= 1.35",
-                    ratio <= 1.35, "device busy time (profiler)")
+                work = acc_row["busy_s"] / adam["busy_s"], "device busy time (profiler)"
             elif acc_row and adam and _device(acc_row) and _device(adam):
-                ratio = _device(acc_row) / _device(adam)
                 # The accepted step reads its verdict: its event span holds the host's work after
                 # the read too, so this ratio is an upper bound of the work's.
-                add(f"{b}: accepted-step work / torch {adam['row']}", label, ratio, "<= 1.35",
-                    ratio <= 1.35, "event span, with ALSALS's host work after its read (an upper "
-                    "bound)" if acc_row.get("device_s") else "wall time")
+                work = (_device(acc_row) / _device(adam), "event span, with ALSALS's host work after "
+                        "its read (an upper bound)" if acc_row.get("device_s") else "wall time")
+            if work is not None:          # (adam is then a row)
+                add(f"{b}: accepted-step work / torch {adam['row']}", label, work[0], "<= 1.35",
+                    work[0] <= 1.35, work[1])
             full = _median(micro.get((label, f"alsals-{b}-opt.step")))
             if full and adam and _median(adam):
                 ratio = full / _median(adam)
