@@ -85,9 +85,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "demo": ["matplotlib"],
+        "demo": ["matplotlib", "prodigyopt>=1.1"],
+        # The learning-rate-free optimizers the quality harness compares against are test
+        # dependencies: CI's smoke subset runs them.
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46",
-                 "accelerate>=1.0"],
+                 "accelerate>=1.0", "prodigyopt>=1.1", "schedulefree>=1.4", "dadaptation>=3.2"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -20,18 +20,23 @@ if str(REPO) not in sys.path:          # benchmarks/ is not installed; plain `py
 def test_harness_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.quality import run
-    from benchmarks.quality.methods import salsa_package_status
+    from benchmarks.quality.methods import PEERS, peer_status, salsa_package_status
 
-    methods = ["adam@0.001", "adam@0.01", "alsals/every", "adaptive/auto", "salsa/auto"]
+    peers = [p for p in PEERS if peer_status(p) is None]
+    if not peers and "CI" in __import__("os").environ:
+        pytest.fail("the learning-rate-free peers are test dependencies: " + "; ".join(
+            peer_status(p) or "" for p in PEERS))
+    methods = ["adam@0.001", "adam@0.01", "alsals/every", "adaptive/auto", "salsa/auto"] + peers
     if salsa_package_status() is None:
         methods.append("salsa_pkg")
-    out = run.main(["--quick", "--steps-scale", "0.06", "--workloads", "cnn_bn,tabular_sep",
+    out = run.main(["--quick", "--steps-scale", "0.06", "--workloads", "cnn_bn,spirals",
                     "--methods", ",".join(methods), "--out", str(tmp_path), "--tag", "smoke", "--quiet"])
     summary = out["summary"]
-    assert set(summary) == {"cnn_bn", "tabular_sep"}
+    assert set(summary) == {"cnn_bn", "spirals"}
     for wl, ms in summary.items():
-        assert set(ms) - {"_best_adam"} == set(methods), wl
+        assert set(ms) - {"_best_adam", "_best_peer"} == set(methods), wl
         assert ms["_best_adam"]["method"] in ("adam@0.001", "adam@0.01")
+        assert ms["_best_peer"]["method"] in (peers or [None])
         assert ms["adam@0.001"]["vs_adam_1e-3"] == pytest.approx(1.0)
         for m in methods:
             a = ms[m]
@@ -39,12 +44,45 @@ def test_harness_smoke(tmp_path):
             assert a["forwards_per_step"] >= 1
         assert ms["alsals/every"]["forwards_per_step"] >= 2      # every step searches
         assert ms["adaptive/auto"]["first_step_trials"] <= 10
+        # One forward per step: the loss at an equal number of forwards is the final loss.
+        assert ms["adam@0.01"]["final_train_loss_eqf"] == pytest.approx(ms["adam@0.01"]["final_train_loss"])
     md = (tmp_path / "smoke-results.md").read_text()
-    assert "## Verdict" in md and "| adaptive/auto |" in md
+    assert "## Targets" in md and "## Verdict at an equal number of forward passes" in md
+    assert "| adaptive/auto |" in md and "(confirm)" in md and "(tune)" in md
     report = json.loads((tmp_path / "smoke-results.json").read_text())
-    assert all(len(r["etas"]) == r["steps"] for r in report["runs"])
-    for wl in ("cnn_bn", "tabular_sep"):
+    assert all(len(r["etas"]) == r["steps"] == len(r["fwds"]) for r in report["runs"])
+    for wl in ("cnn_bn", "spirals"):
         assert (tmp_path / f"smoke-{wl}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_harness_writes_no_committed_file_unless_asked():
+    from benchmarks.quality import run
+    for argv in ([], ["--quick"]):
+        out = Path(run.parse_args(argv).out).resolve()
+        assert out != (REPO / "benchmarks" / "quality" / "results").resolve()
+        assert out.name == "out"
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "/benchmarks/quality/out/" in ignored
+
+
+def test_loss_at_an_equal_number_of_forwards():
+    from benchmarks.quality.run import _final_at_forwards
+    losses = [float(i) for i in range(20)]
+    # One forward per step: the last 10% of 20 steps.
+    assert _final_at_forwards(losses, [1] * 20, 20) == pytest.approx((18 + 19) / 2)
+    # Two forwards per step: the budget of 20 forwards ends after step 10; its window (forwards
+    # 19-20) holds step 10 only (index 9).
+    assert _final_at_forwards(losses, [2] * 20, 20) == pytest.approx(9.0)
+    # A run that stops before the window reports NaN instead of a loss from another budget.
+    assert math.isnan(_final_at_forwards(losses[:5], [1] * 5, 20))
+
+
+def test_eta_collapse_is_a_fall_of_1000x_or_a_step_below_1e_6():
+    from benchmarks.quality.run import _eta_collapse
+    assert not _eta_collapse([1e-2, 1e-3, 2e-5, 1e-2])
+    assert _eta_collapse([1e-2, 5e-6])                      # 2000x below the running peak
+    assert _eta_collapse([5e-7])
+    assert not _eta_collapse([1e-3, math.nan, 1e-3])
 
 
 def test_paper_variants_keep_their_definitions():

@@ -17,6 +17,8 @@ from torch import nn
 from alsals_fused import ALSALS
 from alsals_fused.config import VARIANTS
 
+# Keyword arguments of the experimental rules (rules.py); every other key is a field of Hyper.
+RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches")
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 ADAMW_COSINE = dict(peak_lr=3e-3, weight_decay=1e-2, warmup=0.05)
 
@@ -30,6 +32,9 @@ class Adapter:
 
     def summary(self) -> dict:
         return {}
+
+    def before_eval(self, model: nn.Module, batches) -> None:
+        """Called once before the held-out evaluation (schedule-free AdamW switches points)."""
 
 
 class AdamAdapter(Adapter):
@@ -68,8 +73,16 @@ class AlsalsAdapter(Adapter):
 
     def __init__(self, model: nn.Module, variant: str, line_search_every, has_buffers: bool,
                  overrides: Optional[dict] = None):
-        self.opt = ALSALS(model.parameters(), variant=variant, line_search_every=line_search_every,
-                          buffers=model if has_buffers else None)
+        overrides = dict(overrides or {})
+        rule = overrides.pop("rule", None)
+        if rule is not None:   # an experimental host rule (rules.py) with its own keyword arguments
+            from .rules import RULES
+            rule_kwargs = {k: overrides.pop(k) for k in RULE_ARGUMENTS if k in overrides}
+            self.opt = RULES[rule](model.parameters(), variant=variant, line_search_every=line_search_every,
+                                   buffers=model if has_buffers else None, **rule_kwargs)
+        else:
+            self.opt = ALSALS(model.parameters(), variant=variant, line_search_every=line_search_every,
+                              buffers=model if has_buffers else None)
         if overrides:          # candidate rules: fields of Hyper (config.py), validated there
             from alsals_fused.config import make_hyper
             base = dataclasses.asdict(self.opt.hyper)
@@ -82,7 +95,7 @@ class AlsalsAdapter(Adapter):
 
     def step(self, closure):
         self.opt.zero_grad(set_to_none=True)
-        loss = self.opt.step(closure)
+        self.opt.step(closure)
         info = self.opt.last_step
         if self.first_trials is None:
             self.first_trials = info.trials
@@ -91,7 +104,8 @@ class AlsalsAdapter(Adapter):
             self.max_rejected_run = max(self.max_rejected_run, self.rejected_run)
         elif info.searched:
             self.rejected_run = 0
-        return float(loss), float(info.eta), 1 + info.trials
+        eta = getattr(self.opt, "step_size", None)
+        return float(info.loss), float(eta if eta is not None else info.eta), 1 + info.trials
 
     def summary(self):
         c = self.opt.counters
@@ -137,6 +151,68 @@ class SalsaPackageAdapter(Adapter):
         return float(loss), float(self.opt.step_size), max(1, int(fwd))
 
 
+class PeerAdapter(Adapter):
+    """A learning-rate-free optimizer people compare against, with its documented defaults.
+
+    ``before_eval`` is called before the held-out evaluation: schedule-free AdamW evaluates at its
+    averaged point (``opt.eval()``), and a model with BatchNorm then needs its running statistics
+    recomputed there, as the package's documentation says (a few training-mode forwards under
+    ``no_grad``)."""
+
+    def __init__(self, model: nn.Module, family: str):
+        self.family, self.model = family, model
+        params = model.parameters()
+        if family == "prodigy":
+            from prodigyopt import Prodigy
+            self.opt = Prodigy(params, lr=1.0)
+        elif family == "dadapt_adam":
+            from dadaptation import DAdaptAdam
+            self.opt = DAdaptAdam(params, lr=1.0)
+        elif family == "schedulefree":
+            from schedulefree import AdamWScheduleFree
+            self.opt = AdamWScheduleFree(params)
+            self.opt.train()
+        else:
+            raise ValueError(f"unknown peer {family!r}")
+
+    def _step_size(self) -> float:
+        g = self.opt.param_groups[0]
+        d = g.get("d", 1.0)                      # Prodigy / D-Adapt: the estimated scale times lr
+        return float(g["lr"]) * float(d)
+
+    def step(self, closure):
+        self.opt.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()), self._step_size(), 1
+
+    def before_eval(self, model: nn.Module, batches) -> None:
+        if self.family != "schedulefree":
+            return
+        self.opt.eval()
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model.train()
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x)
+            model.eval()
+
+
+PEERS = {"prodigy": ("prodigyopt", "Prodigy (lr=1)"), "dadapt_adam": ("dadaptation", "D-Adapt Adam (lr=1)"),
+         "schedulefree": ("schedulefree", "schedule-free AdamW (lr=0.0025)")}
+
+
+def peer_status(family: str) -> Optional[str]:
+    """None when the peer's package imports; otherwise why it is skipped."""
+    module = PEERS[family][0]
+    try:
+        __import__(module)
+    except Exception as e:
+        return f"{module} is not available ({type(e).__name__}: {e}); `pip install {module}`; {family} skipped"
+    return None
+
+
 def salsa_package_status() -> Optional[str]:
     """None when the authors' package imports; otherwise why it is skipped."""
     try:
@@ -152,7 +228,7 @@ def salsa_package_status() -> Optional[str]:
 class Method:
     name: str
     label: str
-    family: str                      # adam | adamw_cosine | <variant> | salsa_pkg
+    family: str                      # adam | adamw_cosine | <variant> | salsa_pkg | <peer>
     make: Callable[..., Adapter]
 
 
@@ -168,6 +244,10 @@ def _adam_make(lr: float) -> Callable[..., Adapter]:
     return lambda model, steps, seed, wl: AdamAdapter(model, lr, steps)
 
 
+def _peer_make(family: str) -> Callable[..., Adapter]:
+    return lambda model, steps, seed, wl: PeerAdapter(model, family)
+
+
 def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
     out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam", _adam_make(lr))
            for lr in ADAM_GRID]
@@ -181,6 +261,8 @@ def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
             out.append(_line_search(variant, every))
     out.append(Method("salsa_pkg", "SaLSA package (authors)", "salsa_pkg",
                       lambda model, steps, seed, wl: SalsaPackageAdapter(model, seed)))
+    for family, (_, label) in PEERS.items():
+        out.append(Method(family, label, family, _peer_make(family)))
     for name, spec in (candidates or {}).items():
         spec = dict(spec)
         variant = spec.pop("variant", "adaptive")

@@ -1,7 +1,8 @@
-"""The quality harness: every variant against Adam's grid, AdamW+cosine and the SaLSA package.
+"""The quality harness: every variant against Adam's grid, AdamW+cosine, the learning-rate-free
+optimizers users compare with (Prodigy, schedule-free AdamW, D-Adapt Adam) and the SaLSA package.
 
-    python -m benchmarks.quality               # full: 5 workloads x 3 seeds (about 40-60 min, 2 cores)
-    python -m benchmarks.quality --quick       # 1 seed, shorter budgets (a few minutes)
+    python -m benchmarks.quality               # full: 11 workloads x 3 seeds (hours on 2 cores)
+    python -m benchmarks.quality --quick       # 1 seed, shorter budgets
     python -m benchmarks.quality --workloads cnn_bn,regression --methods adam@0.001,adaptive/auto
     python -m benchmarks.quality --gpu         # GPT-2-small-shaped model on CUDA (one call, < 3 min)
 
@@ -10,10 +11,14 @@ sources.  One CPU thread per run (``torch.set_num_threads(1)``).  Within a workl
 every method starts from the same initialization and sees the same mini-batches and dropout
 stream.  Reported per method (mean over seeds): final training loss = mean of the last 10% of
 the mini-batch losses (each measured at the weights before the step, as every method reports
-it), held-out loss and accuracy (R^2 for regression), forward passes per step (the gradient
-forward plus trial forwards), wall time per run, first-step trial forwards, rejected steps and
-the longest run of consecutive rejections.  Writes ``results.md`` (tables), ``results.json``
-(everything, with per-step loss and eta trajectories) and ``<workload>.png`` into ``--out``.
+it), the same at an equal number of forward passes (the loss when the method has spent the
+forwards Adam spends in its whole run), held-out loss and accuracy (R^2 for regression), forward
+passes per step (the gradient forward plus trial forwards), wall time per run, first-step trial
+forwards, rejected steps, the longest run of consecutive rejections and eta collapses.  The
+workloads are split: ``tune`` ones choose rules, ``confirm`` ones only check them.  Writes
+``results.md`` (targets, verdict tables, one table per workload), ``results.json`` (everything,
+with per-step loss, eta and forwards) and ``<workload>.png`` into ``--out`` (by default a
+gitignored folder: the committed record in ``results/`` is rewritten only when named).
 """
 from __future__ import annotations
 
@@ -24,14 +29,17 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from .methods import ADAM_GRID, ADAMW_COSINE, all_methods, salsa_package_status
+from .methods import ADAM_GRID, ADAMW_COSINE, PEERS, all_methods, peer_status, salsa_package_status
 from .workloads import WORKLOADS, Workload
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Runs write into a gitignored folder; the committed record (results/) is rewritten only when asked
+# for by name (--out benchmarks/quality/results).
+DEFAULT_OUT = os.path.join(HERE, "out")
 
 
 def _evaluate(model, wl: Workload, data) -> Dict[str, float]:
@@ -65,6 +73,7 @@ def run_one(wl: Workload, method, seed: int, steps: int, data) -> dict:
     torch.manual_seed(20_000 + seed)          # dropout stream: the same for every method
     losses: List[float] = []
     etas: List[float] = []
+    fwds: List[int] = []
     forwards = 0
     diverged = False
     t0 = time.perf_counter()
@@ -83,20 +92,54 @@ def run_one(wl: Workload, method, seed: int, steps: int, data) -> dict:
             break
         losses.append(loss)
         etas.append(eta)
+        fwds.append(fwd)
         forwards += fwd
     wall = time.perf_counter() - t0
     tail = losses[-max(1, steps // 10):]
     final = sum(tail) / len(tail) if not diverged else math.nan
+    final_eqf = _final_at_forwards(losses, fwds, steps) if not diverged else math.nan
     row = dict(workload=wl.name, method=method.name, family=method.family, seed=seed, steps=steps,
                final_train_loss=final if math.isfinite(final) else math.nan,
+               final_train_loss_eqf=final_eqf if math.isfinite(final_eqf) else math.nan,
                forwards_per_step=forwards / max(1, len(losses)), wall_s=wall,
                final_eta=etas[-1] if etas else math.nan, diverged=diverged or not math.isfinite(final))
+    if not row["diverged"]:
+        adapter.before_eval(model, [data.get(batches[i]) for i in range(min(steps, 20))])
     row.update(_evaluate(model, wl, data) if not row["diverged"] else
                {"heldout_loss": math.nan, "heldout_metric": math.nan})
     row.update(adapter.summary())
+    row["eta_collapse"] = _eta_collapse(etas)
     row["losses"] = losses
     row["etas"] = etas
+    row["fwds"] = fwds
     return row
+
+
+def _final_at_forwards(losses: List[float], fwds: List[int], budget: int) -> float:
+    """The final loss at an equal number of forward passes: the mean mini-batch loss over the steps
+    whose forwards fall in the last 10% of a budget of ``budget`` forwards (the Adam runs' count).
+    A method with trial forwards reaches the budget after fewer steps; NaN if it never ends a
+    step inside the window (it stopped early)."""
+    window, spent, tail = budget - max(1, budget // 10), 0, []
+    for loss, f in zip(losses, fwds):
+        spent += f
+        if spent > budget:
+            break
+        if spent > window:
+            tail.append(loss)
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def _eta_collapse(etas: List[float]) -> bool:
+    """A step size below 1e-6, or a fall of more than 1000x below its running maximum."""
+    peak = 0.0
+    for e in etas:
+        if not math.isfinite(e) or e <= 0:
+            continue
+        peak = max(peak, e)
+        if e < 1e-6 or e < peak / 1000:
+            return True
+    return False
 
 
 def _mean(xs):
@@ -115,10 +158,12 @@ def aggregate(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
     for wl, methods in out.items():
         agg[wl] = {}
         for m, rs in methods.items():
-            a = {k: _mean([r[k] for r in rs]) for k in
-                 ("final_train_loss", "heldout_loss", "heldout_metric", "forwards_per_step", "wall_s",
-                  "final_eta")}
+            a = {k: _mean([r.get(k) for r in rs]) for k in
+                 ("final_train_loss", "final_train_loss_eqf", "heldout_loss", "heldout_metric",
+                  "forwards_per_step", "wall_s", "final_eta")}
+            a["eta_collapse"] = sum(bool(r.get("eta_collapse")) for r in rs)
             a["seeds"] = len(rs)
+            a["steps"] = rs[0]["steps"]
             a["diverged"] = sum(bool(r["diverged"]) for r in rs)
             for k in ("first_step_trials", "rejected", "max_consecutive_rejected"):
                 if k in rs[0]:
@@ -129,12 +174,22 @@ def aggregate(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
         adam = {m: a for m, a in agg[wl].items() if a["family"] == "adam"
                 and a["final_train_loss"] is not None and math.isfinite(a["final_train_loss"])}
         best = min(adam, key=lambda m: adam[m]["final_train_loss"]) if adam else None
+        peers = {m: a for m, a in agg[wl].items() if a["family"] in PEERS
+                 and a["final_train_loss"] is not None and math.isfinite(a["final_train_loss"])}
+        best_peer = min(peers, key=lambda m: peers[m]["final_train_loss"]) if peers else None
         ref = agg[wl].get("adam@0.001")
         for a in agg[wl].values():
-            f = a["final_train_loss"]
+            f, fe = a["final_train_loss"], a["final_train_loss_eqf"]
             a["vs_adam_1e-3"] = f / ref["final_train_loss"] if ref and f is not None else None
             a["vs_best_adam"] = f / adam[best]["final_train_loss"] if best and f is not None else None
+            a["vs_best_peer"] = f / peers[best_peer]["final_train_loss"] if best_peer and f is not None else None
+            # At an equal number of forwards: the reference methods all take one forward per step.
+            a["eqf_vs_adam_1e-3"] = fe / ref["final_train_loss"] if ref and fe is not None else None
+            a["eqf_vs_best_adam"] = fe / adam[best]["final_train_loss"] if best and fe is not None else None
+            a["eqf_vs_best_peer"] = (fe / peers[best_peer]["final_train_loss"]
+                                     if best_peer and fe is not None else None)
         agg[wl]["_best_adam"] = {"method": best}
+        agg[wl]["_best_peer"] = {"method": best_peer}
     return agg
 
 
@@ -142,6 +197,56 @@ def _fmt(x, spec=".4g"):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
     return format(x, spec)
+
+
+TARGET_VS_BEST_ADAM = 1.10
+TARGET_FORWARDS = 1.3
+TARGET_FIRST_STEP = 6
+TARGET_REJECTED = 0.01
+
+
+def targets(agg, wls, method) -> Optional[dict]:
+    """The quality targets of one method over the workloads it ran on (None if it ran on none)."""
+    rows = [(wl, agg[wl][method]) for wl in wls if method in agg[wl]]
+    if not rows:
+        return None
+    ratios = [a["vs_best_adam"] for _, a in rows]
+    peer = [a["vs_best_peer"] for _, a in rows if a["vs_best_peer"] is not None]
+    first = [a.get("first_step_trials") for _, a in rows]
+    rej = [(a.get("rejected") or 0) / max(1, a.get("steps") or 1) for _, a in rows]
+    return dict(
+        worst_vs_best_adam=max((r for r in ratios if r is not None), default=None),
+        within=sum(r is not None and r <= TARGET_VS_BEST_ADAM for r in ratios),
+        below_peer=sum(r < 1 for r in peer), peer_n=len(peer), n=len(rows),
+        forwards=_mean([a["forwards_per_step"] for _, a in rows]),
+        first_step=max((1 + f for f in first if f is not None), default=None),
+        collapses=sum(a.get("eta_collapse") or 0 for _, a in rows),
+        rejected=max(rej, default=0.0))
+
+
+def targets_markdown(agg, wls, methods) -> List[str]:
+    out = ["## Targets (line searches and peers)", "",
+           f"Within {TARGET_VS_BEST_ADAM}x of the best Adam point on every workload; below the best peer on "
+           f"at least two thirds; at most {TARGET_FORWARDS} forwards per step (mean over workloads); first "
+           f"step at most {TARGET_FIRST_STEP} forwards; no eta collapse (below 1e-6 or a 1000x fall); at most "
+           f"{TARGET_REJECTED:.0%} of steps rejected. Split: `tune` workloads chose the rules, `confirm` "
+           "workloads only check them.", "",
+           "| method | split | worst x best Adam | within 1.10x | below best peer | fwd/step | 1st step fwd "
+           "| collapses | max rejected |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        fam = next(agg[wl][m]["family"] for wl in wls if m in agg[wl])
+        if fam in ("adam", "adamw_cosine"):
+            continue
+        for split in ("tune", "confirm", "all"):
+            sel = [wl for wl in wls if split == "all" or WORKLOADS[wl].split == split]
+            t = targets(agg, sel, m)
+            if t is None:
+                continue
+            out.append("| " + " | ".join([
+                m, split, _fmt(t["worst_vs_best_adam"], ".3f"), f"{t['within']}/{t['n']}",
+                f"{t['below_peer']}/{t['peer_n']}", _fmt(t["forwards"], ".2f"), _fmt(t["first_step"], "d"),
+                str(t["collapses"]), f"{t['rejected']:.1%}"]) + " |")
+    return out + [""]
 
 
 def markdown(agg, meta) -> str:
@@ -155,22 +260,32 @@ def markdown(agg, meta) -> str:
              "run = longest run of consecutive rejected steps.", ""]
     if meta.get("notes"):
         lines += [f"- {n}" for n in meta["notes"]] + [""]
-    # The verdict table first.
     wls = list(agg)
     methods = [m for m in agg[wls[0]] if not m.startswith("_")]
     for wl in wls[1:]:
         methods += [m for m in agg[wl] if not m.startswith("_") and m not in methods]
-    lines += ["## Verdict: final training loss relative to Adam 1e-3 / to the best Adam grid point", ""]
-    lines.append("| method | " + " | ".join(wls) + " |")
-    lines.append("|---|" + "---|" * len(wls))
-    for m in methods:
-        cells = []
-        for wl in wls:
-            a = agg[wl].get(m)
-            cells.append("—" if a is None else f"{_fmt(a['vs_adam_1e-3'], '.3f')} / {_fmt(a['vs_best_adam'], '.3f')}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Best Adam grid point per workload: " + ", ".join(
-        f"{wl}: {agg[wl]['_best_adam']['method']}" for wl in wls), ""]
+    lines += targets_markdown(agg, wls, methods)
+    head = "| method | " + " | ".join(f"{wl} ({WORKLOADS[wl].split})" for wl in wls) + " |"
+    for title, keys in (("an equal number of steps", ("vs_adam_1e-3", "vs_best_adam", "vs_best_peer")),
+                        ("an equal number of forward passes (the method's loss when it has spent "
+                         "the forwards Adam spent in its whole run)",
+                         ("eqf_vs_adam_1e-3", "eqf_vs_best_adam", "eqf_vs_best_peer"))):
+        lines += [f"## Verdict at {title}", "",
+                  "Final training loss relative to Adam 1e-3 / to the best Adam grid point / to the best "
+                  "learning-rate-free peer, then forwards per step.", "", head,
+                  "|---|" + "---|" * len(wls)]
+        for m in methods:
+            cells = []
+            for wl in wls:
+                a = agg[wl].get(m)
+                cells.append("—" if a is None else " / ".join(_fmt(a[k], ".3f") for k in keys)
+                             + f" · {_fmt(a['forwards_per_step'], '.2f')}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Best Adam grid point per workload: " + ", ".join(
+        f"{wl}: {agg[wl]['_best_adam']['method']}" for wl in wls) + ".",
+              "Best learning-rate-free peer per workload: " + ", ".join(
+        f"{wl}: {agg[wl]['_best_peer']['method']}" for wl in wls) + ".", ""]
     for wl in wls:
         w = WORKLOADS[wl]
         metric = "held-out R^2" if w.metric == "r2" else "held-out acc"
@@ -193,10 +308,11 @@ def markdown(agg, meta) -> str:
 
 
 PLOTTED = ("adam@0.001", "adamw_cosine", "alsals/every", "adaptive/auto", "adaptive/every",
-           "adam_sls/every", "salsa/auto", "salsa_pkg")
+           "adam_sls/every", "salsa/auto", "salsa_pkg", "prodigy", "schedulefree", "dadapt_adam")
 COLORS = {"adam@0.001": "tab:blue", "adamw_cosine": "tab:cyan", "alsals/every": "tab:red",
           "adaptive/auto": "black", "adaptive/every": "tab:gray", "adam_sls/every": "tab:green",
-          "salsa/auto": "tab:orange", "salsa_pkg": "tab:purple", "best_adam": "tab:olive"}
+          "salsa/auto": "tab:orange", "salsa_pkg": "tab:purple", "best_adam": "tab:olive",
+          "prodigy": "tab:brown", "schedulefree": "tab:pink", "dadapt_adam": "yellowgreen"}
 
 
 def _ema(values, span):
@@ -259,9 +375,11 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--candidates", default=None,
-                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try "
-                        "(key 'variant': the base variant, default adaptive)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default benchmarks/quality/results)")
+                   help="JSON file {name: {Hyper field: value, ...}}: extra rules to try (key 'variant': the "
+                        "base variant, default adaptive; key 'rule': an experimental rule of rules.py)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output directory (default benchmarks/quality/out, gitignored; the committed record "
+                        "is benchmarks/quality/results)")
     p.add_argument("--tag", default=None, help="file name prefix for the outputs (default: none / 'quick')")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--gpu", action="store_true", help="GPU mode (see gpu.py)")
@@ -331,6 +449,12 @@ def _run(args) -> dict:
         print("note: " + salsa_note, file=sys.stderr)
         notes.append(salsa_note)
         methods = [m for m in methods if m.family != "salsa_pkg"]
+    for family in PEERS:
+        note = peer_status(family)
+        if note:
+            print("note: " + note, file=sys.stderr)
+            notes.append(note)
+            methods = [m for m in methods if m.family != family]
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         known = {m.name for m in methods}

@@ -33,6 +33,7 @@ class Workload:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     metric: str = "accuracy"        # "accuracy" or "r2" (regression)
     has_buffers: bool = False       # BatchNorm: ALSALS gets buffers=model
+    split: str = "tune"             # "tune": rules are chosen on it; "confirm": only checked on it
     description: str = ""
 
 
@@ -104,6 +105,7 @@ class GRUClassifier(nn.Module):
 # -- attention: byte-level GPT with dropout on the standard library's sources ---------------------
 _CORPUS = {}
 GPT_TINY = dict(context=32, n_layer=1, n_head=4, d_model=48, dropout=0.1)
+GPT_TWO = dict(GPT_TINY, n_layer=2)
 
 
 def _text_data(seed: int, context: int = GPT_TINY["context"], n_test_windows=256) -> Data:
@@ -191,6 +193,124 @@ def _regression_data(seed: int, features=8, n_train=2048, n_test=512, noise=0.05
     return Data(xtr, ytr, xte, yte)
 
 
+# -- attention: a small Transformer encoder that sorts digit sequences ------------------------------
+def _sort_data(seed: int, vocab=10, length=12, n_train=4096, n_test=512) -> Data:
+    """Each target position is the sorted input's symbol there: every output attends to all inputs."""
+    g = torch.Generator().manual_seed(5000 + seed)
+
+    def sample(n):
+        x = torch.randint(0, vocab, (n, length), generator=g)
+        return x, x.sort(dim=1).values
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+class SortEncoder(nn.Module):
+    def __init__(self, vocab=10, length=12, d_model=32, heads=4, layers=2, dropout=0.0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(length, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(x) + self.pos))
+
+
+def _token_ce(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+# -- small dense net that reaches near-zero loss: two interleaved spirals ---------------------------
+def _spiral_data(seed: int, n_train=1024, n_test=512, turns=1.5, noise=0.02) -> Data:
+    g = torch.Generator().manual_seed(6000 + seed)
+
+    def sample(n):
+        y = torch.randint(0, 2, (n,), generator=g)
+        r = torch.rand(n, generator=g)
+        theta = 2 * math.pi * turns * r + math.pi * y
+        x = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+        return x + noise * torch.randn(x.shape, generator=g), y
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+# -- convolution with BatchNorm, deeper: oriented gratings of 6 orientations ----------------------
+def _grating_data(seed: int, classes=6, size=16, n_train=2048, n_test=512, noise=1.0) -> Data:
+    g = torch.Generator().manual_seed(7000 + seed)
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+
+    def sample(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        angle = math.pi * y.float() / classes + 0.15 * torch.randn(n, generator=g)
+        freq = 0.6 + 0.4 * torch.rand(n, generator=g)
+        phase = 2 * math.pi * torch.rand(n, generator=g)
+        proj = xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None]
+        x = torch.sin(freq[:, None, None] * proj + phase[:, None, None])
+        x = x + noise * torch.randn(x.shape, generator=g)
+        return x.unsqueeze(1), y
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+class GratingCNN(nn.Module):
+    def __init__(self, classes=6):
+        super().__init__()
+
+        def block(i, o, stride):
+            return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        self.net = nn.Sequential(*block(1, 8, 1), *block(8, 16, 2), *block(16, 16, 2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+# -- recurrent, second kind: an LSTM counts which symbol occurs most often --------------------------
+def _count_data(seed: int, vocab=5, length=20, n_train=2048, n_test=512) -> Data:
+    g = torch.Generator().manual_seed(8000 + seed)
+
+    def sample(n):
+        x = torch.randint(0, vocab, (n, length), generator=g)
+        counts = F.one_hot(x, vocab).sum(1).float() + 0.1 * torch.arange(vocab)   # ties: larger id
+        return x, counts.argmax(1)
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
+class LSTMCounter(nn.Module):
+    def __init__(self, vocab=5, emb=8, hidden=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.lstm = nn.LSTM(emb, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(self.emb(x))
+        return self.head(out[:, -1])
+
+
+# -- regression, second kind: Friedman's function #1, ReLU MLP ------------------------------------
+def _friedman_data(seed: int, features=10, n_train=2048, n_test=512, noise=0.1) -> Data:
+    g = torch.Generator().manual_seed(9000 + seed)
+
+    def sample(n):
+        x = torch.rand(n, features, generator=g)
+        y = (10 * torch.sin(math.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3]
+             + 5 * x[:, 4]) / 5.0 - 2.9                                       # about zero mean, unit sd
+        return x, (y + noise * torch.randn(n, generator=g)).unsqueeze(1)
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload("gru_markov", "recurrent", steps=800, quick_steps=300, batch_size=32,
              make_data=_markov_data, make_model=GRUClassifier, loss_fn=_cross_entropy,
@@ -214,4 +334,32 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
              metric="r2",
              description="MLP 8-64-64-1 (tanh) regresses a sum of 6 random sinusoids of 8 inputs "
                          "plus noise (sd 0.05); metric R^2"),
+    # Confirmation workloads (rules are chosen on the five above, then checked on these).
+    Workload("encoder_sort", "attention", steps=800, quick_steps=300, batch_size=32,
+             make_data=_sort_data, make_model=SortEncoder, loss_fn=_token_ce, split="confirm",
+             description="2-layer pre-norm Transformer encoder (d=32, 4 heads) sorts 12 digits; "
+                         "4096 train / 512 held-out sequences; accuracy per position"),
+    Workload("gpt_bytes_long", "attention", steps=1200, quick_steps=300, batch_size=16,
+             make_data=_text_data, make_model=lambda: ByteGPT(GPTConfig(**GPT_TWO)), loss_fn=_lm_loss,
+             split="confirm",
+             description="2-layer byte-level GPT (d=48, 4 heads, context 32, dropout 0.1) on the "
+                         "standard-library sources, 1200 steps: long enough for the step size to matter"),
+    Workload("spirals", "dense, near-zero loss", steps=1200, quick_steps=500, batch_size=64,
+             make_data=_spiral_data, make_model=lambda: _mlp(2, 2), loss_fn=_cross_entropy, split="confirm",
+             description="MLP 2-64-64-2 on two interleaved spirals (1.5 turns, noise 0.02): "
+                         "separable, the training loss can approach 0"),
+    Workload("cnn_bn_gratings", "convolutional+BatchNorm", steps=600, quick_steps=250, batch_size=32,
+             make_data=_grating_data, make_model=GratingCNN, loss_fn=_cross_entropy, has_buffers=True,
+             split="confirm",
+             description="3-conv CNN with BatchNorm (no conv bias) on 16x16 noisy gratings of 6 "
+                         "orientations; 2048 train / 512 held-out images"),
+    Workload("lstm_count", "recurrent", steps=800, quick_steps=300, batch_size=32,
+             make_data=_count_data, make_model=LSTMCounter, loss_fn=_cross_entropy, split="confirm",
+             description="LSTM(32) names the most frequent of 5 symbols in a 20-symbol sequence; "
+                         "2048 train / 512 held-out"),
+    Workload("friedman", "regression", steps=1000, quick_steps=400, batch_size=64,
+             make_data=_friedman_data, make_model=lambda: _mlp(10, 1), loss_fn=_mse, metric="r2",
+             split="confirm",
+             description="MLP 10-64-64-1 (ReLU) regresses Friedman's function #1 (noise sd 0.1 on a "
+                         "unit-scale target); metric R^2"),
 ]}

@@ -1,0 +1,120 @@
+"""Experimental line-search rules, as small subclasses of the driver, so that a rule can be tried
+on the harness before it is built into every backend.  They change host decisions only (which
+step size a trial tests, which step is taken); every device pass is the driver's own.
+
+``EdgeFraction``: search along ADAM's momentum direction for the Armijo edge E of the current
+mini-batch (plain test, no smoothing), and step at ``kappa * E``.  The diagnostic behind it
+(``probe.py``): along a run of Adam at its best learning rate, that rate is 0.3-1x the
+momentum direction's c = 0.5 edge on all five tuning workloads, while runs at 10x smaller rates
+sit at 0.02-0.1x of theirs, so the edge carries the scale.  After an accepted trial at eta with
+measured decrease ratio q = (L0 - L_try) / (eta * slope), a quadratic model of the loss along the
+line puts the edge at eta * (1 - c) / (1 - q); the next search starts there (clipped to
+[eta, max_growth * eta]), so a search usually costs one trial forward.
+"""
+from __future__ import annotations
+
+import math
+
+from alsals_fused import ALSALS
+from alsals_fused.backends.base import Dir
+
+
+class EdgeFraction(ALSALS):
+    def __init__(self, params, *, kappa: float = 0.5, max_growth: float = 2.0, **kwargs):
+        super().__init__(params, **kwargs)
+        if not self.hyper.momentum_search:
+            raise ValueError("EdgeFraction searches along the momentum direction (variant='alsals')")
+        self.kappa, self.max_growth = kappa, max_growth
+        self.step_size = kappa * self.eta               # the step size of the last update
+
+    def _first_trial_eta(self, searching: bool) -> float:
+        self.step_size = self.kappa * self.eta      # what a step that does not search takes
+        return self.eta if searching else self.step_size
+
+    def _commit(self, plan, hp, found, eta_before):
+        edge = None
+        if found.accepted and not found.skipped:
+            q = ((found.loss0 - found.loss_try) / (found.eta * found.slope)
+                 if found.slope > 0 and math.isfinite(found.loss_try) else 0.0)
+            est = found.eta * (1 - self.hyper.c) / (1 - q) if q < 1 else math.inf
+            edge = min(max(est, found.eta), self.max_growth * found.eta)
+            self._move(plan, hp, found.eta, Dir.UPDATE, self.kappa * found.eta, Dir.UPDATE)
+            self.step_size = self.kappa * found.eta
+        else:
+            self.step_size = 0.0
+        super()._commit(plan, hp, found, eta_before)
+        if edge is not None:
+            self.eta = edge
+            self._sync_lr()
+
+
+RULES = {"edge_fraction": EdgeFraction}
+
+
+class RatioControl(ALSALS):
+    """Trial at the step it will take; steer eta so the measured decrease ratio meets a target.
+
+    A searching step tries eta itself (no growth), along the momentum direction, with the plain
+    Armijo test (``c``) as the safeguard.  After an accepted trial, q = (L0 - L_try) / (eta *
+    slope) is the fraction of the linear decrease the step achieved; in a quadratic model along
+    the line q = 1 - eta / (2 * eta_min), so ``target`` = 0.75 steps at half the line minimum.
+    The next eta is eta * ((1 - target) / (1 - q)) ** damping, clipped to [1/max_change,
+    max_change] per search.  A trial whose loss equals L0 (the loss cannot resolve the step)
+    leaves eta as it is.  The trial point is the update: no extra pass.
+    """
+
+    def __init__(self, params, *, target: float = 0.75, damping: float = 1.0, max_change: float = 2.0,
+                 **kwargs):
+        super().__init__(params, **kwargs)
+        if not self.hyper.momentum_search:
+            raise ValueError("RatioControl searches along the momentum direction (variant='alsals')")
+        self.target, self.damping, self.max_change = target, damping, max_change
+
+    def _first_trial_eta(self, searching: bool) -> float:
+        return self.eta
+
+    def _commit(self, plan, hp, found, eta_before):
+        super()._commit(plan, hp, found, eta_before)
+        if not found.accepted or found.skipped or found.loss_try == found.loss0 or not found.slope > 0:
+            return
+        q = (found.loss0 - found.loss_try) / (found.eta * found.slope)
+        factor = ((1 - self.target) / (1 - q)) ** self.damping if q < 1 else math.inf
+        self.eta = found.eta * min(self.max_change, max(1 / self.max_change, factor))
+        self._sync_lr()
+
+
+RULES["ratio_control"] = RatioControl
+
+
+class SmoothedRatioControl(RatioControl):
+    """RatioControl steered by smoothed evidence: q is an exponential moving average
+    (``q_smoothing``, bias-corrected) of the per-search ratios, each clipped to [-1, 1], so one
+    noisy mini-batch moves eta by little.  (Averaging the decreases and the linear decreases
+    separately failed: their early, large values dominate for hundreds of searches, the same
+    freeze as the smoothed Armijo test, and eta collapsed to 1e-10 on all five workloads.)  Every
+    step searches while t <= ``warmup_searches`` (the scale is found early), then as
+    ``line_search_every`` says."""
+
+    def __init__(self, params, *, q_smoothing: float = 0.9, warmup_searches: int = 10, **kwargs):
+        super().__init__(params, **kwargs)
+        self.q_smoothing, self.warmup_searches = q_smoothing, warmup_searches
+        self._q_avg, self._q_weight = 0.0, 0.0
+
+    def _searches_at(self, t: int) -> bool:
+        return t <= self.warmup_searches or super()._searches_at(t)
+
+    def _commit(self, plan, hp, found, eta_before):
+        ALSALS._commit(self, plan, hp, found, eta_before)
+        if not found.accepted or found.skipped or found.loss_try == found.loss0 or not found.slope > 0:
+            return
+        b = self.q_smoothing
+        q_now = min(1.0, max(-1.0, (found.loss0 - found.loss_try) / (found.eta * found.slope)))
+        self._q_avg = b * self._q_avg + (1 - b) * q_now
+        self._q_weight = b * self._q_weight + (1 - b)
+        q = self._q_avg / self._q_weight
+        factor = ((1 - self.target) / (1 - q)) ** self.damping if q < 1 else math.inf
+        self.eta = found.eta * min(self.max_change, max(1 / self.max_change, factor))
+        self._sync_lr()
+
+
+RULES["smoothed_ratio_control"] = SmoothedRatioControl
