@@ -18,18 +18,20 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     rows = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
 
-    assert list(rows) == ["adaptive", "alsals", "adam", "adam_sls"]
+    assert list(rows) == ["alsals", "adaptive", "adam@0.0003", "adam@0.001", "adam@0.003", "adam@0.01", "prodigy"]
     for name, row in rows.items():
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["heldout_loss"]), name
         assert row["forwards_per_step"] >= 1, name
         assert row["wall_s"] >= 0 and row["final_step_size"] > 0, name
         assert row["optimizer"] in out, name            # the printed table has the row
-    assert rows["adam"]["forwards_per_step"] == 1
+    assert rows["adam@0.001"]["forwards_per_step"] == 1 and rows["prodigy"]["forwards_per_step"] == 1
     # Every step searches by default, so each step runs the gradient forward and >= 1 trial.
     assert rows["alsals"]["forwards_per_step"] >= 2
-    assert rows["adam_sls"]["forwards_per_step"] >= 2
     # "adaptive" searches on "auto", which searches at every step while t <= 10.
     assert rows["adaptive"]["forwards_per_step"] >= 2
+    # One forward per step: the loss at Adam's forward budget is the final loss.
+    assert rows["prodigy"]["train_loss_equal_forwards"] == pytest.approx(rows["prodigy"]["train_loss"])
+    assert "best Adam grid point:" in out and "x Prodigy" in out
 
     png = (tmp_path / demo.PNG_NAME).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
@@ -48,8 +50,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_demo_is_deterministic_given_the_seed(tmp_path):
-    args = ["--tiny", "--steps", "3", "--optimizers", "adaptive,alsals,adam", "--no-plot", "--quiet",
-            "--threads", "1"]
+    args = ["--tiny", "--steps", "3", "--optimizers", "adaptive,alsals,adam,adam_sls", "--adam-lrs", "1e-3",
+            "--no-plot", "--quiet", "--threads", "1"]
     runs = []
     for i in range(2):
         demo.main(args + ["--out", str(tmp_path / str(i))])
@@ -59,11 +61,24 @@ def test_demo_is_deterministic_given_the_seed(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_demo_loss_at_an_equal_number_of_forwards():
+    recs = [dict(loss=float(i), forwards=f) for i, f in enumerate([3, 1, 2, 2, 1, 1])]
+    # 6 forwards are spent after the third step (3 + 1 + 2): its last 2 losses are 1 and 2.
+    assert demo.loss_at_forwards(recs, 6, 2) == pytest.approx(1.5)
+    assert demo.loss_at_forwards(recs, 100, 3) == pytest.approx((3 + 4 + 5) / 3)
+    assert math.isnan(demo.loss_at_forwards(recs, 2, 3))     # not even the first step fits
+    rows = {n: dict(train_loss=v) for n, v in [("alsals", 1.0), ("adam@0.001", 2.0), ("adam@0.01", 1.5)]}
+    assert demo.compare(rows) == {"adam@0.001": "adam@0.001", "best_adam": "adam@0.01", "prodigy": None}
+
+
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         demo.parse_args(["--optimizers", "sgd"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--steps", "0"])
+    for bad in ("1e-3,x", "0", "-1e-3", "nan"):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--adam-lrs", bad])
 
 
 def test_build_model_same_seed_same_init():

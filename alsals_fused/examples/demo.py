@@ -1,24 +1,25 @@
-"""Demo: the line search at work: the "adaptive" variant and the paper's ALSALS against Adam and
-ADAM+SLS on a small byte-level GPT, on CPU, in a few minutes.
+"""Demo: what a new user compares.  ``ALSALS()`` with its defaults (the paper's ALSALS) and the
+``adaptive`` variant against Adam at 1e-3, the best point of a small Adam grid and Prodigy (a
+learning-rate-free optimizer), on a small byte-level GPT, on CPU, in a few minutes.
 
-    python -m alsals_fused.demo                 # defaults: about 1.5 minutes on a 2-core CPU
+    python -m alsals_fused.demo                 # defaults: about 3 minutes on a 2-core CPU
     python -m alsals_fused.demo --device cuda --bf16 --steps 1000
     python -m alsals_fused.demo --tiny          # a few seconds: a smoke test
 
 The text is the running Python's standard-library sources (``alsals_fused.examples.data``), so nothing is
 downloaded.  Every optimizer starts from the same initialization and sees the same batches and,
 because ALSALS leaves the generators where the gradient forward left them, the same dropout masks
-at every step.  Output: a progress line every few steps, a table, and in ``--out``
-``demo.png`` (training loss per step and against forward passes, so the line search's extra
-forwards are visible, and the step size eta of each line search against Adam's lr) and
-``demo.json`` (config, table, per-step records).
+at every step.  The line searches run trial forwards, so the table compares every method both at
+an equal number of steps and at an equal number of forward passes (its loss when it has spent the
+forwards Adam spends in the whole run).  Output: a progress line every few steps, a table, and in
+``--out`` ``demo.png`` (training loss per step and against forward passes, and the step size of
+each method) and ``demo.json`` (config, table, per-step records).
 
 Results are deterministic given the seed, the device and the number of CPU threads (the thread
-count changes the order of floating-point reductions, and ADAM+SLS's step-size collapse is
-sensitive to it).
+count changes the order of floating-point reductions).
 
-``main(argv)`` returns the table rows as a dict keyed by optimizer name ("adaptive", "alsals",
-"adam", "adam_sls").
+``main(argv)`` returns the table rows as a dict keyed by run name ("alsals", "adaptive",
+"adam@0.001", ..., "prodigy").
 """
 from __future__ import annotations
 
@@ -38,14 +39,15 @@ from ..optimizer import ALSALS
 from .data import TextCorpus, fixed_starts, get_batch, load_corpus, random_starts
 from .models import ByteGPT, GPTConfig, lm_loss
 
-OPTIMIZERS = ("adaptive", "alsals", "adam", "adam_sls")
+OPTIMIZERS = ("alsals", "adaptive", "adam", "prodigy", "adam_sls")
+DEFAULT_OPTIMIZERS = ("alsals", "adaptive", "adam", "prodigy")
+ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)        # "adam" runs each of these (--adam-lrs)
 PNG_NAME = "demo.png"
 JSON_NAME = "demo.json"
 
-# Sized for about 2 minutes in all on a 2-core CPU (the limit is 3): a 2-layer, d=128 model on
-# 64-byte windows, 250 steps per optimizer (3 optimizers took about 95 s of CPU time on one
-# thread; "adaptive" adds about 30 s).  The every-step line searches cost about 1.4-1.7x Adam per
-# step on CPU, where a no-grad forward is close to half of forward+backward at this size, plus
+# Sized for well under 4 minutes in all on a 2-core CPU: a 2-layer, d=128 model on 64-byte
+# windows, 250 steps per run, seven runs.  The every-step line search costs about 1.4-1.7x Adam
+# per step on CPU, where a no-grad forward is close to half of forward+backward at this size, plus
 # the first step's backtracking from eta = 0.1 (30-50 trial forwards; "adaptive": a few).
 DEFAULTS = dict(steps=250, batch_size=32, context=64, n_layer=2, n_head=4, d_model=128,
                 dropout=0.1, train_bytes=2_000_000, heldout_bytes=200_000, eval_batches=8,
@@ -55,9 +57,19 @@ TINY = dict(steps=5, batch_size=4, context=16, n_layer=1, n_head=2, d_model=32, 
             train_bytes=50_000, heldout_bytes=10_000, eval_batches=2, log_every=1, last_k=3)
 
 
-def _label(name: str, adam_lr: float) -> str:
-    return {"adaptive": "adaptive (auto)", "alsals": "ALSALS (paper)", "adam": f"Adam (lr={adam_lr:g})",
-            "adam_sls": "ADAM+SLS"}[name]
+def _label(run: str) -> str:
+    if run.startswith("adam@"):
+        return f"Adam (lr={float(run[5:]):g})"
+    return {"adaptive": "adaptive (auto)", "alsals": "ALSALS() default", "prodigy": "Prodigy (lr=1)",
+            "adam_sls": "ADAM+SLS"}[run]
+
+
+def expand_runs(optimizers: List[str], adam_lrs: List[float]) -> List[str]:
+    """Run names: "adam" becomes one run per learning rate of the grid."""
+    runs: List[str] = []
+    for name in optimizers:
+        runs += [f"adam@{lr:g}" for lr in adam_lrs] if name == "adam" else [name]
+    return runs
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -82,11 +94,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--last-k", type=int,
                    help=f"final train loss = mean of the last k steps (default {DEFAULTS['last_k']})")
     p.add_argument("--seed", type=int, default=0, help="model init, batches and dropout (default 0)")
-    p.add_argument("--adam-lr", type=float, default=1e-3, help="Adam's constant learning rate (default 1e-3)")
+    p.add_argument("--adam-lrs", default=",".join(f"{lr:g}" for lr in ADAM_GRID),
+                   help="Adam's learning-rate grid, comma-separated (default: %(default)s)")
     p.add_argument("--init-step-size", type=float, default=None,
                    help="initial eta of the line-search methods (default: the variant's, 0.1)")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help="comma-separated subset of " + ",".join(OPTIMIZERS) + " (default: all)")
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                   help="comma-separated subset of " + ",".join(OPTIMIZERS) + " (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores this process may use, at most 4)")
     p.add_argument("--out", default="demo_out", help="directory for demo.png and demo.json (default ./demo_out)")
@@ -103,6 +116,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
     args.optimizers = names
+    try:
+        args.adam_lrs = [float(x) for x in args.adam_lrs.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--adam-lrs: expected comma-separated numbers, got {args.adam_lrs!r}")
+    if "adam" in names and (not args.adam_lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in args.adam_lrs)):
+        p.error(f"--adam-lrs: expected positive learning rates, got {args.adam_lrs}")
+    if "prodigy" in names:
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            p.error("--optimizers prodigy needs the prodigyopt package: pip install -e \".[demo]\" "
+                    "(or leave prodigy out of --optimizers)")
     for key in ("steps", "batch_size", "context", "eval_batches", "log_every", "last_k"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -133,12 +158,17 @@ def build_model(cfg: GPTConfig, seed: int = 0, device="cpu") -> ByteGPT:
     return ByteGPT(cfg).to(device)
 
 
-def make_optimizer(name: str, model: torch.nn.Module, adam_lr: float = 1e-3,
+def make_optimizer(run: str, model: torch.nn.Module,
                    init_step_size: Optional[float] = None) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=adam_lr)
+    if run.startswith("adam@"):
+        return torch.optim.Adam(model.parameters(), lr=float(run[5:]))
+    if run == "prodigy":
+        from prodigyopt import Prodigy
+        return Prodigy(model.parameters(), lr=1.0)
     # No buffers=: the model has no BatchNorm-like buffers that a trial forward could change.
-    return ALSALS(model.parameters(), variant=name, init_step_size=init_step_size)
+    if run == "alsals":
+        return ALSALS(model.parameters(), init_step_size=init_step_size)      # the defaults
+    return ALSALS(model.parameters(), variant=run, init_step_size=init_step_size)
 
 
 @torch.no_grad()
@@ -171,10 +201,10 @@ def _sync(device: torch.device) -> None:
 def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_starts: torch.Tensor,
               eval_starts: torch.Tensor, device: torch.device, log=print) -> tuple:
     """Train one optimizer from the shared init on the shared batches: (table row, records)."""
-    label = _label(name, args.adam_lr)
+    label = _label(name)
     model = build_model(model_config(args), args.seed, device)
     model.train()
-    opt = make_optimizer(name, model, args.adam_lr, args.init_step_size)
+    opt = make_optimizer(name, model, args.init_step_size)
     # Dropout stream: reseeded so every optimizer draws the same masks at every step (ALSALS
     # restores the generators to where its gradient forward left them after the trials).
     torch.manual_seed(args.seed + 1)
@@ -190,25 +220,26 @@ def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_sta
                 return lm_loss(model(x), y)
 
         opt.zero_grad(set_to_none=True)
-        if name == "adam":
+        if not isinstance(opt, ALSALS):
             loss = closure()
             loss.backward()
             opt.step()
-            rec = dict(step=step, loss=float(loss.detach()), step_size=args.adam_lr, forwards=1)
+            group = opt.param_groups[0]           # Prodigy's step size is d * lr
+            rec = dict(step=step, loss=float(loss.detach()),
+                       step_size=float(group["lr"]) * float(group.get("d", 1.0)), forwards=1)
         else:
-            assert isinstance(opt, ALSALS)          # make_optimizer: every name but "adam"
-            loss = opt.step(closure)
+            opt.step(closure)
             info = opt.last_step
             assert info is not None                 # set by every step(closure)
             # Forwards: the gradient forward plus one per trial.
-            rec = dict(step=step, loss=float(loss), step_size=float(info.eta),
+            rec = dict(step=step, loss=float(info.loss), step_size=float(info.eta),
                        forwards=1 + info.trials, trials=info.trials, searched=info.searched,
                        accepted=info.accepted)
         forwards += rec["forwards"]
         rec["elapsed_s"] = round(time.perf_counter() - start, 4)
         records.append(rec)
         if not args.quiet and (step == 1 or step % args.log_every == 0 or step == args.steps):
-            kind = "lr " if name == "adam" else "eta"
+            kind = "eta" if isinstance(opt, ALSALS) else "lr "
             log(f"  {label:<16} step {step:>5}/{args.steps}  loss {rec['loss']:.4f}  "
                 f"{kind} {rec['step_size']:.3e}  fwd/step {forwards / step:.2f}  "
                 f"{rec['elapsed_s']:6.1f}s")
@@ -217,25 +248,60 @@ def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_sta
     heldout = evaluate(model, corpus.heldout, eval_starts, args.context, args.batch_size, device,
                        args.bf16)
     last = [r["loss"] for r in records[-args.last_k:]]
-    row = dict(optimizer=label, train_loss=sum(last) / len(last), heldout_loss=heldout,
-               forwards_per_step=forwards / args.steps, final_step_size=records[-1]["step_size"],
-               wall_s=wall)
-    if name != "adam":
-        assert isinstance(opt, ALSALS)
+    row = dict(optimizer=label, train_loss=sum(last) / len(last),
+               train_loss_equal_forwards=loss_at_forwards(records, args.steps, args.last_k),
+               heldout_loss=heldout, forwards_per_step=forwards / args.steps,
+               final_step_size=records[-1]["step_size"], wall_s=wall)
+    if isinstance(opt, ALSALS):
         row["counters"] = dict(opt.counters)
     return row, records
 
 
+def loss_at_forwards(records: List[dict], budget: int, last_k: int) -> float:
+    """The mean loss of the last ``last_k`` steps that end within ``budget`` forward passes (the
+    forwards a one-forward-per-step optimizer spends in the whole run)."""
+    spent, inside = 0, []
+    for r in records:
+        spent += r["forwards"]
+        if spent > budget:
+            break
+        inside.append(r["loss"])
+    tail = inside[-last_k:]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def compare(rows: Dict[str, dict]) -> Dict[str, Optional[str]]:
+    """The reference runs the table's ratios are taken to: Adam 1e-3, the best Adam grid point
+    (by training loss) and Prodigy, where they ran."""
+    adam = {n: r for n, r in rows.items() if n.startswith("adam@") and math.isfinite(r["train_loss"])}
+    return {"adam@0.001": "adam@0.001" if "adam@0.001" in rows else None,
+            "best_adam": min(adam, key=lambda n: adam[n]["train_loss"]) if adam else None,
+            "prodigy": "prodigy" if "prodigy" in rows else None}
+
+
 def format_table(rows: Dict[str, dict], last_k: int) -> str:
-    head = ("optimizer", f"train loss (last {last_k})", "held-out loss", "fwd/step",
-            "final step size", "wall time")
-    lines = [[r["optimizer"], f"{r['train_loss']:.4f}", f"{r['heldout_loss']:.4f}",
-              f"{r['forwards_per_step']:.2f}", f"{r['final_step_size']:.2e}", f"{r['wall_s']:.1f} s"]
-             for r in rows.values()]
+    refs = compare(rows)
+    head = ["optimizer", f"train loss (last {last_k})"]
+    for ref, title in (("adam@0.001", "x Adam 1e-3"), ("best_adam", "x best Adam"), ("prodigy", "x Prodigy")):
+        if refs[ref]:
+            head.append(title)
+    head += ["at Adam's forwards", "held-out loss", "fwd/step", "final step size", "wall time"]
+    lines = []
+    for r in rows.values():
+        cells = [r["optimizer"], f"{r['train_loss']:.4f}"]
+        for ref in ("adam@0.001", "best_adam", "prodigy"):
+            if refs[ref]:
+                cells.append(f"{r['train_loss'] / rows[refs[ref]]['train_loss']:.3f}")
+        cells += [f"{r['train_loss_equal_forwards']:.4f}", f"{r['heldout_loss']:.4f}",
+                  f"{r['forwards_per_step']:.2f}", f"{r['final_step_size']:.2e}", f"{r['wall_s']:.1f} s"]
+        lines.append(cells)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines])
+    table = "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines])
+    if refs["best_adam"]:
+        table += f"\nbest Adam grid point: {rows[refs['best_adam']]['optimizer']}"
+    return table
 
 
 def _smooth(values: List[float], span: int) -> List[float]:
@@ -255,7 +321,11 @@ def plot(records: Dict[str, List[dict]], labels: Dict[str, str], path: str, titl
     fig = Figure(figsize=(17, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_fwd, ax_eta = fig.subplots(1, 3)
-    colors = {"adaptive": "black", "alsals": "tab:red", "adam": "tab:blue", "adam_sls": "tab:green"}
+    colors = {"adaptive": "black", "alsals": "tab:red", "prodigy": "tab:brown", "adam_sls": "tab:green"}
+    blues = iter(["tab:cyan", "tab:blue", "navy", "tab:purple", "tab:gray", "tab:olive"])
+    for name in records:
+        if name not in colors:
+            colors[name] = next(blues, "tab:gray")
     for name, recs in records.items():
         steps = [r["step"] for r in recs]
         losses = [r["loss"] for r in recs]
@@ -275,7 +345,7 @@ def plot(records: Dict[str, List[dict]], labels: Dict[str, str], path: str, titl
     ax_fwd.set(xlabel="forward passes (gradient forward + trial forwards)", ylabel="training loss",
                title="training loss against cost (moving average)")
     ax_eta.set(xlabel="step", ylabel="step size", yscale="log",
-               title="step size: eta of each line search against Adam's lr")
+               title="step size: eta of each line search, Adam's lr, Prodigy's d*lr")
     for ax in (ax_loss, ax_fwd, ax_eta):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -311,10 +381,11 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> Dict[s
     print(f"run: {args.steps} steps x batch {args.batch_size}, seed {args.seed}, device {device}"
           f"{' (bf16 autocast)' if args.bf16 else ''}, {threads} CPU thread(s)")
 
-    labels = {n: _label(n, args.adam_lr) for n in args.optimizers}
+    runs = expand_runs(args.optimizers, args.adam_lrs)
+    labels = {n: _label(n) for n in runs}
     rows: Dict[str, dict] = {}
     records: Dict[str, List[dict]] = {}
-    for name in args.optimizers:
+    for name in runs:
         if not args.quiet:
             print(f"{labels[name]}:")
         rows[name], records[name] = train_one(name, args, corpus, train_starts, eval_starts, device)
