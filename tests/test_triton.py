@@ -846,7 +846,8 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
         assert set(sig) | set(cx) == set(kernel.arg_names), kernel.__name__
 
     def key(name, meta, args=None):
-        cx = tuple(sorted((k, str(v)) for k, v in meta.items() if k != "num_warps"))
+        cx = tuple(sorted((k, str(v)) for k, v in meta.items()
+                          if k != "num_warps" and k not in K.COMPILE_OPTIONS))
         names = [n for n in ("loss0", "loss_try") if args is not None and n in args]
         loss = str(args[names[0]].dtype) if names else None
         return name, cx, loss
@@ -858,9 +859,10 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
             for k, sig, cx, _ in specs}
     launched = set()
     backend = tb.TritonBackend()
-    monkeypatch.setattr(backend, "_launch", lambda k, grid, *a, **m: launched.add(
+    options = []    # every launch compiles with the AOT tool's options (no FMA contraction)
+    monkeypatch.setattr(backend, "_launch", lambda k, grid, *a, **m: (launched.add(
         key(k.fn.__name__ if hasattr(k, "fn") else k.__name__, m,
-            dict(zip(k.arg_names, a)))))
+            dict(zip(k.arg_names, a)))), options.append({o: m.get(o) for o in K.COMPILE_OPTIONS})))
     for dtype in DTYPES:
         for memory_efficient in (False, True) if dtype == torch.float32 else (False,):
             for search_dir in (Dir.MOMENTUM, Dir.GRAD):
@@ -885,6 +887,8 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
                         DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
                         torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     assert launched and launched <= have, sorted(launched - have)
+    assert options and all(o == K.COMPILE_OPTIONS for o in options), options
+    assert K.COMPILE_OPTIONS == {"enable_fp_fusion": False}
 
 
 # -- full trajectories through the optimizer --------------------------------------------------------
@@ -1070,6 +1074,45 @@ def test_offsets_beyond_int32():
                         K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.grad_constexprs("fp32"))
     torch.testing.assert_close(sumsq, REF.grad_pass([ref], ctl.clone(), f64(1.0), hp, finish=False),
                                rtol=1e-6, atol=0)
+
+
+def test_verdict_launches_on_the_ctl_device_like_the_passes(monkeypatch):
+    """Triton launches on the current CUDA device: the verdict goes through the same
+    device-guarded launcher as the passes, so with ctl on cuda:1 and device 0 current it runs on
+    device 1 (no GPU here: the current device and its guard are stand-ins)."""
+    current = [0]
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    monkeypatch.setattr(tb.TritonBackend, "_launch", lambda self, kernel, grid, *args, **meta: seen.append(
+        (getattr(kernel, "fn", kernel).__name__, current[0], dict(zip(kernel.arg_names, args)))))
+
+    class Ctl:       # what verdict reads of ctl: its device (the launch itself is stubbed)
+        device = torch.device("cuda", 1)
+
+    backend, ctl, out = tb.TritonBackend(), Ctl(), torch.zeros(VERDICT_SIZE, dtype=torch.float64)
+    loss = torch.ones(())
+    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+    ((name, device, args),) = seen
+    assert (name, device) == ("verdict_kernel", 1) and current[0] == 0
+    assert args["ctl"] is ctl and args["loss_try"] is loss and args["out"] is out
+    assert struct.unpack("<d", struct.pack("<q", args["c_eta_bits"]))[0] == 0.5 * 0.1
+    # the passes' launches use the same launcher (a plan on cuda:1 launches on device 1)
+    plan = tb._ListPlan.__new__(tb._ListPlan)
+    plan.cuda_index = 1
+    backend._run(plan, [(K.grad_kernel, (1,), (), (), {})], ())
+    assert seen[-1][:2] == ("grad_kernel", 1)
 
 
 def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeypatch):
