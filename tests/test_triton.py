@@ -501,6 +501,32 @@ def test_last_program_finisher_is_deterministic_and_resets_its_ticket():
     assert lp.counters.tolist() == [0, 0]
 
 
+def test_finisher_sums_in_its_own_fixed_order_over_several_rounds():
+    """_sum_partials adds 4*BLOCK lanes over several rounds, then the lanes in a fixed pairwise
+    tree: the result is bit-identical to its host emulation (the same order on any hardware,
+    whichever program came last) and within 1e-13 of the exact sum."""
+    backend = tb.TritonBackend(**TINY)              # 32-element chunks, 64 lanes
+    b = make_bucket(torch.float32, [(32 * 150 + 7,), (5, 13), (97,)], backups=True)
+    gen = torch.Generator().manual_seed(3)
+    for g in b.grads:        # one magnitude per chunk: partials over 32 orders of magnitude
+        n = g.numel()
+        scale = 10.0 ** torch.randint(-8, 9, (-(-n // 32),), generator=gen).repeat_interleave(32)[:n]
+        g.copy_((torch.randn(n, generator=gen) * scale).view(g.shape))
+    hp, ctl = scalars(3), make_ctl(s=0.1)
+    sumsq = backend.grad_pass([b], ctl, f64(1.0), hp, finish=False)
+    lp = backend._plan([b], ctl)
+    assert lp.n_parts > 2 * 4 * TINY["block"]       # three rounds of the accumulator
+    grad_parts = lp.partials[:lp.n_parts].tolist()
+    backend.grad_pass([b], ctl, f64(1.0), hp)
+    slopes = backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
+    step_parts = lp.partials[:2 * lp.n_parts].view(-1, 2)
+    for got, parts in ((sumsq, grad_parts), (slopes[0], step_parts[:, 0].tolist()),
+                       (slopes[1], step_parts[:, 1].tolist())):
+        assert float(got) == K.sum_partials_emulated(parts, block=TINY["block"])
+        exact = math.fsum(parts)
+        assert abs(float(got) - exact) <= 1e-13 * sum(abs(x) for x in parts)
+
+
 def test_weight_decays_per_tensor_in_one_bucket():
     backend = tb.TritonBackend()
     wds = [0.0, 0.5, 0.01, 1e-4]
