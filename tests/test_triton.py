@@ -505,7 +505,7 @@ def test_finisher_sums_in_its_own_fixed_order_over_several_rounds():
     """_sum_partials adds 4*BLOCK lanes over several rounds, then the lanes in a fixed pairwise
     tree: the result is bit-identical to its host emulation (the same order on any hardware,
     whichever program came last) and within 1e-13 of the exact sum."""
-    backend = tb.TritonBackend(**TINY)              # 32-element chunks, 64 lanes
+    backend = tb.TritonBackend(**TINY)              # 32-element chunks, 64 / 32 lanes
     b = make_bucket(torch.float32, [(32 * 150 + 7,), (5, 13), (97,)], backups=True)
     gen = torch.Generator().manual_seed(3)
     for g in b.grads:        # one magnitude per chunk: partials over 32 orders of magnitude
@@ -515,14 +515,15 @@ def test_finisher_sums_in_its_own_fixed_order_over_several_rounds():
     hp, ctl = scalars(3), make_ctl(s=0.1)
     sumsq = backend.grad_pass([b], ctl, f64(1.0), hp, finish=False)
     lp = backend._plan([b], ctl)
-    assert lp.n_parts > 2 * 4 * TINY["block"]       # three rounds of the accumulator
+    assert lp.n_parts > 2 * 4 * TINY["block"]       # three or more rounds of each accumulator
     grad_parts = lp.partials[:lp.n_parts].tolist()
     backend.grad_pass([b], ctl, f64(1.0), hp)
     slopes = backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
     step_parts = lp.partials[:2 * lp.n_parts].view(-1, 2)
-    for got, parts in ((sumsq, grad_parts), (slopes[0], step_parts[:, 0].tolist()),
-                       (slopes[1], step_parts[:, 1].tolist())):
-        assert float(got) == K.sum_partials_emulated(parts, block=TINY["block"])
+    lanes = {k: v * TINY["block"] for k, v in K.SUM_LANES.items()}
+    for got, parts, width in ((sumsq, grad_parts, lanes["grad"]), (slopes[0], step_parts[:, 0].tolist(), lanes["step"]),
+                              (slopes[1], step_parts[:, 1].tolist(), lanes["step"])):
+        assert float(got) == K.sum_partials_emulated(parts, width)
         exact = math.fsum(parts)
         assert abs(float(got) - exact) <= 1e-13 * sum(abs(x) for x in parts)
 
