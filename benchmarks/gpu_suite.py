@@ -528,7 +528,7 @@ class Suite:
             left = end - time.monotonic()
             if left < 3:
                 runs.append((name, {"rc": None, "timed_out": True, "seconds": 0.0, "text": "",
-                                    "log": "not run"}))
+                                    "log": "not run", "not_run": True}))
                 continue
             runs.append((name, self.run(name, base + ["-m", marker + slow], left)))
         text = "\n".join(r["text"] for _, r in runs)
@@ -549,7 +549,8 @@ class Suite:
         parts_said = []
         for name, x in runs:
             found = re.findall(r"^=+ (.*? in [\d.]+s.*?) =+$", x["text"], re.M)
-            parts_said.append(f"{name}: " + (found[-1] if found else f"stopped at the timeout after {x['seconds']} s"
+            parts_said.append(f"{name}: " + (found[-1] if found else "not run, out of time" if x.get("not_run")
+                                              else f"stopped at the timeout after {x['seconds']} s"
                                               if x["timed_out"] else f"no summary line (rc {x['rc']})"))
         summary = "; ".join(parts_said)
         if r["timed_out"]:

@@ -27,9 +27,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"default": None, "tiny": (16, 2)}   # (block, iters); None: the backend's own
 
 
+def _kernels():
+    """The kernels module the backend itself launches (a source checkout's triton_kernels/)."""
+    from alsals_fused.backends import triton_backend
+    if triton_backend._tk is None:
+        raise SystemExit(f"warm_triton: triton is not importable ({triton_backend._IMPORT_ERROR})")
+    return triton_backend._tk.kernels
+
+
 def _specs(configs):
-    from alsals_fused.backends import triton_backend  # noqa: F401  (imports the kernels package)
-    from alsals_fused.triton_kernels import kernels as K
+    K = _kernels()
     out = []
     for config in configs:
         size = CONFIGS[config]
@@ -68,8 +75,7 @@ def _args(kernel, sig, device):
 
 def worker(configs, index: int, jobs: int) -> int:
     import torch
-
-    from alsals_fused.triton_kernels import kernels as K
+    K = _kernels()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     done, errors, t0 = 0, [], time.monotonic()
     for i, (config, kernel, sig, cx, warps) in enumerate(_specs(configs)):
