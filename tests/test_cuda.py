@@ -508,9 +508,9 @@ def test_failed_jit_build_is_not_retried(fresh_loader, monkeypatch):
     assert builds == [1]
 
 
-def _compiled_module(folder: Path, name: str, digest: str, threads: int) -> Path:
+def _compiled_module(folder: Path, name: str, digest: str, threads: int, extra: tuple = ()) -> Path:
     """A minimal compiled Python module at ``folder/name/name.so`` (torch's JIT build layout)
-    with the two constants the loader checks."""
+    with the two constants the loader checks (and the int constants named in ``extra``)."""
     import shutil
     import subprocess
     import sysconfig
@@ -525,7 +525,7 @@ PyMODINIT_FUNC PyInit_{name}(void) {{
   PyObject* m = PyModule_Create(&def);
   if (m) PyModule_AddStringConstant(m, "LAYOUT_DIGEST", "{digest}");
   if (m) PyModule_AddIntConstant(m, "THREADS", {threads});
-  return m;
+{"".join(f'  if (m) PyModule_AddIntConstant(m, "{e}", 1);' + chr(10) for e in extra)}  return m;
 }}
 """)
     so = folder / name / f"{name}.so"
@@ -555,6 +555,22 @@ def test_a_finished_jit_build_is_loaded_without_jit(fresh_loader, monkeypatch, t
     os.utime(source, (built + 100, built + 100))
     assert fresh_loader.finished_jit_build(fresh_loader.JIT_NAME, [source]) is None
     assert fresh_loader.finished_jit_build("alsals_fused_no_such_build", []) is None
+
+
+def test_a_finished_jit_build_of_the_host_helper_is_loaded_without_jit(monkeypatch, tmp_path):
+    import sys
+
+    from alsals_fused import host_ext
+    root = tmp_path / "ext"
+    _compiled_module(root, host_ext._JIT_NAME, "-", 0, extra=host_ext._API)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.setenv("ALSALS_FUSED_JIT", "0")
+    monkeypatch.delenv("ALSALS_FUSED_PYTHON_READS", raising=False)
+    monkeypatch.setitem(sys.modules, "alsals_fused._host", None)     # not pip-built here
+    monkeypatch.setattr(host_ext, "_module", None)
+    monkeypatch.setattr(host_ext, "_error", None)
+    monkeypatch.setattr(host_ext, "_jit_build", lambda: pytest.fail("ALSALS_FUSED_JIT=0 compiled"))
+    assert host_ext.status() == f"native ({host_ext._JIT_NAME})"
 
 
 def test_stale_extension_is_refused(monkeypatch):
