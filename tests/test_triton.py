@@ -1083,7 +1083,7 @@ def test_offsets_beyond_int32():
     K.step_kernel[(2,)](table, sched, ctl, partials, counters, out, 0, 2, 1, 2, 2, K.FINISH_SUM,
                         hp.eta, hp.beta1, hp.beta2, 1 - hp.beta1, 1 - hp.beta2, hp.eps,
                         hp.bias_correction1, hp.bias_correction2, tb._bits(0.99), tb._bits(0.01),
-                        num_warps=K.NUM_WARPS,
+                        num_warps=K.NUM_WARPS, **K.COMPILE_OPTIONS,
                         **K.step_constexprs("fp32", True, Dir.MOMENTUM, True))
     expected = REF.step_pass([ref], hp, ctl.clone(), searching=True, write_backup=True,
                              finish=False)
@@ -1092,13 +1092,14 @@ def test_offsets_beyond_int32():
     ctl[Ctl.FALLBACK] = 1.0
     K.move_kernel[(2,)](table, sched, ctl, 1, 2, 0, hp.eta, 0.5 * hp.eta, -0.5 * hp.eta, hp.eps,
                         hp.bias_correction1, hp.bias_correction2, num_warps=K.NUM_WARPS,
-                        **K.move_constexprs("fp32", True, Dir.MOMENTUM, Dir.UPDATE))
+                        **K.COMPILE_OPTIONS, **K.move_constexprs("fp32", True, Dir.MOMENTUM, Dir.UPDATE))
     REF.move_pass([ref], hp, ctl.clone(), src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.5 * hp.eta,
                   dst_dir=Dir.UPDATE, from_backup=True)
     assert_buckets_close(tri, ref, "beyond 2**31: move")
     sumsq = torch.empty((), dtype=torch.float64, device=DEVICE)
     K.grad_kernel[(2,)](table, sched, partials, counters, ctl, f64(1.0), sumsq, 0, 2, 1, 2, 2,
-                        K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.grad_constexprs("fp32"))
+                        K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.COMPILE_OPTIONS,
+                        **K.grad_constexprs("fp32"))
     torch.testing.assert_close(sumsq, REF.grad_pass([ref], ctl.clone(), f64(1.0), hp, finish=False),
                                rtol=1e-6, atol=0)
 
