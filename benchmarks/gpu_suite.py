@@ -234,7 +234,9 @@ class Suite:
             self.out = tempfile.mkdtemp(prefix="alsals-gpu-suite-dry-run-")
         else:   # a fresh folder git ignores: a rerun never overwrites committed results
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-            self.out = os.path.join(REPO, "build", "gpu-suite", f"{stamp}-{self.mode}")
+            parent = os.path.join(REPO, "build", "gpu-suite")
+            os.makedirs(parent, exist_ok=True)
+            self.out = tempfile.mkdtemp(prefix=f"{stamp}-{self.mode}-", dir=parent)
         os.makedirs(self.out, exist_ok=True)
         # Logs and row files go to a temporary directory, bundled into <stem>-raw.tar.gz in the
         # output directory after every phase (so --out DIR holds at most MAX_OUT_FILES files).
@@ -713,7 +715,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="finish within 4 minutes (230 s planned)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU rehearsal at tiny sizes; results go to a temp dir (or --out)")
-    ap.add_argument("--out", help="results directory (default: a fresh build/gpu-suite/<time>-<mode>, "
+    ap.add_argument("--out", help="results directory (default: a fresh build/gpu-suite/<time>-<mode>-*/, "
                                   "ignored by git; a temp dir for --dry-run); git-tracked files in it "
                                   "are never overwritten")
     ap.add_argument("--wheels", default=os.environ.get("ALSALS_SUITE_WHEELS") or os.path.join(REPO, ".whl"),
