@@ -33,25 +33,6 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "alsals_fused: launching ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// The launches of one pass, one per bucket (launch_buckets: the ticket is reset if one fails).
-template <typename Args, typename Launch>
-void launch_pass(const Buckets& b, Args& a, Launch launch, cudaStream_t stream, const char* what) {
-  check_no_pending_error(what);
-  const BucketLaunches r = launch_buckets(
-      b.tables.size(),
-      [&](size_t i) {
-        a.p.table = b.tables[i];
-        a.p.sched = b.scheds[i];
-        const cudaError_t err = launch(a, b.programs[i], b.storages[i], stream);
-        a.p.program_base += b.programs[i];
-        return err;
-      },
-      [&] {
-        if (a.p.ticket != nullptr) (void)reset_ticket(a.p.ticket, stream);
-      });
-  check_launch(r.err, what);
-}
-
 void check_ctl(const at::Tensor& ctl) {
   TORCH_CHECK_VALUE(ctl.is_cuda() && ctl.scalar_type() == at::kDouble && ctl.numel() == CTL_SIZE &&
                     ctl.is_contiguous(),
@@ -154,6 +135,25 @@ PassArgs pass_args(const Buckets& b, const at::Tensor& ctl, float* partials, uns
   p.total_programs = b.total;
   p.finish = finish ? 1 : 0;
   return p;
+}
+
+// The launches of one pass, one per bucket (launch_buckets: the ticket is reset if one fails).
+template <typename Args, typename Launch>
+void launch_pass(const Buckets& b, Args& a, Launch launch, cudaStream_t stream, const char* what) {
+  check_no_pending_error(what);
+  const BucketLaunches r = launch_buckets(
+      b.tables.size(),
+      [&](size_t i) {
+        a.p.table = b.tables[i];
+        a.p.sched = b.scheds[i];
+        const cudaError_t err = launch(a, b.programs[i], b.storages[i], stream);
+        a.p.program_base += b.programs[i];
+        return err;
+      },
+      [&] {
+        if (a.p.ticket != nullptr) (void)reset_ticket(a.p.ticket, stream);
+      });
+  check_launch(r.err, what);
 }
 
 // ---- the ops --------------------------------------------------------------------------------
