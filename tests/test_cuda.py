@@ -566,7 +566,9 @@ def test_a_finished_jit_build_of_the_host_helper_is_loaded_without_jit(monkeypat
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     monkeypatch.setenv("ALSALS_FUSED_JIT", "0")
     monkeypatch.delenv("ALSALS_FUSED_PYTHON_READS", raising=False)
+    import alsals_fused
     monkeypatch.setitem(sys.modules, "alsals_fused._host", None)     # not pip-built here
+    monkeypatch.delattr(alsals_fused, "_host", raising=False)
     monkeypatch.setattr(host_ext, "_module", None)
     monkeypatch.setattr(host_ext, "_error", None)
     monkeypatch.setattr(host_ext, "_jit_build", lambda: pytest.fail("ALSALS_FUSED_JIT=0 compiled"))
