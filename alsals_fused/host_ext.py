@@ -10,7 +10,8 @@ costs tens of microseconds).
 
 ``pip install --no-build-isolation -e .`` builds it with any torch, CPU or CUDA; from a source
 checkout ``ALSALS_FUSED_JIT=1`` compiles it on first use instead (as for the CUDA extension;
-``torch.utils.cpp_extension.load``, about 30 s).  Without it the driver does all of it in
+``torch.utils.cpp_extension.load``, about 30 s; without it, a JIT build that finished earlier is
+loaded as it is).  Without it the driver does all of it in
 Python, with the same checks and the same decisions.  ``ALSALS_FUSED_PYTHON_READS=1`` makes the
 driver ignore the helper (tests and benchmarks compare both paths); the driver asks
 ``module()`` when it builds a parameter plan or a sample of watched gradients, not per step.
@@ -24,6 +25,7 @@ _ENV = "ALSALS_FUSED_PYTHON_READS"
 _API = ("GradReader", "GradMarks", "CpuRngState")   # what the driver uses of the module
 _module: Any = None
 _error: Optional[str] = None      # why there is no module (a failed JIT build is not retried)
+_JIT_NAME = "alsals_fused_jit_host"   # the JIT build's module (and build folder) name
 
 
 def _disabled() -> bool:
@@ -36,7 +38,7 @@ def _jit_build():
 
     from .backends.cuda_backend import CSRC, _build_settings
     kw = _build_settings().host_extension_kwargs()
-    return cpp.load(name="alsals_fused_jit_host", sources=[str(CSRC.parent / s) for s in kw["sources"]],
+    return cpp.load(name=_JIT_NAME, sources=[str(CSRC.parent / s) for s in kw["sources"]],
                     extra_cflags=kw["extra_compile_args"]["cxx"],
                     verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")))
 
@@ -55,7 +57,13 @@ def _load() -> Any:
         _module = _host
     except ImportError as exc:
         _error = f"alsals_fused._host is not built ({exc}); pip install --no-build-isolation -e ."
-        if os.environ.get("ALSALS_FUSED_JIT") == "1":
+        if os.environ.get("ALSALS_FUSED_JIT") != "1":
+            # a JIT build that another process finished (cuda_backend.finished_jit_build)
+            from .backends.cuda_backend import CSRC, finished_jit_build
+            built = finished_jit_build(_JIT_NAME, [CSRC / "build_settings.py", CSRC / "host_reader.cpp"])
+            if built is not None and all(hasattr(built, name) for name in _API):
+                _module, _error = built, None
+        else:
             try:
                 _module, _error = _jit_build(), None
             except Exception as jit_exc:  # noqa: BLE001 (reported by status(), never raised)

@@ -72,6 +72,7 @@ from . import distributed as _dist
 from . import host_ext
 from .backends import decisions
 from .backends.base import (
+    GRAPH_CAPTURE_HELP,
     VERDICT_SIZE,
     Backend,
     Bucket,
@@ -696,6 +697,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # -- the step (section 1) -------------------------------------------------------------------
     @_step_hooks
     def step(self, closure=None):
+        # (capture needs an initialized CUDA; a CPU build of torch cannot ask about capture)
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(GRAPH_CAPTURE_HELP)
         # DCP's state initialisation (get/set_optimizer_state_dict) zeroes lr around this call,
         # so it is recognised before the lr mirror is checked.
         if closure is None and getattr(self, "_window", None) is None \

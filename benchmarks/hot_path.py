@@ -23,7 +23,10 @@ count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
   reference and foreach on a CPU this includes the passes' arithmetic (host and device are one);
   for triton the launches are stubbed, so it is the host work alone (the time the stubs spend
   filling what the kernels would write, in torch ops on the CPU, is device work in a real run
-  and is subtracted).
+  and is subtracted).  The stub replaces ``kernel[grid](...)`` itself, so these figures leave
+  out Triton's own per-launch Python cost on a GPU (its JIT launcher binds the arguments,
+  computes the specialization key and looks up the compiled kernel in Python at every launch:
+  4 launches per searching step, 2 per non-searching one); not measured here (no GPU).
 - ``host_us_harness_floor``: the same measurement of an optimizer whose ``step()`` only runs
   the closure (with grad enabled) and its backward: the harness's own share of the host rows
   (its closure and backward wrappers, the call into ``step()``), which they include (it is not

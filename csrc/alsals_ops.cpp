@@ -21,6 +21,14 @@
 namespace alsals {
 namespace {
 
+// Before a pass: an error already pending on this thread comes from earlier asynchronous work
+// (another kernel, a copy), so it is reported as that, not as this pass's launch failing.
+void check_no_pending_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "alsals_fused: a CUDA error from earlier asynchronous work was pending "
+              "before launching ", what, " (not caused by this launch): ", cudaGetErrorString(err));
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "alsals_fused: launching ", what, " failed: ", cudaGetErrorString(err));
 }
@@ -129,6 +137,25 @@ PassArgs pass_args(const Buckets& b, const at::Tensor& ctl, float* partials, uns
   return p;
 }
 
+// The launches of one pass, one per bucket (launch_buckets: the ticket is reset if one fails).
+template <typename Args, typename Launch>
+void launch_pass(const Buckets& b, Args& a, Launch launch, cudaStream_t stream, const char* what) {
+  check_no_pending_error(what);
+  const BucketLaunches r = launch_buckets(
+      b.tables.size(),
+      [&](size_t i) {
+        a.p.table = b.tables[i];
+        a.p.sched = b.scheds[i];
+        const cudaError_t err = launch(a, b.programs[i], b.storages[i], stream);
+        a.p.program_base += b.programs[i];
+        return err;
+      },
+      [&] {
+        if (a.p.ticket != nullptr) (void)reset_ticket(a.p.ticket, stream);
+      });
+  check_launch(r.err, what);
+}
+
 // ---- the ops --------------------------------------------------------------------------------
 void grad_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages,
                at::Tensor& partials, at::Tensor& tickets, at::Tensor& ctl, const at::Tensor& loss0,
@@ -147,12 +174,7 @@ void grad_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
   a.loss0 = loss0.data_ptr();
   a.loss_code = scalar_code(loss0.scalar_type(), "loss0");
   a.max_grad_norm = max_grad_norm;
-  for (size_t i = 0; i < b.tables.size(); ++i) {
-    a.p.table = b.tables[i];
-    a.p.sched = b.scheds[i];
-    check_launch(launch_grad_pass(a, b.programs[i], b.storages[i], stream), "grad_pass_kernel");
-    a.p.program_base += b.programs[i];
-  }
+  launch_pass(b, a, launch_grad_pass, stream, "grad_pass_kernel");
 }
 
 void step_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages, at::Tensor& partials,
@@ -183,12 +205,7 @@ void step_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
   a.searching = searching;
   a.search_dir = int32_t(search_dir);
   a.write_backup = write_backup;
-  for (size_t i = 0; i < b.tables.size(); ++i) {
-    a.p.table = b.tables[i];
-    a.p.sched = b.scheds[i];
-    check_launch(launch_step_pass(a, b.programs[i], b.storages[i], stream), "step_pass_kernel");
-    a.p.program_base += b.programs[i];
-  }
+  launch_pass(b, a, launch_step_pass, stream, "step_pass_kernel");
 }
 
 void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages, const at::Tensor& ctl,
@@ -216,12 +233,7 @@ void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
   a.dst_dir = int32_t(dst_dir);
   a.from_backup = from_backup;
   a.only_if_fallback = only_if_fallback;
-  for (size_t i = 0; i < b.tables.size(); ++i) {
-    a.p.table = b.tables[i];
-    a.p.sched = b.scheds[i];
-    check_launch(launch_move_pass(a, b.programs[i], b.storages[i], stream), "move_pass_kernel");
-    a.p.program_base += b.programs[i];
-  }
+  launch_pass(b, a, launch_move_pass, stream, "move_pass_kernel");
 }
 
 void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double beta3, at::Tensor& out) {
@@ -240,6 +252,7 @@ void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, 
   a.c = c;
   a.beta3 = beta3;
   a.out = out.data_ptr<double>();
+  check_no_pending_error("verdict_kernel");
   check_launch(launch_verdict(a, at::cuda::getCurrentCUDAStream(device.index()).stream()), "verdict_kernel");
 }
 

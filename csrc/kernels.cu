@@ -465,6 +465,10 @@ cudaError_t launch_verdict(const VerdictArgs& a, cudaStream_t stream) {
   verdict_kernel<<<1, 32, 0, stream>>>(a);
   return cudaGetLastError();
 }
+
+cudaError_t reset_ticket(unsigned int* ticket, cudaStream_t stream) {
+  return cudaMemsetAsync(ticket, 0, sizeof(unsigned int), stream);
+}
 #endif  // !ALSALS_HOST_EMULATION
 
 }  // namespace alsals

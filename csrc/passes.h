@@ -82,5 +82,29 @@ cudaError_t launch_grad_pass(const GradArgs& a, int64_t programs, int storage, c
 cudaError_t launch_step_pass(const StepArgs& a, int64_t programs, int storage, cudaStream_t stream);
 cudaError_t launch_move_pass(const MoveArgs& a, int64_t programs, int storage, cudaStream_t stream);
 cudaError_t launch_verdict(const VerdictArgs& a, cudaStream_t stream);
+// Queues ticket = 0 on the stream (the error path of launch_buckets).
+cudaError_t reset_ticket(unsigned int* ticket, cudaStream_t stream);
+
+// One pass: `launch(i)` launches bucket i, in order.  Every launch of a pass draws from the same
+// ticket, so a launch that fails after earlier ones were queued leaves their tickets drawn with
+// no last program to reset the counter, and every later pass would misidentify its last program.
+// On an error the ticket is therefore reset on the stream, ordered after the launches already
+// queued (`reset()`), before the error is returned.  Returns the first error (0 if none) and
+// the index of the bucket whose launch failed.
+struct BucketLaunches {
+  cudaError_t err;
+  size_t failed;
+};
+template <typename Launch, typename Reset>
+BucketLaunches launch_buckets(size_t n, Launch&& launch, Reset&& reset) {
+  for (size_t i = 0; i < n; ++i) {
+    const cudaError_t err = launch(i);
+    if (err != cudaError_t(0)) {
+      if (i > 0) reset();
+      return {err, i};
+    }
+  }
+  return {cudaError_t(0), n};
+}
 
 }  // namespace alsals

@@ -13,7 +13,20 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+GPU_BACKEND_FILES = ("test_cuda.py", "test_triton.py")
+GPU_BACKEND_NAMES = ("cuda", "triton")
+
+
+@pytest.hookimpl(tryfirst=True)   # before `-m` deselects by markers
 def pytest_collection_modifyitems(config, items):
+    # gpu_backends: what the GPU suite runs first (-m gpu_backends): the two backend test files,
+    # every test marked cuda, and every parametrization over the triton or cuda backend.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        ids = callspec.id.split("-") if callspec is not None else ()
+        if (item.path.name in GPU_BACKEND_FILES or item.get_closest_marker("cuda") is not None
+                or any(name in ids for name in GPU_BACKEND_NAMES)):
+            item.add_marker(pytest.mark.gpu_backends)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

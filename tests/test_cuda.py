@@ -185,7 +185,6 @@ def recording_backend():
     backend = cuda_backend.CudaBackend.__new__(cuda_backend.CudaBackend)
     backend._ops = RecordingOps()
     backend._foreach = None
-    backend._scratch = {}
     backend.table_builds = backend.grad_refreshes = 0
     return backend
 
@@ -235,6 +234,30 @@ def test_grad_column_refreshed_only_when_grads_move():
     assert table[:, TableCol.W].tolist() == [p.data_ptr() for p in b.params]   # untouched
     backend.step_pass([b], hp(), ctl, searching=False, write_backup=False)
     assert backend.grad_refreshes == 1
+
+
+def test_each_bucket_list_has_its_own_scratch():
+    """Partials and tickets belong to one list of buckets (an optimizer's plan), not to the
+    device: two optimizers, possibly stepping on two streams, never share them, and a list's
+    scratch is allocated once (never regrown under a kernel that may still use it)."""
+    a, b = cpu_bucket([(5,), (7000,)]), cpu_bucket([(9,)])
+    c = cpu_bucket([(3,)], torch.bfloat16)
+    backend = recording_backend()
+    ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
+    seen = {}
+    for name, buckets in (("a", [a]), ("b", [b]), ("b+c", [b, c]), ("a again", [a])):
+        backend._ops.calls.clear()
+        backend.grad_pass(buckets, ctl, loss0, hp())
+        backend.step_pass(buckets, hp(), ctl, searching=True, write_backup=True)
+        (_, grad_args), (_, step_args) = backend._ops.calls
+        partials, tickets = grad_args[3], grad_args[4]
+        assert step_args[3] is partials and step_args[4] is tickets      # one list, one scratch
+        programs = sum(t.programs for t in (bk.cache["cuda"] for bk in buckets))
+        assert partials.numel() >= 2 * programs and not tickets.any()
+        seen[name] = (partials, tickets)
+    assert seen["a again"][0] is seen["a"][0] and seen["a again"][1] is seen["a"][1]
+    distinct = [seen[n] for n in ("a", "b", "b+c")]
+    assert len({p.data_ptr() for p, _ in distinct}) == 3 and len({t.data_ptr() for _, t in distinct}) == 3
 
 
 def test_grad_sink_is_the_table_column_and_native_grads_only_upload():
@@ -369,6 +392,8 @@ def test_build_settings_target_the_archs_once(monkeypatch):
         assert f"arch=compute_{arch},code=sm_{arch}" in flags
     assert mod.ARCHS == ("80", "90") and mod.arch_list() == "8.0;9.0"
     assert "-O3" in flags and "use_fast_math" not in flags
+    # no FMA contraction (docs/algorithm.md section 5), in the JIT build too
+    assert "--fmad=false" in flags and "--fmad=false" in mod.jit_kwargs()["extra_cuda_cflags"]
     assert all((ROOT / s).is_file() for s in kw["sources"])
     assert all((ROOT / "csrc" / h).is_file() for h in mod.HEADERS)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -445,7 +470,8 @@ def test_toolkit_headers_come_before_pip_headers(tmp_path, monkeypatch):
 
 # ================================ CPU: loading =================================================
 @pytest.fixture
-def fresh_loader(monkeypatch):
+def fresh_loader(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "no-jit-builds"))
     for name, value in (("_module", None), ("_load_error", None), ("_loaded", False), ("_jit_failed", None)):
         monkeypatch.setattr(cuda_backend, name, value)
     real = importlib.import_module
@@ -480,6 +506,73 @@ def test_failed_jit_build_is_not_retried(fresh_loader, monkeypatch):
     monkeypatch.setattr(fresh_loader, "_loaded", False)   # even a forced reload does not rebuild
     assert fresh_loader.load_extension() is None
     assert builds == [1]
+
+
+def _compiled_module(folder: Path, name: str, digest: str, threads: int, extra: tuple = ()) -> Path:
+    """A minimal compiled Python module at ``folder/name/name.so`` (torch's JIT build layout)
+    with the two constants the loader checks (and the int constants named in ``extra``)."""
+    import shutil
+    import subprocess
+    import sysconfig
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (folder / name).mkdir(parents=True)
+    src = folder / "m.c"
+    src.write_text(f"""#include <Python.h>
+static struct PyModuleDef def = {{PyModuleDef_HEAD_INIT, "{name}", NULL, -1, NULL}};
+PyMODINIT_FUNC PyInit_{name}(void) {{
+  PyObject* m = PyModule_Create(&def);
+  if (m) PyModule_AddStringConstant(m, "LAYOUT_DIGEST", "{digest}");
+  if (m) PyModule_AddIntConstant(m, "THREADS", {threads});
+{"".join(f'  if (m) PyModule_AddIntConstant(m, "{e}", 1);' + chr(10) for e in extra)}  return m;
+}}
+""")
+    so = folder / name / f"{name}.so"
+    subprocess.run([cc, "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(so)],
+                   check=True, capture_output=True)
+    return so
+
+
+def test_a_finished_jit_build_is_loaded_without_jit(fresh_loader, monkeypatch, tmp_path):
+    """The GPU suite sets ALSALS_FUSED_JIT=0 after a cut build phase: an extension that a JIT
+    build finished before the cut is loaded from torch's build folder, unless a source changed."""
+    root = tmp_path / "ext"
+    so = _compiled_module(root, fresh_loader.JIT_NAME, fresh_loader.layout_digest(), fresh_loader.THREADS)
+    source = tmp_path / "kernels.cu"
+    source.write_text("")
+    built = so.stat().st_mtime
+    os.utime(source, (built - 100, built - 100))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.setenv("ALSALS_FUSED_JIT", "0")
+    monkeypatch.setattr(fresh_loader, "_jit_depends", lambda: [source])
+    monkeypatch.setattr(fresh_loader, "_jit_build", lambda: pytest.fail("ALSALS_FUSED_JIT=0 compiled"))
+    monkeypatch.setattr(torch.ops, "alsals_fused", type("Ops", (), {op: None for op in cuda_backend.OPS})())
+    module = fresh_loader.load_extension()
+    assert module is not None and module.__name__ == fresh_loader.JIT_NAME, fresh_loader._load_error
+    assert fresh_loader._load_error is None
+    # a source edited after the build: that build is not used
+    os.utime(source, (built + 100, built + 100))
+    assert fresh_loader.finished_jit_build(fresh_loader.JIT_NAME, [source]) is None
+    assert fresh_loader.finished_jit_build("alsals_fused_no_such_build", []) is None
+
+
+def test_a_finished_jit_build_of_the_host_helper_is_loaded_without_jit(monkeypatch, tmp_path):
+    import sys
+
+    from alsals_fused import host_ext
+    root = tmp_path / "ext"
+    _compiled_module(root, host_ext._JIT_NAME, "-", 0, extra=host_ext._API)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.setenv("ALSALS_FUSED_JIT", "0")
+    monkeypatch.delenv("ALSALS_FUSED_PYTHON_READS", raising=False)
+    import alsals_fused
+    monkeypatch.setitem(sys.modules, "alsals_fused._host", None)     # not pip-built here
+    monkeypatch.delattr(alsals_fused, "_host", raising=False)
+    monkeypatch.setattr(host_ext, "_module", None)
+    monkeypatch.setattr(host_ext, "_error", None)
+    monkeypatch.setattr(host_ext, "_jit_build", lambda: pytest.fail("ALSALS_FUSED_JIT=0 compiled"))
+    assert host_ext.status() == f"native ({host_ext._JIT_NAME})"
 
 
 def test_stale_extension_is_refused(monkeypatch):

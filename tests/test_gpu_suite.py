@@ -5,11 +5,13 @@ phases checks what it leaves in ``--out DIR`` (issue 8: at most 8 files, the raw
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -18,12 +20,92 @@ import _report  # noqa: E402
 import gpu_suite  # noqa: E402
 
 
-def test_quick_plan_fits_four_minutes():
-    quick = gpu_suite.TOTAL["quick"]
-    planned = sum(budgets[1] for _, budgets, _ in gpu_suite.PHASES) + gpu_suite.SAFETY_S
-    assert planned <= quick <= 230, (planned, quick)
+def test_plans_fit_four_and_nine_minutes():
+    for mode, col, limit in (("quick", 1, 230), ("full", 0, 540)):
+        total = gpu_suite.TOTAL[mode]
+        planned = sum(budgets[col] for _, budgets, _ in gpu_suite.PHASES) + gpu_suite.SAFETY_S
+        assert planned <= total <= limit, (mode, planned, total)
     # the minimum each phase keeps for itself fits the quick total too
-    assert sum(m for _, _, m in gpu_suite.PHASES) + gpu_suite.SAFETY_S <= quick
+    assert sum(m for _, _, m in gpu_suite.PHASES) + gpu_suite.SAFETY_S <= gpu_suite.TOTAL["quick"]
+    names = [p[0] for p in gpu_suite.PHASES]
+    assert names.index("build") < names.index("warm") < names.index("tests")
+
+
+def test_output_never_overwrites_a_committed_file(tmp_path):
+    """A rerun the same day into a folder with committed results takes the next free name."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "2026-12-07-h100.json").write_text("{}")
+    (tmp_path / "2026-12-07-h100-2.md").write_text("")
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "results"], cwd=tmp_path, check=True)
+    (tmp_path / "2026-12-07-a100.json").write_text("{}")          # not committed: reusable
+    assert gpu_suite.free_stem(str(tmp_path), "2026-12-07-h100") == "2026-12-07-h100-3"
+    assert gpu_suite.free_stem(str(tmp_path), "2026-12-07-a100") == "2026-12-07-a100"
+    assert gpu_suite.free_stem(str(tmp_path / "elsewhere"), "x") == "x"
+
+
+def test_default_output_is_a_fresh_folder_git_ignores():
+    suite = gpu_suite.Suite(gpu_suite.parse_args(["--quick"]))
+    try:
+        assert suite.out.startswith(os.path.join(gpu_suite.REPO, "build", "gpu-suite") + os.sep)
+        assert not os.listdir(suite.out)
+        ignored = subprocess.run(["git", "check-ignore", "-q", suite.out], cwd=gpu_suite.REPO)
+        assert ignored.returncode == 0, "the default output folder must be ignored by git"
+    finally:
+        os.rmdir(suite.out)
+        shutil.rmtree(suite.work, ignore_errors=True)
+
+
+def _offline_suite(monkeypatch, tmp_path, argv, results):
+    """A suite whose child processes are stand-ins: ``results[name]`` is what run(name) returns."""
+    suite = gpu_suite.Suite(gpu_suite.parse_args(["--out", str(tmp_path / "out"), *argv]))
+    calls = []
+
+    def fake_run(name, cmd, timeout, echo=(), **env):
+        calls.append((name, cmd, env))
+        r = dict(rc=0, timed_out=False, seconds=1.0, text="", log=name)
+        r.update(results.get(name, {}))
+        return r
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    return suite, calls
+
+
+def test_tests_phase_runs_the_gpu_backend_tests_first(monkeypatch, tmp_path):
+    summary = "==== 3 passed in 1.0s ===="
+    suite, calls = _offline_suite(monkeypatch, tmp_path, ["--quick"], {
+        "tests-gpu": {"text": summary}, "tests-rest": {"text": "==== 1 failed, 2 passed in 2.0s ====\n"
+                                                       "FAILED tests/test_x.py::test_y - boom"}})
+    r = suite.phase_tests(100)
+    assert [c[0] for c in calls] == ["tests-gpu", "tests-rest"]
+    markers = [c[1][len(c[1]) - 1 - c[1][::-1].index("-m") + 1] for c in calls]   # the last -m
+    assert markers == ["gpu_backends and not slow", "not gpu_backends and not slow"]
+    assert "tests-gpu: 3 passed" in r["note"] and "tests-rest: 1 failed" in r["note"]
+    assert suite.doc["tests"]["failed"] == ["tests/test_x.py::test_y - boom"]
+    shutil.rmtree(suite.work, ignore_errors=True)
+
+
+def test_a_cut_build_keeps_the_backends_and_turns_jit_off(monkeypatch, tmp_path):
+    early = '{"device": "cuda", "backends": {"reference": null, "cuda": null}, "import_s": 50.0}'
+    suite, calls = _offline_suite(monkeypatch, tmp_path, ["--quick", "--phases", "build"], {
+        "build": {"timed_out": True, "rc": None, "text": f"building...\nALSALS_BACKENDS={early}\n"}})
+    suite.phase_build(60)
+    assert suite.doc["backends"]["backends"]["cuda"] is None and not suite.jit
+    assert suite.child_env()["ALSALS_FUSED_JIT"] == "0"
+    assert calls[0][0] == "build" and "ALSALS_BACKENDS=" in gpu_suite.BUILD_SCRIPT
+    # the early line is printed before the smoke steps (and before waiting for the host helper)
+    script = gpu_suite.BUILD_SCRIPT
+    assert script.index('print("ALSALS_BACKENDS="') < script.index("host_build.wait()")
+    shutil.rmtree(suite.work, ignore_errors=True)
+
+
+def test_the_summary_table_is_printed_last(monkeypatch, tmp_path, capsys):
+    suite, _ = _offline_suite(monkeypatch, tmp_path, ["--dry-run"], {})
+    suite.finish()
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert "wrote" not in out[-1] and out[-1] == suite.markdown().rstrip().splitlines()[-1]
+    assert any("wrote" in line for line in out) and len(gpu_suite.out_files(suite.out)) <= 8
 
 
 def test_bundle_dir(tmp_path):
@@ -56,11 +138,15 @@ def test_clear_jit_locks_removes_only_this_packages_build_locks(tmp_path):
 
 
 @pytest.mark.slow   # a whole dry run of the suite
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("ALSALS_GPU_SUITE") == "1",
+                    reason="a second suite inside a GPU run would clear its JIT locks, re-enable JIT "
+                           "and smoke-step on its GPU")
 def test_dry_run_leaves_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(BENCH, "gpu_suite.py"), "--dry-run", "--out", str(out),
-           "--phases", "env,wheels,build,plot", "--wheels", str(tmp_path / "no-wheels")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+           "--phases", "env,wheels,build,warm,plot", "--wheels", str(tmp_path / "no-wheels")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")     # CPU only, whatever the machine has
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = gpu_suite.out_files(str(out))
     assert len(files) <= gpu_suite.MAX_OUT_FILES, files
@@ -69,9 +155,16 @@ def test_dry_run_leaves_at_most_eight_files(tmp_path):
     with tarfile.open(out / bundles[0]) as tar:
         assert "raw/env.log" in tar.getnames()
     doc = json.loads((out / bundles[0].replace("-raw.tar.gz", ".json")).read_text())
-    assert [p["name"] for p in doc["phases"]] == ["env", "wheels", "build", "plot"]
+    assert [p["name"] for p in doc["phases"]] == ["env", "wheels", "build", "warm", "plot"]
     # The build phase (its host-helper child and the backends' import) ran and smoke-stepped.
     assert doc["phases"][2]["status"] == "ok", doc["phases"][2]
+    # The warm phase launched every specialization (under the interpreter here).
+    assert doc["phases"][3]["status"] == "ok", doc["phases"][3]
+    assert doc["warm"]["launched"] == doc["warm"]["specializations"] and not doc["warm"]["errors"]
+    assert doc["phases"][4]["status"] == "ok", doc["phases"][4]          # plot, in a child process
+    # The summary table is the last thing printed.
+    assert proc.stdout.rstrip().splitlines()[-1] == (out / bundles[0].replace("-raw.tar.gz", ".md")).read_text(
+    ).rstrip().splitlines()[-1]
     assert doc["backends"]["smoke"]["reference"].startswith("ok") and doc["backends"]["host_build_rc"] == 0
     assert doc["suite"]["raw_logs"] == bundles[0]
 

@@ -95,3 +95,25 @@ def test_a_nan_trial_is_not_accepted_by_the_equality_guard(backend):
     opt.step(closure)
     assert not opt.last_step.accepted and opt.last_step.trials == 2
     assert torch.equal(w.detach(), torch.ones(2))
+
+
+def test_step_under_cuda_graph_capture_is_refused_with_what_is_supported(monkeypatch):
+    """A captured step would bake eta and the bias corrections into the graph's kernel arguments
+    (and a searching step reads the device per trial): step() refuses before doing anything."""
+    w = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+    opt = ALSALS([w], backend="foreach")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def loss():
+        calls.append(1)
+        return (w ** 2).sum()
+
+    with pytest.raises(RuntimeError, match="CUDA graph capture") as info:
+        opt.step(loss)
+    assert "make_graphed_callables" in str(info.value) and "outside the capture" in str(info.value)
+    assert calls == [] and opt.t == 0 and w.tolist() == [0.5, -0.25]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step(loss)
+    assert opt.t == 1

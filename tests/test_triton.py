@@ -501,6 +501,33 @@ def test_last_program_finisher_is_deterministic_and_resets_its_ticket():
     assert lp.counters.tolist() == [0, 0]
 
 
+def test_finisher_sums_in_its_own_fixed_order_over_several_rounds():
+    """_sum_partials adds 4*BLOCK lanes over several rounds, then the lanes in a fixed pairwise
+    tree: the result is bit-identical to its host emulation (the same order on any hardware,
+    whichever program came last) and within 1e-13 of the exact sum."""
+    backend = tb.TritonBackend(**TINY)              # 32-element chunks, 64 / 32 lanes
+    b = make_bucket(torch.float32, [(32 * 150 + 7,), (5, 13), (97,)], backups=True)
+    gen = torch.Generator().manual_seed(3)
+    for g in b.grads:        # one magnitude per chunk: partials over 32 orders of magnitude
+        n = g.numel()
+        scale = 10.0 ** torch.randint(-8, 9, (-(-n // 32),), generator=gen).repeat_interleave(32)[:n]
+        g.copy_((torch.randn(n, generator=gen) * scale).view(g.shape))
+    hp, ctl = scalars(3), make_ctl(s=0.1)
+    sumsq = backend.grad_pass([b], ctl, f64(1.0), hp, finish=False)
+    lp = backend._plan([b], ctl)
+    assert lp.n_parts > 2 * 4 * TINY["block"]       # three or more rounds of each accumulator
+    grad_parts = lp.partials[:lp.n_parts].tolist()
+    backend.grad_pass([b], ctl, f64(1.0), hp)
+    slopes = backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
+    step_parts = lp.partials[:2 * lp.n_parts].view(-1, 2)
+    lanes = {k: v * TINY["block"] for k, v in K.SUM_LANES.items()}
+    for got, parts, width in ((sumsq, grad_parts, lanes["grad"]), (slopes[0], step_parts[:, 0].tolist(), lanes["step"]),
+                              (slopes[1], step_parts[:, 1].tolist(), lanes["step"])):
+        assert float(got) == K.sum_partials_emulated(parts, width)
+        exact = math.fsum(parts)
+        assert abs(float(got) - exact) <= 1e-13 * sum(abs(x) for x in parts)
+
+
 def test_weight_decays_per_tensor_in_one_bucket():
     backend = tb.TritonBackend()
     wds = [0.0, 0.5, 0.01, 1e-4]
@@ -846,7 +873,8 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
         assert set(sig) | set(cx) == set(kernel.arg_names), kernel.__name__
 
     def key(name, meta, args=None):
-        cx = tuple(sorted((k, str(v)) for k, v in meta.items() if k != "num_warps"))
+        cx = tuple(sorted((k, str(v)) for k, v in meta.items()
+                          if k != "num_warps" and k not in K.COMPILE_OPTIONS))
         names = [n for n in ("loss0", "loss_try") if args is not None and n in args]
         loss = str(args[names[0]].dtype) if names else None
         return name, cx, loss
@@ -858,9 +886,10 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
             for k, sig, cx, _ in specs}
     launched = set()
     backend = tb.TritonBackend()
-    monkeypatch.setattr(backend, "_launch", lambda k, grid, *a, **m: launched.add(
+    options = []    # every launch compiles with the AOT tool's options (no FMA contraction)
+    monkeypatch.setattr(backend, "_launch", lambda k, grid, *a, **m: (launched.add(
         key(k.fn.__name__ if hasattr(k, "fn") else k.__name__, m,
-            dict(zip(k.arg_names, a)))))
+            dict(zip(k.arg_names, a)))), options.append({o: m.get(o) for o in K.COMPILE_OPTIONS})))
     for dtype in DTYPES:
         for memory_efficient in (False, True) if dtype == torch.float32 else (False,):
             for search_dir in (Dir.MOMENTUM, Dir.GRAD):
@@ -885,6 +914,8 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
                         DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
                         torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     assert launched and launched <= have, sorted(launched - have)
+    assert options and all(o == K.COMPILE_OPTIONS for o in options), options
+    assert K.COMPILE_OPTIONS == {"enable_fp_fusion": False}
 
 
 # -- full trajectories through the optimizer --------------------------------------------------------
@@ -1052,7 +1083,7 @@ def test_offsets_beyond_int32():
     K.step_kernel[(2,)](table, sched, ctl, partials, counters, out, 0, 2, 1, 2, 2, K.FINISH_SUM,
                         hp.eta, hp.beta1, hp.beta2, 1 - hp.beta1, 1 - hp.beta2, hp.eps,
                         hp.bias_correction1, hp.bias_correction2, tb._bits(0.99), tb._bits(0.01),
-                        num_warps=K.NUM_WARPS,
+                        num_warps=K.NUM_WARPS, **K.COMPILE_OPTIONS,
                         **K.step_constexprs("fp32", True, Dir.MOMENTUM, True))
     expected = REF.step_pass([ref], hp, ctl.clone(), searching=True, write_backup=True,
                              finish=False)
@@ -1061,15 +1092,55 @@ def test_offsets_beyond_int32():
     ctl[Ctl.FALLBACK] = 1.0
     K.move_kernel[(2,)](table, sched, ctl, 1, 2, 0, hp.eta, 0.5 * hp.eta, -0.5 * hp.eta, hp.eps,
                         hp.bias_correction1, hp.bias_correction2, num_warps=K.NUM_WARPS,
-                        **K.move_constexprs("fp32", True, Dir.MOMENTUM, Dir.UPDATE))
+                        **K.COMPILE_OPTIONS, **K.move_constexprs("fp32", True, Dir.MOMENTUM, Dir.UPDATE))
     REF.move_pass([ref], hp, ctl.clone(), src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.5 * hp.eta,
                   dst_dir=Dir.UPDATE, from_backup=True)
     assert_buckets_close(tri, ref, "beyond 2**31: move")
     sumsq = torch.empty((), dtype=torch.float64, device=DEVICE)
     K.grad_kernel[(2,)](table, sched, partials, counters, ctl, f64(1.0), sumsq, 0, 2, 1, 2, 2,
-                        K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.grad_constexprs("fp32"))
+                        K.FINISH_SUM, 0, 0, num_warps=K.NUM_WARPS, **K.COMPILE_OPTIONS,
+                        **K.grad_constexprs("fp32"))
     torch.testing.assert_close(sumsq, REF.grad_pass([ref], ctl.clone(), f64(1.0), hp, finish=False),
                                rtol=1e-6, atol=0)
+
+
+def test_verdict_launches_on_the_ctl_device_like_the_passes(monkeypatch):
+    """Triton launches on the current CUDA device: the verdict goes through the same
+    device-guarded launcher as the passes, so with ctl on cuda:1 and device 0 current it runs on
+    device 1 (no GPU here: the current device and its guard are stand-ins)."""
+    current = [0]
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    monkeypatch.setattr(tb.TritonBackend, "_launch", lambda self, kernel, grid, *args, **meta: seen.append(
+        (getattr(kernel, "fn", kernel).__name__, current[0], dict(zip(kernel.arg_names, args)))))
+
+    class Ctl:       # what verdict reads of ctl: its device (the launch itself is stubbed)
+        device = torch.device("cuda", 1)
+
+    backend, ctl, out = tb.TritonBackend(), Ctl(), torch.zeros(VERDICT_SIZE, dtype=torch.float64)
+    loss = torch.ones(())
+    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+    ((name, device, args),) = seen
+    assert (name, device) == ("verdict_kernel", 1) and current[0] == 0
+    assert args["ctl"] is ctl and args["loss_try"] is loss and args["out"] is out
+    assert struct.unpack("<d", struct.pack("<q", args["c_eta_bits"]))[0] == 0.5 * 0.1
+    # the passes' launches use the same launcher (a plan on cuda:1 launches on device 1)
+    plan = tb._ListPlan.__new__(tb._ListPlan)
+    plan.cuda_index = 1
+    backend._run(plan, [(K.grad_kernel, (1,), (), (), {})], ())
+    assert seen[-1][:2] == ("grad_kernel", 1)
 
 
 def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeypatch):

@@ -6,6 +6,7 @@ alsals_fused.triton_kernels.aot --arch 80 90``).
 """
 from .kernels import (  # noqa: F401
                       BLOCK,
+                      COMPILE_OPTIONS,
                       FINISH_CTL,
                       FINISH_NONE,
                       FINISH_SUM,

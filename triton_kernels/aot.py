@@ -186,8 +186,9 @@ def compile_one(kernel, signature: dict, constexprs: dict, num_warps: int, arch:
              if t.startswith("*")}
     src = triton.compiler.ASTSource(fn=kernel, signature={n: full_sig[n] for n in names},
                                     constexprs=constexprs, attrs=attrs)
+    from .kernels import COMPILE_OPTIONS
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+                          options={"num_warps": num_warps, **COMPILE_OPTIONS})
 
 
 def main(argv=None) -> int:

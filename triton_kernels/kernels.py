@@ -116,6 +116,19 @@ BLOCK = 512
 ITERS = CHUNK // BLOCK
 NUM_WARPS = 4
 VERDICT_WARPS = 1
+# Compile options of every launch (and of the AOT compile).  No FMA contraction: each fp32
+# element-wise update (m*b1 + (1-b1)*g, w0 - eta*(d + wd*w0), ...) rounds after every operation
+# as the CPU interpreter computes it, so what the interpreter tests check is what runs on the GPU
+# (docs/algorithm.md section 5; the cost is in NOTES.md).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+# The finishers' accumulator widths, in BLOCKs (``_sum_partials``): 2 * BLOCK = 1024 lanes, 8
+# values per thread per round for the grad finisher, and for each of the step finisher's two
+# sums, read together (one contiguous 2048-value load per round).  Wider accumulators raise the
+# kernels' register counts (the whole pass's occupancy): 4 * BLOCK took the grad kernel from 40
+# to 67 registers on sm_90, two rounds in flight to 48 (triton_kernels/NOTES.md).
+SUM_LANES = {"grad": 2, "step": 2}
+_GRAD_LANES = tl.constexpr(SUM_LANES["grad"])
+_STEP_LANES = tl.constexpr(SUM_LANES["step"])
 assert BLOCK * ITERS == CHUNK
 
 
@@ -207,16 +220,48 @@ def _ticket_is_last(counter, n_grid):
 
 
 @triton.jit
-def _sum_partials(partials, n, K: tl.constexpr, k: tl.constexpr, BLOCK: tl.constexpr):
-    """sum over i < n of partials[i*K + k] in float64, in a fixed order."""
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
+def _pairwise_sum(x, W: tl.constexpr):
+    """Sum of the W (a power of two) values of ``x`` as a fixed pairwise tree: (x0+x1), (x2+x3),
+    ... then the same over the halves, so the result does not depend on how ``tl.sum`` orders a
+    reduction (each step adds exactly two values; ``sum_partials_emulated`` mirrors it)."""
+    for i in tl.static_range(1, 32):
+        if (W >> i) > 0:
+            x = tl.sum(tl.reshape(x, [W >> i, 2]), axis=1)
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _sum_partials(partials, n, W: tl.constexpr):
+    """sum over i < n of partials[i] in float64, in a fixed order: lane j of a W-wide
+    accumulator adds partials j, j + W, j + 2W, ... in turn, then ``_pairwise_sum`` adds the W
+    lanes (``sum_partials_emulated``).  Only the last program of a pass runs this."""
+    offs = tl.arange(0, W)
+    acc = tl.zeros([W], dtype=tl.float64)
     start = 0
     while start < n:   # (a while loop: the interpreter cannot range() over an argument)
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(partials + offs * K + k, mask=offs < n, other=0.0,
-                       cache_modifier=".cg").to(tl.float64)
-        start += BLOCK
-    return tl.sum(acc, axis=0)
+        idx = start + offs
+        acc += tl.load(partials + idx, mask=idx < n, other=0.0, cache_modifier=".cg").to(tl.float64)
+        start += W
+    return _pairwise_sum(acc, W)
+
+
+@triton.jit
+def _sum_partial_pairs(partials, n, W: tl.constexpr):
+    """(sum of partials[2i], sum of partials[2i + 1]) over i < n, each in ``_sum_partials``'s
+    order with W lanes, from one contiguous load of 2W values per round (both sums of the step
+    finisher in one loop)."""
+    offs = tl.arange(0, 2 * W)
+    acc0 = tl.zeros([W], dtype=tl.float64)
+    acc1 = tl.zeros([W], dtype=tl.float64)
+    start = 0
+    while start < n:
+        idx = 2 * start + offs
+        x = tl.load(partials + idx, mask=idx < 2 * n, other=0.0, cache_modifier=".cg")
+        x0, x1 = tl.split(tl.reshape(x, [W, 2]))
+        acc0 += x0.to(tl.float64)
+        acc1 += x1.to(tl.float64)
+        start += W
+    return _pairwise_sum(acc0, W), _pairwise_sum(acc1, W)
 
 
 # -- gradient sum of squares + grad finisher ----------------------------------------------------
@@ -262,7 +307,7 @@ def grad_kernel(table, sched, partials, counter, ctl, loss0, out, part_off, n_pa
         tl.store(partials + part_off + pid, s)
     if finish != 0:
         if _ticket_is_last(counter, n_grid):
-            sumsq = _sum_partials(partials, n_parts, 1, 0, BLOCK)
+            sumsq = _sum_partials(partials, n_parts, _GRAD_LANES * BLOCK)
             if finish == 1:
                 tl.store(out, sumsq)
             else:
@@ -397,8 +442,7 @@ def step_kernel(table, sched, ctl, partials, counter, out, part_off, n_parts, n_
                 slope = tl.zeros((), tl.float64)
                 slope_grad = tl.zeros((), tl.float64)
                 if live:
-                    slope = _sum_partials(partials, n_parts, 2, 0, BLOCK)
-                    slope_grad = _sum_partials(partials, n_parts, 2, 1, BLOCK)
+                    slope, slope_grad = _sum_partial_pairs(partials, n_parts, _STEP_LANES * BLOCK)
                     tl.store(counter, 0)
                 if finish == 1:
                     tl.store(out, slope)
@@ -572,6 +616,23 @@ def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, beta3_bits: tl.int6
     if ok & (fb_raw == 0.0):
         tl.store(ctl + _C_H, h_new)
         tl.store(ctl + _C_S, tl.load(ctl + _C_S_NEW))
+
+
+def sum_partials_emulated(values, lanes: int) -> float:
+    """What ``_sum_partials`` (and each sum of ``_sum_partial_pairs``) computes for the fp32
+    ``values`` with ``lanes`` lanes (``SUM_LANES[pass] * BLOCK``), in its order, on the host:
+    lane j adds values j, j + lanes, ... in turn from 0.0, then the pairwise tree over the lanes;
+    every addition is one IEEE fp64 add."""
+    import numpy as np
+    x = np.asarray(values, dtype=np.float32).astype(np.float64)
+    padded = np.zeros(max(1, -(-len(x) // lanes)) * lanes)
+    padded[:len(x)] = x
+    acc = np.zeros(lanes)
+    for row in padded.reshape(-1, lanes):
+        acc = acc + row
+    while len(acc) > 1:
+        acc = acc[0::2] + acc[1::2]
+    return float(acc[0])
 
 
 KERNELS = (grad_kernel, step_kernel, move_kernel, verdict_kernel)

@@ -131,6 +131,15 @@ class Verdict(enum.IntEnum):
 
 VERDICT_SIZE = 8
 
+# What step() raises under CUDA graph capture (the driver checks once per step, before any work).
+GRAPH_CAPTURE_HELP = (
+    "ALSALS.step() cannot run under CUDA graph capture: eta, the bias corrections and the line "
+    "search are host decisions passed to the kernels as arguments, and a searching step reads a "
+    "small verdict from the device once per trial, so a captured step would replay this step's "
+    "eta and bias corrections on every replay (or fail at its first read).  Supported: capture or "
+    "compile the model's forward and backward (torch.cuda.make_graphed_callables, torch.compile) "
+    "and call opt.step() outside the capture, with a closure that calls the graphed model.")
+
 
 class Dir(enum.IntEnum):
     """Directions a candidate is built along; kernels use these values as-is."""

@@ -24,7 +24,10 @@ its parameter, a non-dense view) runs its passes on foreach.
 Loading: ``import alsals_fused._C`` (built by ``pip install --no-build-isolation -e .``).  If it
 is missing and ``ALSALS_FUSED_JIT=1``, it is compiled on first use with
 ``torch.utils.cpp_extension.load`` from the repository's ``csrc/`` (settings in
-``csrc/build_settings.py``); a failed build is not retried in the same process.
+``csrc/build_settings.py``); a failed build is not retried in the same process.  Without
+``ALSALS_FUSED_JIT=1`` a JIT build that finished earlier (torch's build folder, newer than every
+source) is loaded as it is (``finished_jit_build``): the GPU suite turns JIT off after a cut build
+phase, and an extension built before the cut stays usable.
 
 ``python -m alsals_fused.backends.cuda_backend --write-header`` regenerates
 ``csrc/alsals_layout.h`` (the constants of ``base.py`` for C++); ``--check-header`` checks it;
@@ -69,6 +72,7 @@ VECTOR_BYTES = 16      # bytes per access on the vector path
 _STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # passes.h ScalarCode
 _ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 _MAX_PROGRAMS = 2 ** 31 - 1
+_SCRATCH = "cuda:scratch"   # bucket.cache key of a bucket list's partials and tickets
 
 _REPO = Path(__file__).resolve().parents[2]
 CSRC = _REPO / "csrc"
@@ -214,6 +218,7 @@ _module = None
 _load_error: Optional[str] = None
 _loaded = False
 _jit_failed: Optional[str] = None   # a failed JIT build is not retried in this process
+JIT_NAME = "alsals_fused_jit_C"     # the JIT build's module name (and its build folder's)
 
 
 def _build_settings():
@@ -235,8 +240,56 @@ def _jit_build():
     import torch.utils.cpp_extension as cpp
     if home is not None and not settings.is_toolkit(Path(cpp.CUDA_HOME or "")):
         cpp.CUDA_HOME = str(home)   # cpp_extension was imported before with its own guess
-    return cpp.load(name="alsals_fused_jit_C", verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")),
+    return cpp.load(name=JIT_NAME, verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")),
                     **settings.jit_kwargs())
+
+
+def _build_root() -> Path:
+    """Where ``torch.utils.cpp_extension.load`` builds: $TORCH_EXTENSIONS_DIR, else torch's
+    default root with its ``py<ver>_<cu|cpu>`` folder (torch's layout, without creating it)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+    cu = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{py}_{cu}"
+
+
+def finished_jit_build(name: str, depends: Iterable[Path]):
+    """The module of a JIT build of ``name`` that completed earlier (in another process, e.g. a
+    GPU-suite phase that was then cut), imported from torch's build folder; None when there is
+    none, when it is older than any file in ``depends`` (the sources changed since) or when it
+    does not import.  Compiles nothing, so it serves ``ALSALS_FUSED_JIT`` unset or 0 too."""
+    path = _build_root() / name / f"{name}.so"
+    try:
+        built = path.stat().st_mtime
+        if any(Path(d).stat().st_mtime > built for d in depends):
+            return None
+    except OSError:
+        return None
+    import importlib.machinery
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        loader.exec_module(module)
+    except ImportError:       # a link cut short, another torch: not usable
+        return None
+    return module
+
+
+def _jit_depends() -> List[Path]:
+    """The files a JIT build of the extension is made from (sources, headers, its settings)."""
+    try:
+        settings = _build_settings()
+    except ImportError:          # no source checkout: nothing to compare a build with
+        return [CSRC / "build_settings.py"]
+    return [CSRC / "build_settings.py", *(CSRC / n for n in (*settings.SOURCES, *settings.HEADERS))]
 
 
 def _check_module(module) -> Optional[str]:
@@ -263,20 +316,25 @@ def load_extension():
                 _module = importlib.import_module("alsals_fused._C")
             except ImportError as exc:
                 _load_error = f"the extension alsals_fused._C is not built ({exc}); {BUILD_HINT}"
-                if os.environ.get("ALSALS_FUSED_JIT") == "1":
-                    if _jit_failed is not None:
+                if os.environ.get("ALSALS_FUSED_JIT") != "1":
+                    # a JIT build another process finished (e.g. before the GPU suite cut its
+                    # build phase and turned JIT off) is used as it is
+                    _module = finished_jit_build(JIT_NAME, _jit_depends())
+                    if _module is not None:
+                        _load_error = None
+                elif _jit_failed is not None:
+                    _load_error = _jit_failed
+                else:
+                    try:
+                        _module = _jit_build()
+                        _load_error = None
+                    except BaseException as jit_exc:  # compiler missing, build error, interrupt
+                        _jit_failed = (f"the extension alsals_fused._C is not built and the JIT "
+                                       f"build (ALSALS_FUSED_JIT=1) failed: {jit_exc}; not "
+                                       "retried in this process")
                         _load_error = _jit_failed
-                    else:
-                        try:
-                            _module = _jit_build()
-                            _load_error = None
-                        except BaseException as jit_exc:  # compiler missing, build error, interrupt
-                            _jit_failed = (f"the extension alsals_fused._C is not built and the JIT "
-                                           f"build (ALSALS_FUSED_JIT=1) failed: {jit_exc}; not "
-                                           "retried in this process")
-                            _load_error = _jit_failed
-                            if not isinstance(jit_exc, Exception):
-                                raise
+                        if not isinstance(jit_exc, Exception):
+                            raise
             if _module is not None:
                 problem = _check_module(_module)
                 if problem is not None:
@@ -426,7 +484,6 @@ class CudaBackend:
             raise BackendUnavailable(f"ALSALS backend='cuda': {_load_error}")
         self._ops = torch.ops.alsals_fused
         self._foreach = None
-        self._scratch: Dict[torch.device, tuple] = {}
         self.table_builds = 0    # telemetry for tests
         self.grad_refreshes = 0
 
@@ -481,15 +538,22 @@ class CudaBackend:
     def _args(self, tables: List[_Table]):
         return [t.table for t in tables], [t.sched for t in tables], [t.storage for t in tables]
 
-    def _scratch_for(self, device: torch.device, programs: int):
-        """fp32 partials (2 per program) and the tickets, per device, grown when needed.  Passes
-        on one stream run in order, so the buckets of every optimizer on a device share them."""
-        held = self._scratch.get(device)
-        if held is None or held[0].numel() < 2 * programs:
-            size = max(2 * programs, 2 * (held[0].numel() if held else 0))
-            held = (torch.empty(size, dtype=torch.float32, device=device),
-                    torch.zeros(4, dtype=torch.int32, device=device))
-            self._scratch[device] = held
+    @staticmethod
+    def _scratch_for(buckets: Sequence[Bucket], tables: List[_Table], device: torch.device):
+        """fp32 partials (2 per program) and the tickets of one list of buckets, allocated once
+        and kept in its first bucket's cache (as long as the optimizer's plan): two optimizers,
+        or one optimizer's passes over two lists, never share them (each may step on its own
+        stream), and nothing is ever freed or regrown under a kernel still using it."""
+        if not buckets:          # (no launch reads them: the op refuses an empty list)
+            return (torch.empty(2, dtype=torch.float32, device=device),
+                    torch.zeros(2, dtype=torch.int32, device=device))
+        cache = buckets[0].cache
+        key = _SCRATCH if len(buckets) == 1 else _SCRATCH + ":" + ",".join(str(b.uid) for b in buckets)
+        held = cache.get(key)
+        if held is None:
+            programs = sum(t.programs for t in tables)
+            held = cache[key] = (torch.empty(2 * programs, dtype=torch.float32, device=device),
+                                 torch.zeros(2, dtype=torch.int32, device=device))   # grad, step
         return held
 
     # -- the passes ----------------------------------------------------------------------------
@@ -498,7 +562,7 @@ class CudaBackend:
         tables = self._tables(buckets)
         if tables is None:
             return self._fallback_for(buckets).grad_pass(buckets, ctl, loss0, hp, finish=finish)
-        return self._grad_op(tables, ctl, loss0, hp, finish)
+        return self._grad_op(buckets, tables, ctl, loss0, hp, finish)
 
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
@@ -506,7 +570,7 @@ class CudaBackend:
         if tables is None:
             return self._fallback_for(buckets).step_pass(buckets, hp, ctl, searching=searching,
                                               write_backup=write_backup, finish=finish)
-        return self._step_op(tables, hp, ctl, searching, write_backup, finish)
+        return self._step_op(buckets, tables, hp, ctl, searching, write_backup, finish)
 
     def update_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                     searching: bool, write_backup: bool) -> None:
@@ -517,22 +581,22 @@ class CudaBackend:
             fallback.grad_pass(buckets, ctl, loss0, hp)
             fallback.step_pass(buckets, hp, ctl, searching=searching, write_backup=write_backup)
             return
-        self._grad_op(tables, ctl, loss0, hp, True)
-        self._step_op(tables, hp, ctl, searching, write_backup, True)
+        self._grad_op(buckets, tables, ctl, loss0, hp, True)
+        self._step_op(buckets, tables, hp, ctl, searching, write_backup, True)
 
-    def _grad_op(self, tables: List[_Table], ctl: Tensor, loss0: Tensor, hp: StepScalars,
-                 finish: bool) -> Optional[Tensor]:
-        partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))
+    def _grad_op(self, buckets: Sequence[Bucket], tables: List[_Table], ctl: Tensor, loss0: Tensor,
+                 hp: StepScalars, finish: bool) -> Optional[Tensor]:
+        partials, tickets = self._scratch_for(buckets, tables, ctl.device)
         out = None if finish else torch.empty((), dtype=torch.float64, device=ctl.device)
         max_norm = -1.0 if hp.max_grad_norm is None else float(hp.max_grad_norm)
         self._ops.grad_pass(*self._args(tables), partials, tickets, ctl, loss0, max_norm, finish, out)
         return out
 
-    def _step_op(self, tables: List[_Table], hp: StepScalars, ctl: Tensor, searching: bool,
-                 write_backup: bool, finish: bool) -> Optional[Tensor]:
+    def _step_op(self, buckets: Sequence[Bucket], tables: List[_Table], hp: StepScalars, ctl: Tensor,
+                 searching: bool, write_backup: bool, finish: bool) -> Optional[Tensor]:
         if write_backup and not all(t.has_backups for t in tables):
             raise ValueError("ALSALS cuda backend: write_backup=True for a bucket without backups")
-        partials, tickets = self._scratch_for(ctl.device, sum(t.programs for t in tables))
+        partials, tickets = self._scratch_for(buckets, tables, ctl.device)
         out = torch.empty(2, dtype=torch.float64, device=ctl.device) if searching and not finish else None
         self._ops.step_pass(*self._args(tables), partials, tickets, ctl, hp.eta, hp.beta1, hp.beta2,
                             hp.eps, hp.bias_correction1, hp.bias_correction2, hp.smoothing,

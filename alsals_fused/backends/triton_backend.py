@@ -304,6 +304,8 @@ class TritonBackend:
         self._step_fixed: tuple = (None,)   # (beta1, beta2, eps, smoothing) and their kernel arguments
         self._lists: "OrderedDict[tuple, _ListPlan]" = OrderedDict()
         self._cx: Dict[tuple, dict] = {}
+        self._verdict_on: Tuple[Optional[Tensor], Optional[int]] = (None, None)   # (ctl, CUDA index)
+        self._verdict_meta = dict(num_warps=_tk.VERDICT_WARPS, **_tk.COMPILE_OPTIONS)
         self.table_builds = 0     # telemetry for tests: bucket tables built
         self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
@@ -426,9 +428,14 @@ class TritonBackend:
     # costs one loop of launches on the host; the partial passes of the generic path
     # (finish=False) write fresh ``out`` tensors and build theirs per call.
     def _run(self, lp: _ListPlan, calls: List[tuple], per_step: tuple) -> None:
+        self._launch_on(lp.cuda_index, calls, per_step)
+
+    def _launch_on(self, cuda_index: Optional[int], calls: Sequence[tuple], per_step: tuple) -> None:
+        """Every launch of the passes and the verdict: on CUDA device ``cuda_index`` (Triton
+        launches on the current device, which may be another one), through ``_launch``."""
         launch = self._launch
-        if lp.cuda_index is not None and lp.cuda_index != torch.cuda.current_device():
-            with torch.cuda.device(lp.cuda_index):   # Triton launches on the current device
+        if cuda_index is not None and cuda_index != torch.cuda.current_device():
+            with torch.cuda.device(cuda_index):
                 for kernel, grid, head, tail, meta in calls:
                     launch(kernel, grid, *head, *per_step, *tail, **meta)
             return
@@ -440,7 +447,8 @@ class TritonBackend:
         if cx is None:
             make = {"grad": _tk.kernels.grad_constexprs, "step": _tk.kernels.step_constexprs,
                     "move": _tk.kernels.move_constexprs}[kind]
-            cx = dict(make(*key, block=self.block, iters=self.iters), num_warps=_tk.NUM_WARPS)
+            cx = dict(make(*key, block=self.block, iters=self.iters), num_warps=_tk.NUM_WARPS,
+                      **_tk.COMPILE_OPTIONS)
             self._cx[(kind,) + key] = cx
         return cx
 
@@ -578,8 +586,12 @@ class TritonBackend:
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
         b3 = float(dp.beta3)
-        self._launch(_tk.verdict_kernel, (1,), ctl, loss_try, out, _bits(float(dp.c) * float(dp.eta)),
-                     _bits(b3), _bits(1 - b3), num_warps=_tk.VERDICT_WARPS)
+        held = self._verdict_on
+        if held[0] is not ctl:       # the device of the ctl seen last (one per optimizer)
+            device = ctl.device
+            held = self._verdict_on = (ctl, device.index if device.type == "cuda" else None)
+        self._launch_on(held[1], ((_tk.verdict_kernel, (1,), (ctl, loss_try, out), (), self._verdict_meta),),
+                        (_bits(float(dp.c) * float(dp.eta)), _bits(b3), _bits(1 - b3)))
 
 
 __all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]

@@ -7,7 +7,7 @@
 //   - the vector path and the scalar tail/misaligned path, every dtype, every step and move mode;
 //   - fp32 partials + the last-program finisher (ticket): grad finisher, step finisher, sums
 //     bit-identical whatever the block order, over one or several buckets (launches), the
-//     ticket back at 0 after each pass, finish=false sums;
+//     ticket back at 0 after each pass, finish=false sums, and after a pass whose later launch failed;
 //   - ctl[SKIP] (nothing written), only_if_fallback, Dir::UPDATE resolved from ctl[FALLBACK];
 //   - an all-empty pass (one program with no work still runs the finisher);
 //   - int64 element offsets past 2**31 (a table row whose chunk starts at element 2**31);
@@ -529,6 +529,53 @@ static void test_grad_pass() {
          r.ctl[Ctl::FALLBACK] == 0.0, "empty grad pass: finisher did not run");
 }
 
+// A pass whose second launch fails after the first one ran: that launch drew tickets and no last
+// program reset the counter.  launch_buckets (passes.h, what the ops call) resets it on the
+// stream, so the next pass still finds its last program and runs the finisher.
+static void test_failed_launch_resets_ticket() {
+  HostBucket<float> x({CHUNK + 5, 7}, 0, 31);
+  HostBucket<float> y({9}, 0, 32);
+  x.build(false);
+  y.build(false);
+  HostBucket<float>* buckets[2] = {&x, &y};
+  const int64_t total = x.programs() + y.programs();
+  Scratch s(total);
+  GradRun r;
+  fresh_ctl(r.ctl);
+  double loss0 = 1.0;
+  GradArgs a{};
+  a.p = pass_args(r.ctl, s, &r.ticket, total, true);
+  a.loss0 = &loss0;
+  a.loss_code = kFloat64;
+  a.max_grad_norm = -1.0;
+  int resets = 0;
+  const BucketLaunches res = launch_buckets(
+      2,
+      [&](size_t i) -> cudaError_t {
+        if (i == 1) return cudaError_t(700);  // the second bucket's launch fails
+        a.p.table = buckets[i]->table.data();
+        a.p.sched = buckets[i]->sched.data();
+        run_grid(block_order(buckets[i]->programs(), 0), [&] { grad_pass_kernel<float>(a); });
+        a.p.program_base += buckets[i]->programs();
+        return cudaError_t(0);
+      },
+      [&] {
+        ++resets;
+        r.ticket = 0;  // what reset_ticket queues on the stream
+      });
+  EXPECT(res.err == cudaError_t(700) && res.failed == 1, "launch_buckets: error %d at bucket %zu", int(res.err),
+         res.failed);
+  EXPECT(resets == 1 && r.ticket == 0, "failed launch: %d resets, ticket left at %u", resets, r.ticket);
+  // The next pass over the same scratch: its last program finishes (emulated_grad checks the ticket).
+  r.ctl[Ctl::LOSS0] = -1.0;
+  emulated_grad(x, y, 2.5, -1.0, true, 1, r);
+  EXPECT(r.ctl[Ctl::LOSS0] == 2.5, "the pass after a failed launch did not run its finisher");
+  // A first launch that fails queued nothing: no reset.
+  resets = 0;
+  const BucketLaunches first = launch_buckets(2, [](size_t) { return cudaError_t(1); }, [&] { ++resets; });
+  EXPECT(first.failed == 0 && resets == 0, "first launch failed: %d resets", resets);
+}
+
 // int64 offsets: a tensor of 2**31 + 100 elements whose last chunk (index 2**31 / CHUNK) is the
 // only one scheduled; its base pointer is placed 2**31 elements before a small buffer, so the
 // chunk's elements are that buffer.  (Only the addresses of that chunk are ever formed.)
@@ -589,6 +636,7 @@ int main() {
   test_step_and_moves<bf16_bits>("bf16");
   test_step_and_moves<fp16_bits>("fp16");
   test_grad_pass();
+  test_failed_launch_resets_ticket();
   test_int64_offsets();
   test_verdict_kernel();
   if (failures) {
