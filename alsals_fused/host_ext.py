@@ -31,11 +31,10 @@ def _disabled() -> bool:
 
 
 def _jit_build():
-    # csrc/build_settings.py through the CUDA extension's loader: one loader for both JIT builds.
     import torch.utils.cpp_extension as cpp
 
-    from .backends.cuda_backend import CSRC, _build_settings
-    kw = _build_settings().host_extension_kwargs()
+    from ._source_tree import CSRC, build_settings
+    kw = build_settings().host_extension_kwargs()
     return cpp.load(name="alsals_fused_jit_host", sources=[str(CSRC.parent / s) for s in kw["sources"]],
                     extra_cflags=kw["extra_compile_args"]["cxx"],
                     verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")))

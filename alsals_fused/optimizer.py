@@ -60,7 +60,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
@@ -70,6 +69,7 @@ from . import backends as _backends
 from . import checkpoint as _checkpoint
 from . import distributed as _dist
 from . import host_ext
+from ._types import CLOSURE_HELP, StepInfo, _RngState
 from .backends import decisions
 from .backends.base import (
     VERDICT_SIZE,
@@ -82,70 +82,9 @@ from .backends.base import (
     Verdict,
     new_ctl,
 )
-from .config import BACKENDS, ETA_MAX, ETA_MIN, Hyper, make_hyper, validate_weight_decay
-from .integrations._api import UserGradientsMixin, is_framework_closure, with_load_state_dict_hooks
-
-CLOSURE_HELP = (
-    "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
-    "calling backward, e.g.\n"
-    "    def closure():\n"
-    "        return loss_fn(model(x), y)\n"
-    "    opt.zero_grad()\n"
-    "    loss = opt.step(closure)"
-)
-
-
-@dataclass
-class StepInfo:
-    """Telemetry of the last step (``opt.last_step``)."""
-
-    eta: float                              # step size after the step (rejected: eta before it)
-    trials: int                             # trial forwards run (0 if the step did not search)
-    accepted: bool                          # params moved to an accepted point (see skipped)
-    searched: bool
-    loss: Union[float, Tensor]              # L0, detached: a 0-dim tensor on every step (integ: no read)
-    loss_trial: Optional[float]             # the last trial's loss; None if not searched
-    slope: Optional[float]                  # the unsmoothed slope the test used; None if not searched
-    skipped: bool = False                   # non-finite loss/gradient detected by this step's read
-    fallback: bool = False                  # the non-descent fallback (g*p, plain test) was used
-
-
-class _RngState:
-    """CPU and CUDA generator states, captured and restored for dropout replay (section 4).
-
-    The CPU state is a native snapshot (``CpuRngState``, reused from ``free``) when ``native``
-    is the host helper (``host_ext.module()``), else torch.get_rng_state()'s tensor, which
-    allocates 5 KB each time; ``release`` hands a native snapshot back for reuse."""
-
-    free: List[Any] = []          # released CpuRngState objects (a searching step uses two)
-    FREE_MAX = 8
-
-    def __init__(self, cuda_devices: Tuple[int, ...], native: Optional[Any]):
-        self.native = native
-        if native is not None:
-            free = _RngState.free
-            self.cpu: Any = free.pop() if free else native.CpuRngState()
-            self.cpu.capture()
-        else:
-            self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices} if cuda_devices else {}
-
-    def restore(self) -> None:
-        cpu = self.cpu
-        if isinstance(cpu, Tensor):
-            torch.set_rng_state(cpu)
-        elif cpu is None:
-            raise RuntimeError("ALSALS internal error: an RNG state was restored after its release")
-        else:
-            cpu.restore()
-        for d, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, d)
-
-    def release(self) -> None:
-        if self.cpu is not None and not isinstance(self.cpu, Tensor):
-            if len(_RngState.free) < _RngState.FREE_MAX:
-                _RngState.free.append(self.cpu)
-            self.cpu = None
+from .config import BACKENDS, ETA_MAX, ETA_MIN, VARIANT_DEFAULTS, Hyper, make_hyper, validate_weight_decay
+from .frameworks import is_framework_closure
+from .user_gradients import UserGradientsMixin
 
 
 def _as_loss(value, what: str) -> Tensor:
@@ -393,7 +332,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                  memory_efficient: Optional[bool] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
                  backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
-        self._reject_adamw_arguments(lr)                 # integ: lr= points to init_step_size
+        self._reject_adamw_arguments(lr)                 # lr= points to init_step_size
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -412,10 +351,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._plan: Optional[_Plan] = None
         self._groups_version = 0                   # add_param_group / load_state_dict
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
-        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly, see _api).
+        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly:
+        # _check_mirrors).
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay,
                                   "betas": hyper.betas})
-        self._keep_buffer_module(buffers)                # integ: buffers=model follows the model
+        # buffers=model: keep the module and read its buffers at each step (models move later).
+        self._buffer_module = buffers if isinstance(buffers, torch.nn.Module) else None
         self._check_distributed_params()
         self._reserve_host_state_key()
         if isinstance(buffers, torch.nn.Module):
@@ -447,9 +388,34 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self.last_step: Optional[StepInfo] = None
         self.reads = 0                             # device-to-host reads made by step()
 
+    # -- visible state --------------------------------------------------------------------------
+    @property
+    def chosen_backends(self) -> dict:
+        """{(device, dtype): backend name} as resolved so far (filled at the first step)."""
+        return {key: getattr(b, "name", type(b).__name__) for key, b in self._resolved.items()}
+
+    def __repr__(self) -> str:
+        defaults = VARIANT_DEFAULTS[self.hyper.variant]
+        parts = [f"variant={self.hyper.variant!r}"]
+        for name, value in vars(self.hyper).items():
+            if name != "variant" and value != getattr(defaults, name):
+                parts.append(f"{name}={value!r}")
+        parts.append(f"backend={self.backend_name!r}")
+        if self._resolved:
+            chosen = ", ".join(f"{d}/{str(t).replace('torch.', '')}: {n}"
+                               for (d, t), n in self.chosen_backends.items())
+            parts.append(f"chosen=[{chosen}]")
+        if self._buffer_module is not None or self._buffers:
+            kept = "module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"
+            parts.append(f"buffers={kept}")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        parts.append(f"groups={len(sizes)} ({sum(sizes)} params)")
+        parts.append(f"eta={self.eta:.4g}, t={self.t}")
+        return f"ALSALS({', '.join(parts)})"
+
     # -- construction checks --------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        self._check_group_keys(param_group)              # integ: unknown keys would be no-ops
+        self._check_group_keys(param_group)              # unknown keys would be no-ops
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if hasattr(self, "eta"):         # after construction: the lr mirror shows the current eta
@@ -701,12 +667,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         if closure is None and getattr(self, "_window", None) is None \
                 and self._init_state_without_closure():
             return None
-        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
+        self._check_mirrors()                            # scheduler writes to lr fail loudly
         if closure is None or (isinstance(closure, functools.partial) and is_framework_closure(closure)):
-            return self._step_user_gradients(closure)   # integ: gradients already in p.grad
+            return self._step_user_gradients(closure)   # gradients already in p.grad
         if not callable(closure):
             raise TypeError(CLOSURE_HELP)
-        self._check_grads_before_closure()               # integ: backward since zero_grad()?
+        self._check_grads_before_closure()               # backward since zero_grad()?
         searching = self._searches_at(self.t + 1)
         rng_before = self._capture_rng() if searching else None
         grad_mode = torch.is_grad_enabled()
@@ -715,11 +681,11 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             loss = _as_loss(closure(), "gradient forward")
         finally:
             _set_grad_enabled(grad_mode)
-        self._check_closure_result(loss)                 # integ: no backward in the closure
+        self._check_closure_result(loss)                 # no backward in the closure
         try:
             loss.backward()
         except RuntimeError as exc:
-            self._explain_backward_error(exc)            # integ: a closure that ran backward
+            self._explain_backward_error(exc)            # a closure that ran backward
         _set_grad_enabled(False)                         # torch.no_grad()
         try:
             loss0 = loss.detach()                        # last_step.loss and what the passes read
@@ -730,6 +696,22 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         # The loss as the closure returned it, as torch's optimizers return theirs: its spent
         # autograd graph is then released by the caller, not inside step().
         return loss
+
+    def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
+        """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
+        which gradients the step saw, so a later backward outside step() is detected."""
+        if loss is not None and self.last_step is not None:
+            self.last_step.loss = loss
+        self._record_gradient_marks()
+        self._grads_zeroed = False
+        self._window = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._record_gradient_marks()
+        self._grads_zeroed = True            # zeroed in place (set_to_none=False) is not stale
+        self._window = None
 
     def _update(self, closure, loss0: Tensor, searching: bool, rng_before: Optional[_RngState]) -> None:
         """Everything after the gradient: moments, candidate, line search (under no_grad);
@@ -981,8 +963,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self.counters["skipped"] += n
         self.counters["steps"] -= n
 
+    def _current_buffers(self) -> List[Tensor]:
+        module = self._buffer_module
+        if module is not None:
+            self._buffers = list(module.buffers())
+        buffers = self._buffers
+        snap = self._buffer_snapshot
+        if not buffers and not snap:
+            return buffers                # (no buffers=: the usual case, without a generator)
+        if len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+                                            for s, b in zip(snap, buffers)):
+            self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
+        return buffers
+
     def _snapshot_buffers(self) -> None:
-        if not self._current_buffers():                  # integ: re-read buffers=model each step
+        if not self._current_buffers():                  # re-reads buffers=model each step
             return
         for dst, src in zip(self._buffer_snapshot, self._buffers):
             dst.copy_(src)
@@ -1010,12 +1005,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                        for k, s in sd["state"].items()}
         return _checkpoint.attach(sd, self._host_state())
 
-    @with_load_state_dict_hooks      # integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers
     def load_state_dict(self, state_dict: dict) -> None:
         """Validate everything first (checkpoint.validate), then apply; on any error (a
         CheckpointError, a ValueError naming what is wrong) the optimizer is unchanged.  As torch
-        optimizers do, the saved hyperparameters win over the constructor's."""
+        optimizers do, the saved hyperparameters win over the constructor's, and torch's
+        load_state_dict pre and post hooks fire."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self._apply_checkpoint(_checkpoint.validate(self, state_dict))
+        for group in self.param_groups:      # the betas mirror follows the loaded hyperparameters
+            group["betas"] = tuple(self.hyper.betas)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _apply_checkpoint(self, plan: _checkpoint.LoadPlan) -> None:
         """Assignments that cannot fail, from a validated checkpoint.LoadPlan."""

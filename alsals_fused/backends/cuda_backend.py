@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import os
 import struct
 import threading
@@ -44,6 +43,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, cast
 import torch
 from torch import Tensor
 
+from .._source_tree import CSRC, build_settings
 from .base import (
     CHUNK,
     CTL_SIZE,
@@ -70,8 +70,6 @@ _STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # passes.h 
 _ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 _MAX_PROGRAMS = 2 ** 31 - 1
 
-_REPO = Path(__file__).resolve().parents[2]
-CSRC = _REPO / "csrc"
 LAYOUT_HEADER = CSRC / "alsals_layout.h"
 
 
@@ -216,21 +214,9 @@ _loaded = False
 _jit_failed: Optional[str] = None   # a failed JIT build is not retried in this process
 
 
-def _build_settings():
-    """csrc/build_settings.py, loaded by its path (it lives with the sources it builds)."""
-    path = CSRC / "build_settings.py"
-    if not path.is_file():
-        raise ImportError(f"ALSALS_FUSED_JIT=1 but {path} does not exist (the JIT build needs a "
-                          "source checkout)")
-    spec = importlib.util.spec_from_file_location("alsals_fused_build_settings", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _jit_build():
     """Compile csrc/ with torch.utils.cpp_extension.load (ALSALS_FUSED_JIT=1)."""
-    settings = _build_settings()
+    settings = build_settings()
     home = settings.ensure_cuda_home()
     import torch.utils.cpp_extension as cpp
     if home is not None and not settings.is_toolkit(Path(cpp.CUDA_HOME or "")):
