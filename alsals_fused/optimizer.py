@@ -80,6 +80,7 @@ from .backends.base import (
     Dir,
     StepScalars,
     Verdict,
+    math_dtype,
     new_ctl,
 )
 from .config import BACKENDS, ETA_MAX, ETA_MIN, VARIANT_DEFAULTS, Hyper, make_hyper, validate_weight_decay
@@ -557,7 +558,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
-        moment = torch.float64 if p.dtype == torch.float64 else torch.float32
+        moment = math_dtype(p.dtype)
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
@@ -626,14 +627,6 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return None if self._ctl is None else self._ctl[Ctl.PENDING]
 
     # -- cross-rank sums and the one read -------------------------------------------------------
-    def _mean_over_ranks(self, value: Tensor) -> Tensor:
-        if self.process_group is None:
-            return value
-        import torch.distributed as dist
-        value = value.to(torch.float64, copy=True)         # may alias the loss returned to the user
-        dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
-        return value / dist.get_world_size(self.process_group)
-
     def _sum_over_shards(self, plan: _Plan, parts: List[Tensor]) -> Tensor:
         """Partial sums of plan.groups, each added over its shard group only (distributed.py)."""
         return _dist.sum_partials(parts, plan.group_keys, self.process_group)
@@ -785,7 +778,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         dtype the closure returned (every backend reads any float dtype, so the usual case costs
         no device operation), or its float64 mean over the ranks."""
         if self.process_group is not None:
-            return self._mean_over_ranks(loss.reshape(()).to(device=plan.device, dtype=torch.float64))
+            return _dist.mean_over(loss.reshape(()).to(device=plan.device, dtype=torch.float64),
+                                   self.process_group)
         if loss.dim():
             loss = loss.reshape(())
         return loss if loss.device == plan.device else loss.to(plan.device)
