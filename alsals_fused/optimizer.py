@@ -1,7 +1,8 @@
 """ALSALS: ADAM direction with momentum, step size by a stochastic Armijo line search.
 
 This module is the line-search driver shared by every backend (``docs/algorithm.md`` describes
-the algorithm it implements; section numbers below refer to it and to the specification alike).
+the algorithm it implements, and its section 9 every deviation from the papers' algorithm with
+the reason; section numbers below refer to that page).
 It runs the closure, replays the RNG, keeps the host state (eta, t, the "auto" schedule,
 counters) and runs the search loop; the element-wise passes and the device decisions between them
 are the backend's (contract v2, ``backends/base.py``; the reference decisions in torch ops are
@@ -25,35 +26,6 @@ Host/device split (section 5): eta and t are host doubles/ints; the slope, h, s,
 the accept test stay on the device in one float64 control vector (``ctl``).  A searching step
 makes one verdict call and one device-to-host read per trial (a pinned buffer and a non-blocking
 copy on CUDA); a step that does not search reads nothing.
-
-Deviations from the specification, and why:
-- Gradient clipping scales g as the passes read it instead of rewriting ``p.grad`` in place: the
-  same update without an extra write pass; ``p.grad`` keeps the unclipped gradient.
-- Non-finite loss or gradient: a pre-pass over g (the gradient-norm reduction, also used for
-  clipping) sets a device flag, and then no pass writes anything, so params, m and v are untouched
-  (the whole update is skipped, not element by element).  The host learns of it at the next read:
-  at once on a searching step (whose first trial forward is then wasted), or at the next searching
-  step after non-searching ones, and corrects t then (no extra sync on the fast path).  Until
-  then the skipped step counts as a step for the bias corrections and the search schedule
-  (including the searching step that absorbs it).  ``line_search_every=k`` therefore searches
-  when k steps have passed since the last search, which is t = 1, k+1, 2k+1, ... when nothing is
-  skipped and never searches twice in a row after a correction.
-- A gradient whose square overflows fp32 (|g| above about 1.8e19) counts as non-finite, as a
-  non-finite gradient does: v could not absorb it.  On the reference and foreach backends so does
-  a per-tensor sum of squares that overflows fp32.
-- memory_efficient with weight decay recovers w0 by dividing by (1 - eta*wd); a step whose
-  eta*wd reaches 0.5 raises ValueError instead of amplifying rounding (or dividing by zero).
-- The two guards of section 1 (revised 2026-12-01) hold for every variant and backend: the
-  equality guard (a trial loss equal to L0, compared as float64 of the losses as the closure
-  returned them, is accepted) in the smoothed and in the fallback's plain test, inside the
-  verdict; a rejected step returns eta to its pre-step value (no growth), on the host.
-- Step sizes stay in [config.ETA_MIN, config.ETA_MAX] = [1e-30, 1e30]: the constructor and
-  load_state_dict refuse others, growth stops at ETA_MAX and a search ends (rejected) rather
-  than backtrack below ETA_MIN.  fp16 candidates that overflow are never kept: a non-searching
-  step returns to w0 (m, v, t keep the update, as after a rejected search) and a searching
-  step treats the trial as non-finite (issue 10; ``_undo_if_non_finite``).
-- ``step()`` without a closure on a fresh optimizer with all-zero gradients only creates the
-  moments (what torch.distributed.checkpoint's helpers do); see ``_init_state_without_closure``.
 """
 from __future__ import annotations
 
@@ -279,7 +251,7 @@ class _Plan:
                 ptrs = tuple(map(_data_ptr, grads))
                 if ptrs != b.grad_ptrs:
                     # A parameter reshaped in place (p.data = p.data.view(...)) keeps its address:
-                    # rebuild (which refuses the stale moments) before any pass (issue 10).
+                    # rebuild (which refuses the stale moments) before any pass.
                     if list(map(_shape, grads)) != self.shapes[i]:
                         self.release_grads()
                         return False
@@ -449,7 +421,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
         k = self.hyper.line_search_every
-        if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: see the docstring)
+        if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
             assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
             return self._last_search_t == 0 or t - self._last_search_t >= k
         if t <= 10 or self._fast is None:
@@ -732,7 +704,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         growth = self._growth if self._growth is not None else self.hyper.growth
         return min(self.eta * growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
 
-    # -- quality helper's host-side search adaptation (issue 11; neutral for the paper variants) --
+    # -- the adaptive variant's host-side search rules (neutral for the paper variants) ----------
     def _backtrack_factor(self) -> float:
         """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
         (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
@@ -921,7 +893,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                                   searched=True, loss=found.loss0, loss_trial=found.loss_try,
                                   slope=found.slope, skipped=found.skipped, fallback=found.fallback)
 
-    # -- no step leaves a non-finite parameter (issue 10) ----------------------------------------
+    # -- no step leaves a non-finite parameter (docs/algorithm.md section 9) ---------------------
     # fp16 candidates overflow at eta*|d| > 65504 although the step size is representable.  For
     # fp16 buckets the driver keeps a w0 backup on non-searching steps too, checks the written
     # candidate on the device (no host read) and restores w0 when any element is not finite; on

@@ -1,4 +1,4 @@
-"""Checkpoints that cannot be corrupted, and settings that cannot corrupt the parameters (issue 10).
+"""Checkpoints that cannot be corrupted, and settings that cannot corrupt the parameters.
 
 Every corruption must raise a ValueError naming what is wrong and leave the optimizer exactly as
 it was; format-1 checkpoints (the first release) still load and resume bit-identically; no step

@@ -1,4 +1,5 @@
-"""Issue 9: where users train.  One test (at least) per row of the issue's table, plus the API.
+"""Where users train: one test (at least) per framework and way of computing the gradients
+(closure, micro-batches, GradScaler, Lightning, the Hugging Face Trainer, accelerate), plus the API.
 
 Every framework test uses the real package (lightning, transformers, accelerate: the `test`
 extra installs them) on CPU with tiny models built from configs and in-memory data.
