@@ -39,16 +39,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, TypeGuard
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional
 
 import torch
 from torch import Tensor
 
+from .backends.base import math_dtype
 from .config import VARIANT_DEFAULTS, Hyper, make_hyper, validate_search_range, validate_weight_decay
+from .distributed import is_dtensor, local
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
-
     from .optimizer import ALSALS
 
 FORMAT_VERSION = 2
@@ -70,11 +70,6 @@ class CheckpointError(ValueError):
 
 def _fail(msg: str) -> NoReturn:
     raise CheckpointError(f"ALSALS.load_state_dict: {msg}")
-
-
-def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """m and v are fp32, fp64 for fp64 params (ALGORITHM.md section 1)."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -108,18 +103,6 @@ class LoadPlan:
     state: Dict[Tensor, Dict[str, Tensor]] = field(default_factory=dict)   # param -> new state
 
 
-def _is_dtensor(t: object) -> TypeGuard[DTensor]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:                                 # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _int(value, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value)
@@ -139,17 +122,17 @@ def _float(value, name: str) -> float:
 def _host_of(state_dict: dict) -> Dict[str, Any]:
     groups = state_dict["param_groups"]
     host = groups[0].get(HOST_KEY) if groups and isinstance(groups[0], dict) else None
-    if host is None or host == HOST_PLACEHOLDER:
+    top_level = host is None or host == HOST_PLACEHOLDER
+    if top_level:
         host = state_dict.get("alsals")                # format 1: top level
         if host is None:
             _fail("this state_dict was not saved by ALSALS (no host state in param_groups[0]"
                   f"[{HOST_KEY!r}] nor at the top level)")
-        if not isinstance(host, dict):
-            _fail(f"the host state is a {type(host).__name__}, not a dict")
-        host = dict(host)
-        host.setdefault("format", 1)
     if not isinstance(host, dict):
         _fail(f"the host state is a {type(host).__name__}, not a dict")
+    if top_level:
+        host = dict(host)
+        host.setdefault("format", 1)
     version = host.get("format")
     if version not in (1, FORMAT_VERSION):
         _fail(f"checkpoint format {version!r} is not supported (this version reads 1 and "
@@ -240,7 +223,7 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
         unknown = sorted(set(s) - set(MOMENT_KEYS))
         if missing or unknown:
             _fail(f"state[{key!r}] has missing keys {missing} / unknown keys {unknown}")
-        want = moment_dtype(p.dtype)
+        want = math_dtype(p.dtype)
         entry = {}
         for n in MOMENT_KEYS:
             v = s[n]
@@ -253,16 +236,16 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
                 _fail(f"{where} is {v.dtype}; moments of {p.dtype} parameters are {want}")
             if v.device.type == "meta":
                 _fail(f"{where} is on the meta device (holds no values)")
-            if _is_dtensor(p) != _is_dtensor(v):
-                _fail(f"{where} is {'a DTensor' if _is_dtensor(v) else 'a plain tensor'} and its "
-                      f"parameter {'is' if _is_dtensor(p) else 'is not'} a DTensor: load sharded "
+            if is_dtensor(p) != is_dtensor(v):
+                _fail(f"{where} is {'a DTensor' if is_dtensor(v) else 'a plain tensor'} and its "
+                      f"parameter {'is' if is_dtensor(p) else 'is not'} a DTensor: load sharded "
                       "state through torch.distributed.checkpoint (set_optimizer_state_dict)")
             # (p and v are both DTensors or both plain tensors here: checked just above.)
-            if _is_dtensor(p) and _is_dtensor(v) and (v.device_mesh != p.device_mesh
-                                                      or v.placements != p.placements):
+            if is_dtensor(p) and is_dtensor(v) and (v.device_mesh != p.device_mesh
+                                                    or v.placements != p.placements):
                 _fail(f"{where} is sharded as {v.placements} on {v.device_mesh}, its parameter as "
                       f"{p.placements} on {p.device_mesh}")
-            lv = _local(v)
+            lv = local(v)
             if lv.numel() and not bool(torch.isfinite(lv).all()):
                 _fail(f"{where} holds non-finite values")
             if n == "exp_avg_sq" and lv.numel() and bool((lv < 0).any()):

@@ -48,7 +48,7 @@ VARIANT_DEFAULTS = {
     "adam_sls": Hyper(variant="adam_sls", c=0.1, smoothing=0.0, growth=2 ** (1 / 500)),
     "salsa": Hyper(variant="salsa", c=0.3, smoothing=0.99, growth=2 ** (1 / 500),
                    line_search_every="auto"),
-    # Not from a paper (issue 11): SaLSA's search (along g*p, smoothed test, update along
+    # Not from a paper: SaLSA's search (along g*p, smoothed test, update along
     # m_hat*p, "auto") with a growth of 1% per search, so eta follows the scale the loss allows
     # through a run instead of staying near step 1's choice, and a first search that backtracks
     # by 0.3 (init 0.1 reaches 1e-3 in 4 trials).  Evidence: benchmarks/quality/README.md.
@@ -108,12 +108,12 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     return h
 
 
-# -- the step sizes a search can represent (issue 10) -----------------------------------------------
+# -- the step sizes a search can represent ----------------------------------------------------------
 # Kernels take eta as an fp32 argument and form w0 - eta*(d + wd*w0) in fp32, where |d| = |m_hat*p|
 # stays below about 32 with the default betas.  A step size above ETA_MAX (or one that a single
 # growth takes above it) could overflow a candidate even in fp32; one below ETA_MIN is no longer an
 # fp32 normal number once multiplied by d.  The driver also caps growth at ETA_MAX and ends a
-# search that would backtrack below ETA_MIN (ALSALS docstring).
+# search that would backtrack below ETA_MIN (docs/algorithm.md section 9).
 ETA_MAX = 1e30
 ETA_MIN = 1e-30
 

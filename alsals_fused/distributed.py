@@ -1,4 +1,4 @@
-"""Data-parallel and sharded training support for the ALSALS driver (ALGORITHM.md section 6).
+"""Data-parallel and sharded training support for the ALSALS driver (docs/algorithm.md section 6).
 
 Two kinds of reduction, over two kinds of group:
 
@@ -86,7 +86,8 @@ def all_reduce_sum(value: Tensor, group) -> Tensor:
 
 
 def mean_over(value: Tensor, group) -> Tensor:
-    """Average a (loss) tensor over ``group``; a copy, never in place (it may alias the user's)."""
+    """Average a (loss) tensor over ``group`` (a SUM all-reduce divided by the group's size: gloo
+    has no AVG); a copy, never in place (it may alias the loss returned to the user)."""
     if group is None:
         return value
     import torch.distributed as dist
@@ -116,10 +117,5 @@ def sum_partials(partials: Sequence[Tensor], keys: Sequence[ShardKey], process_g
     return total
 
 
-def world_size(group) -> int:
-    import torch.distributed as dist
-    return dist.get_world_size(group) if group is not None else 1
-
-
 __all__ = ["is_dtensor", "local", "ShardSpec", "shard_key", "needs_process_group", "mean_over",
-           "sum_partials", "world_size", "BY_PROCESS_GROUP"]
+           "sum_partials", "BY_PROCESS_GROUP"]

@@ -33,11 +33,10 @@ def _disabled() -> bool:
 
 
 def _jit_build():
-    # csrc/build_settings.py through the CUDA extension's loader: one loader for both JIT builds.
     import torch.utils.cpp_extension as cpp
 
-    from .backends.cuda_backend import CSRC, _build_settings
-    kw = _build_settings().host_extension_kwargs()
+    from ._source_tree import CSRC, build_settings
+    kw = build_settings().host_extension_kwargs()
     return cpp.load(name=_JIT_NAME, sources=[str(CSRC.parent / s) for s in kw["sources"]],
                     extra_cflags=kw["extra_compile_args"]["cxx"],
                     verbose=bool(os.environ.get("ALSALS_FUSED_JIT_VERBOSE")))
@@ -58,8 +57,8 @@ def _load() -> Any:
     except ImportError as exc:
         _error = f"alsals_fused._host is not built ({exc}); pip install --no-build-isolation -e ."
         if os.environ.get("ALSALS_FUSED_JIT") != "1":
-            # a JIT build that another process finished (cuda_backend.finished_jit_build)
-            from .backends.cuda_backend import CSRC, finished_jit_build
+            # a JIT build that another process finished
+            from ._source_tree import CSRC, finished_jit_build
             built = finished_jit_build(_JIT_NAME, [CSRC / "build_settings.py", CSRC / "host_reader.cpp"])
             if built is not None and all(hasattr(built, name) for name in _API):
                 _module, _error = built, None

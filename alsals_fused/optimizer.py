@@ -1,7 +1,8 @@
 """ALSALS: ADAM direction with momentum, step size by a stochastic Armijo line search.
 
 This module is the line-search driver shared by every backend (``docs/algorithm.md`` describes
-the algorithm it implements; section numbers below refer to it and to the specification alike).
+the algorithm it implements, and its section 9 every deviation from the papers' algorithm with
+the reason; section numbers below refer to that page).
 It runs the closure, replays the RNG, keeps the host state (eta, t, the "auto" schedule,
 counters) and runs the search loop; the element-wise passes and the device decisions between them
 are the backend's (contract v2, ``backends/base.py``; the reference decisions in torch ops are
@@ -25,42 +26,12 @@ Host/device split (section 5): eta and t are host doubles/ints; the slope, h, s,
 the accept test stay on the device in one float64 control vector (``ctl``).  A searching step
 makes one verdict call and one device-to-host read per trial (a pinned buffer and a non-blocking
 copy on CUDA); a step that does not search reads nothing.
-
-Deviations from the specification, and why:
-- Gradient clipping scales g as the passes read it instead of rewriting ``p.grad`` in place: the
-  same update without an extra write pass; ``p.grad`` keeps the unclipped gradient.
-- Non-finite loss or gradient: a pre-pass over g (the gradient-norm reduction, also used for
-  clipping) sets a device flag, and then no pass writes anything, so params, m and v are untouched
-  (the whole update is skipped, not element by element).  The host learns of it at the next read:
-  at once on a searching step (whose first trial forward is then wasted), or at the next searching
-  step after non-searching ones, and corrects t then (no extra sync on the fast path).  Until
-  then the skipped step counts as a step for the bias corrections and the search schedule
-  (including the searching step that absorbs it).  ``line_search_every=k`` therefore searches
-  when k steps have passed since the last search, which is t = 1, k+1, 2k+1, ... when nothing is
-  skipped and never searches twice in a row after a correction.
-- A gradient whose square overflows fp32 (|g| above about 1.8e19) counts as non-finite, as a
-  non-finite gradient does: v could not absorb it.  On the reference and foreach backends so does
-  a per-tensor sum of squares that overflows fp32.
-- memory_efficient with weight decay recovers w0 by dividing by (1 - eta*wd); a step whose
-  eta*wd reaches 0.5 raises ValueError instead of amplifying rounding (or dividing by zero).
-- The two guards of section 1 (revised 2026-12-01) hold for every variant and backend: the
-  equality guard (a trial loss equal to L0, compared as float64 of the losses as the closure
-  returned them, is accepted) in the smoothed and in the fallback's plain test, inside the
-  verdict; a rejected step returns eta to its pre-step value (no growth), on the host.
-- Step sizes stay in [config.ETA_MIN, config.ETA_MAX] = [1e-30, 1e30]: the constructor and
-  load_state_dict refuse others, growth stops at ETA_MAX and a search ends (rejected) rather
-  than backtrack below ETA_MIN.  fp16 candidates that overflow are never kept: a non-searching
-  step returns to w0 (m, v, t keep the update, as after a rejected search) and a searching
-  step treats the trial as non-finite (issue 10; ``_undo_if_non_finite``).
-- ``step()`` without a closure on a fresh optimizer with all-zero gradients only creates the
-  moments (what torch.distributed.checkpoint's helpers do); see ``_init_state_without_closure``.
 """
 from __future__ import annotations
 
 import functools
 import math
 import operator
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
@@ -70,6 +41,7 @@ from . import backends as _backends
 from . import checkpoint as _checkpoint
 from . import distributed as _dist
 from . import host_ext
+from ._types import CLOSURE_HELP, StepInfo, _RngState
 from .backends import decisions
 from .backends.base import (
     GRAPH_CAPTURE_HELP,
@@ -81,72 +53,12 @@ from .backends.base import (
     Dir,
     StepScalars,
     Verdict,
+    math_dtype,
     new_ctl,
 )
-from .config import BACKENDS, ETA_MAX, ETA_MIN, Hyper, make_hyper, validate_weight_decay
-from .integrations._api import UserGradientsMixin, is_framework_closure, with_load_state_dict_hooks
-
-CLOSURE_HELP = (
-    "ALSALS.step() needs a closure that returns the loss of the current mini-batch without "
-    "calling backward, e.g.\n"
-    "    def closure():\n"
-    "        return loss_fn(model(x), y)\n"
-    "    opt.zero_grad()\n"
-    "    loss = opt.step(closure)"
-)
-
-
-@dataclass
-class StepInfo:
-    """Telemetry of the last step (``opt.last_step``)."""
-
-    eta: float                              # step size after the step (rejected: eta before it)
-    trials: int                             # trial forwards run (0 if the step did not search)
-    accepted: bool                          # params moved to an accepted point (see skipped)
-    searched: bool
-    loss: Union[float, Tensor]              # L0, detached: a 0-dim tensor on every step (integ: no read)
-    loss_trial: Optional[float]             # the last trial's loss; None if not searched
-    slope: Optional[float]                  # the unsmoothed slope the test used; None if not searched
-    skipped: bool = False                   # non-finite loss/gradient detected by this step's read
-    fallback: bool = False                  # the non-descent fallback (g*p, plain test) was used
-
-
-class _RngState:
-    """CPU and CUDA generator states, captured and restored for dropout replay (section 4).
-
-    The CPU state is a native snapshot (``CpuRngState``, reused from ``free``) when ``native``
-    is the host helper (``host_ext.module()``), else torch.get_rng_state()'s tensor, which
-    allocates 5 KB each time; ``release`` hands a native snapshot back for reuse."""
-
-    free: List[Any] = []          # released CpuRngState objects (a searching step uses two)
-    FREE_MAX = 8
-
-    def __init__(self, cuda_devices: Tuple[int, ...], native: Optional[Any]):
-        self.native = native
-        if native is not None:
-            free = _RngState.free
-            self.cpu: Any = free.pop() if free else native.CpuRngState()
-            self.cpu.capture()
-        else:
-            self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices} if cuda_devices else {}
-
-    def restore(self) -> None:
-        cpu = self.cpu
-        if isinstance(cpu, Tensor):
-            torch.set_rng_state(cpu)
-        elif cpu is None:
-            raise RuntimeError("ALSALS internal error: an RNG state was restored after its release")
-        else:
-            cpu.restore()
-        for d, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, d)
-
-    def release(self) -> None:
-        if self.cpu is not None and not isinstance(self.cpu, Tensor):
-            if len(_RngState.free) < _RngState.FREE_MAX:
-                _RngState.free.append(self.cpu)
-            self.cpu = None
+from .config import BACKENDS, ETA_MAX, ETA_MIN, VARIANT_DEFAULTS, Hyper, make_hyper, validate_weight_decay
+from .frameworks import is_framework_closure
+from .user_gradients import UserGradientsMixin
 
 
 def _as_loss(value, what: str) -> Tensor:
@@ -340,7 +252,7 @@ class _Plan:
                 ptrs = tuple(map(_data_ptr, grads))
                 if ptrs != b.grad_ptrs:
                     # A parameter reshaped in place (p.data = p.data.view(...)) keeps its address:
-                    # rebuild (which refuses the stale moments) before any pass (issue 10).
+                    # rebuild (which refuses the stale moments) before any pass.
                     if list(map(_shape, grads)) != self.shapes[i]:
                         self.release_grads()
                         return False
@@ -394,7 +306,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                  memory_efficient: Optional[bool] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
                  backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
-        self._reject_adamw_arguments(lr)                 # integ: lr= points to init_step_size
+        self._reject_adamw_arguments(lr)                 # lr= points to init_step_size
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -413,10 +325,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._plan: Optional[_Plan] = None
         self._groups_version = 0                   # add_param_group / load_state_dict
         # param_groups[i]["lr"] mirrors eta so the usual logging works; it is not an input.
-        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly, see _api).
+        # "betas" mirrors the global betas (momentum-cycling schedulers then fail loudly:
+        # _check_mirrors).
         super().__init__(params, {"lr": hyper.init_step_size, "weight_decay": hyper.weight_decay,
                                   "betas": hyper.betas})
-        self._keep_buffer_module(buffers)                # integ: buffers=model follows the model
+        # buffers=model: keep the module and read its buffers at each step (models move later).
+        self._buffer_module = buffers if isinstance(buffers, torch.nn.Module) else None
         self._check_distributed_params()
         self._reserve_host_state_key()
         if isinstance(buffers, torch.nn.Module):
@@ -448,9 +362,34 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self.last_step: Optional[StepInfo] = None
         self.reads = 0                             # device-to-host reads made by step()
 
+    # -- visible state --------------------------------------------------------------------------
+    @property
+    def chosen_backends(self) -> dict:
+        """{(device, dtype): backend name} as resolved so far (filled at the first step)."""
+        return {key: getattr(b, "name", type(b).__name__) for key, b in self._resolved.items()}
+
+    def __repr__(self) -> str:
+        defaults = VARIANT_DEFAULTS[self.hyper.variant]
+        parts = [f"variant={self.hyper.variant!r}"]
+        for name, value in vars(self.hyper).items():
+            if name != "variant" and value != getattr(defaults, name):
+                parts.append(f"{name}={value!r}")
+        parts.append(f"backend={self.backend_name!r}")
+        if self._resolved:
+            chosen = ", ".join(f"{d}/{str(t).replace('torch.', '')}: {n}"
+                               for (d, t), n in self.chosen_backends.items())
+            parts.append(f"chosen=[{chosen}]")
+        if self._buffer_module is not None or self._buffers:
+            kept = "module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"
+            parts.append(f"buffers={kept}")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        parts.append(f"groups={len(sizes)} ({sum(sizes)} params)")
+        parts.append(f"eta={self.eta:.4g}, t={self.t}")
+        return f"ALSALS({', '.join(parts)})"
+
     # -- construction checks --------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        self._check_group_keys(param_group)              # integ: unknown keys would be no-ops
+        self._check_group_keys(param_group)              # unknown keys would be no-ops
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if hasattr(self, "eta"):         # after construction: the lr mirror shows the current eta
@@ -483,7 +422,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
     def _searches_at(self, t: int) -> bool:
         k = self.hyper.line_search_every
-        if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: see the docstring)
+        if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
             assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
             return self._last_search_t == 0 or t - self._last_search_t >= k
         if t <= 10 or self._fast is None:
@@ -592,7 +531,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
-        moment = torch.float64 if p.dtype == torch.float64 else torch.float32
+        moment = math_dtype(p.dtype)
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
@@ -661,14 +600,6 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return None if self._ctl is None else self._ctl[Ctl.PENDING]
 
     # -- cross-rank sums and the one read -------------------------------------------------------
-    def _mean_over_ranks(self, value: Tensor) -> Tensor:
-        if self.process_group is None:
-            return value
-        import torch.distributed as dist
-        value = value.to(torch.float64, copy=True)         # may alias the loss returned to the user
-        dist.all_reduce(value, group=self.process_group)   # SUM: gloo has no AVG
-        return value / dist.get_world_size(self.process_group)
-
     def _sum_over_shards(self, plan: _Plan, parts: List[Tensor]) -> Tensor:
         """Partial sums of plan.groups, each added over its shard group only (distributed.py)."""
         return _dist.sum_partials(parts, plan.group_keys, self.process_group)
@@ -705,12 +636,12 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         if closure is None and getattr(self, "_window", None) is None \
                 and self._init_state_without_closure():
             return None
-        self._check_mirrors()                            # integ: scheduler writes to lr fail loudly
+        self._check_mirrors()                            # scheduler writes to lr fail loudly
         if closure is None or (isinstance(closure, functools.partial) and is_framework_closure(closure)):
-            return self._step_user_gradients(closure)   # integ: gradients already in p.grad
+            return self._step_user_gradients(closure)   # gradients already in p.grad
         if not callable(closure):
             raise TypeError(CLOSURE_HELP)
-        self._check_grads_before_closure()               # integ: backward since zero_grad()?
+        self._check_grads_before_closure()               # backward since zero_grad()?
         searching = self._searches_at(self.t + 1)
         rng_before = self._capture_rng() if searching else None
         grad_mode = torch.is_grad_enabled()
@@ -719,11 +650,11 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             loss = _as_loss(closure(), "gradient forward")
         finally:
             _set_grad_enabled(grad_mode)
-        self._check_closure_result(loss)                 # integ: no backward in the closure
+        self._check_closure_result(loss)                 # no backward in the closure
         try:
             loss.backward()
         except RuntimeError as exc:
-            self._explain_backward_error(exc)            # integ: a closure that ran backward
+            self._explain_backward_error(exc)            # a closure that ran backward
         _set_grad_enabled(False)                         # torch.no_grad()
         try:
             loss0 = loss.detach()                        # last_step.loss and what the passes read
@@ -734,6 +665,22 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         # The loss as the closure returned it, as torch's optimizers return theirs: its spent
         # autograd graph is then released by the caller, not inside step().
         return loss
+
+    def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
+        """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
+        which gradients the step saw, so a later backward outside step() is detected."""
+        if loss is not None and self.last_step is not None:
+            self.last_step.loss = loss
+        self._record_gradient_marks()
+        self._grads_zeroed = False
+        self._window = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._record_gradient_marks()
+        self._grads_zeroed = True            # zeroed in place (set_to_none=False) is not stale
+        self._window = None
 
     def _update(self, closure, loss0: Tensor, searching: bool, rng_before: Optional[_RngState]) -> None:
         """Everything after the gradient: moments, candidate, line search (under no_grad);
@@ -761,7 +708,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         growth = self._growth if self._growth is not None else self.hyper.growth
         return min(self.eta * growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
 
-    # -- quality helper's host-side search adaptation (issue 11; neutral for the paper variants) --
+    # -- the adaptive variant's host-side search rules (neutral for the paper variants) ----------
     def _backtrack_factor(self) -> float:
         """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
         (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
@@ -807,7 +754,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         dtype the closure returned (every backend reads any float dtype, so the usual case costs
         no device operation), or its float64 mean over the ranks."""
         if self.process_group is not None:
-            return self._mean_over_ranks(loss.reshape(()).to(device=plan.device, dtype=torch.float64))
+            return _dist.mean_over(loss.reshape(()).to(device=plan.device, dtype=torch.float64),
+                                   self.process_group)
         if loss.dim():
             loss = loss.reshape(())
         return loss if loss.device == plan.device else loss.to(plan.device)
@@ -949,7 +897,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                                   searched=True, loss=found.loss0, loss_trial=found.loss_try,
                                   slope=found.slope, skipped=found.skipped, fallback=found.fallback)
 
-    # -- no step leaves a non-finite parameter (issue 10) ----------------------------------------
+    # -- no step leaves a non-finite parameter (docs/algorithm.md section 9) ---------------------
     # fp16 candidates overflow at eta*|d| > 65504 although the step size is representable.  For
     # fp16 buckets the driver keeps a w0 backup on non-searching steps too, checks the written
     # candidate on the device (no host read) and restores w0 when any element is not finite; on
@@ -985,8 +933,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self.counters["skipped"] += n
         self.counters["steps"] -= n
 
+    def _current_buffers(self) -> List[Tensor]:
+        module = self._buffer_module
+        if module is not None:
+            self._buffers = list(module.buffers())
+        buffers = self._buffers
+        snap = self._buffer_snapshot
+        if not buffers and not snap:
+            return buffers                # (no buffers=: the usual case, without a generator)
+        if len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+                                            for s, b in zip(snap, buffers)):
+            self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
+        return buffers
+
     def _snapshot_buffers(self) -> None:
-        if not self._current_buffers():                  # integ: re-read buffers=model each step
+        if not self._current_buffers():                  # re-reads buffers=model each step
             return
         for dst, src in zip(self._buffer_snapshot, self._buffers):
             dst.copy_(src)
@@ -1014,12 +975,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                        for k, s in sd["state"].items()}
         return _checkpoint.attach(sd, self._host_state())
 
-    @with_load_state_dict_hooks      # integ: torch's load_state_dict pre/post hooks fire, as for torch's optimizers
     def load_state_dict(self, state_dict: dict) -> None:
         """Validate everything first (checkpoint.validate), then apply; on any error (a
         CheckpointError, a ValueError naming what is wrong) the optimizer is unchanged.  As torch
-        optimizers do, the saved hyperparameters win over the constructor's."""
+        optimizers do, the saved hyperparameters win over the constructor's, and torch's
+        load_state_dict pre and post hooks fire."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self._apply_checkpoint(_checkpoint.validate(self, state_dict))
+        for group in self.param_groups:      # the betas mirror follows the loaded hyperparameters
+            group["betas"] = tuple(self.hyper.betas)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _apply_checkpoint(self, plan: _checkpoint.LoadPlan) -> None:
         """Assignments that cannot fail, from a validated checkpoint.LoadPlan."""

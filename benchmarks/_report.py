@@ -196,7 +196,7 @@ def targets(rows: Iterable[dict]) -> List[dict]:
                 add(f"end to end tokens/s: {run} / {adam['row']}", label, ratio,
                     f">= {goal}" if goal else "(info)", ratio >= goal if goal else None,
                     f"{e2e_row.get('forwards_per_step')} forwards/step")
-    # Issue 8's hot-path goals (host time goals are for the 2-core CI machine; info elsewhere).
+    # The hot-path goals (host time goals are for the 2-core CI machine; info elsewhere).
     goals = {"ops_searching_step": 6, "ops_extra_trial": 3, "ops_nonsearching_step": 3}
     host_goals = {148: {"host_us_searching_step": 150, "host_us_nonsearching_step": 80},
                   580: {"host_us_searching_step": 400, "host_us_nonsearching_step": 250}}

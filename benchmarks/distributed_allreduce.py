@@ -1,4 +1,4 @@
-"""The cost of ALSALS's cross-rank reductions, and their share of a step (issue 10).
+"""The cost of ALSALS's cross-rank reductions, and their share of a step.
 
     python benchmarks/distributed_allreduce.py [--ranks 2] [--steps 12] [--hidden 256]
 

@@ -23,7 +23,7 @@ temporary directory while the suite runs, removed at the end).  Without --out th
 a fresh folder under ``build/gpu-suite/`` (ignored by git); a file name that git tracks in DIR
 is never overwritten (the run takes the next free ``-2``, ``-3`` ... name).  A build phase that
 is cut turns JIT off for the later phases, which still load an extension whose JIT build
-finished (``cuda_backend.finished_jit_build``).  The markdown summary is printed last.
+finished (``_source_tree.finished_jit_build``).  The markdown summary is printed last.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
     python benchmarks/hot_path.py --json          # the last line of output is a JSON list
 
-Issue 8's measurement, runnable on a CPU.  For every backend whose host code can run here
-(reference and foreach for real; triton with its kernel launches stubbed through the
-``TritonBackend._launch`` hook; cuda from its host-side launch planner), at GPT-2 small's tensor
+The measurement behind the hot-path targets, runnable on a CPU.  For every backend whose host
+code can run here (reference and foreach for real; triton with its kernel launches stubbed through
+the ``TritonBackend._launch`` hook; cuda from its host-side launch planner), at GPT-2 small's tensor
 count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
 
 - ``ops_searching_step`` (default variant, first trial accepted), ``ops_extra_trial`` and

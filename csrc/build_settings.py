@@ -2,7 +2,7 @@
 ``alsals_fused._host``: the one place that names their sources, the target architectures and
 the flags.
 
-Used by setup.py and by the JIT path (``alsals_fused.backends.cuda_backend``), which both load
+Used by setup.py and by the JIT builds (``alsals_fused._source_tree``), which both load
 this file by its path (it is not a package module, and nothing edits ``sys.path``), and read by
 CMakeLists.txt (the ``SOURCES = (...)`` and ``ARCHS = (...)`` lines, so keep each on one line).
 Free of torch imports: setup.py loads it before deciding anything.

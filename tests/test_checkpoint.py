@@ -1,4 +1,4 @@
-"""Checkpoints that cannot be corrupted, and settings that cannot corrupt the parameters (issue 10).
+"""Checkpoints that cannot be corrupted, and settings that cannot corrupt the parameters.
 
 Every corruption must raise a ValueError naming what is wrong and leave the optimizer exactly as
 it was; format-1 checkpoints (the first release) still load and resume bit-identically; no step
@@ -180,6 +180,22 @@ def test_a_corrupt_checkpoint_raises_and_changes_nothing(name):
     _, opt = trained(steps=2)                       # a different, live state
     snap = snapshot(opt)
     with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("where", ["param_groups[0] (format 2)", "top level (format 1)"])
+def test_a_host_state_that_is_not_a_dict_is_refused_in_either_format(where):
+    _, source = trained()
+    sd = copy.deepcopy(source.state_dict())
+    if where.startswith("top"):
+        sd["param_groups"][0].pop("alsals")
+        sd["alsals"] = [("eta", 0.1)]                  # dict() would accept a list of pairs
+    else:
+        sd["param_groups"][0]["alsals"] = [("eta", 0.1)]
+    _, opt = trained(steps=2)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="the host state is a list, not a dict"):
         opt.load_state_dict(sd)
     assert_unchanged(opt, snap)
 

@@ -114,7 +114,7 @@ def test_extension_calls_per_step():
     assert f(searching=False)["total"] == 2 and f(searching=False)["d2h_copies"] == 0
     one = f(searching=True, trials=1)
     assert one == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1, "total": 4, "d2h_copies": 1}
-    assert one["total"] + one["d2h_copies"] <= 6                          # issue 8's target
+    assert one["total"] + one["d2h_copies"] <= 6             # the budget of docs/algorithm.md §7
     two = f(searching=True, trials=2)
     assert two["total"] - one["total"] + 1 <= 3                           # per extra trial
     assert f(searching=True, trials=1, variant="adam_sls")["move_pass"] == 1   # update from w0

@@ -1,6 +1,11 @@
-"""The demo end to end (tiny sizes, seconds), and unit tests of its model and data."""
+"""The examples: the demo end to end (tiny sizes, seconds), unit tests of its model and data, and
+the README's commands for the demo and the distributed example."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +14,30 @@ from alsals_fused.examples import data, demo
 from alsals_fused.examples.models import ByteGPT, GPTConfig, lm_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module(args, timeout):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_readme_quick_start_module_runs():
+    """``python -m alsals_fused.demo`` (the README's quick start) reaches the demo's parser."""
+    done = _run_module(["-m", "alsals_fused.demo", "--help"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "python -m alsals_fused.demo" in done.stdout and "--tiny" in done.stdout
+
+
+@pytest.mark.slow   # two gloo processes started by torchrun
+def test_distributed_example_resumes_bit_identically(tmp_path):
+    """The README's ``torchrun ... -m alsals_fused.examples.distributed`` command, DDP on CPU."""
+    done = _run_module(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "alsals_fused.examples.distributed", "--mode", "ddp", "--steps", "2",
+                        "--checkpoint", str(tmp_path / "ckpt")], timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "params bit-identical: True" in done.stdout, done.stdout
 
 
 # -- the demo ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Section 6 and issue 10: data-parallel and sharded (FSDP2) training, distributed checkpoints.
+"""Section 6 of docs/algorithm.md: data-parallel and sharded (FSDP2) training, distributed checkpoints.
 
 CPU processes with gloo, spawned by torch.multiprocessing with a join deadline; every process
 group has a short collective timeout, so nothing can hang: a run that overstays is killed and the

@@ -1,14 +1,14 @@
-"""The two guards of the revised specification (docs/algorithm.md section 1; specification revision of 2026-12-01).
+"""The two guards of the accept test (docs/algorithm.md section 1.3).
 
 1. A trial whose loss equals L0 exactly is accepted (in the smoothed test and in the fallback's
    plain test alike): the loss cannot resolve the step.
 2. A rejected step returns eta to its value before the step (no growth, no backtracking left over).
 
-The tiny-loss problems below reproduce the collapse of the code before the guards: in fp32,
-``1 + 1e-9 * f(w)`` is exactly 1 for every w near the start, so every trial's loss equals L0; the
-plain Armijo test can then never pass (its right side is positive), every step was rejected after
-max_trials trials and eta shrank by backtrack**max_trials per step, underflowing within a few
-dozen steps.  Run against that code these tests fail; they pass with the guards.
+The tiny-loss problems below are the collapse the guards prevent: in fp32, ``1 + 1e-9 * f(w)`` is
+exactly 1 for every w near the start, so every trial's loss equals L0; without the guards the
+plain Armijo test can never pass (its right side is positive), every step is rejected after
+max_trials trials and eta shrinks by backtrack**max_trials per step, underflowing within a few
+dozen steps.  Without the guards these tests fail.
 """
 import math
 

@@ -122,7 +122,7 @@ MARKS = [pytest.param("native", marks=needs_reader), "python"]
 
 
 def _marks(kind, params):
-    from alsals_fused.integrations._api import PyGradMarks
+    from alsals_fused.user_gradients import PyGradMarks
     return host_ext.module().GradMarks(params) if kind == "native" else PyGradMarks(params)
 
 
@@ -352,7 +352,7 @@ def test_cpu_rng_state_round_trips_everything_get_rng_state_encodes():
 
 @needs_reader
 def test_rng_snapshots_are_reused_and_not_restored_after_release(monkeypatch):
-    from alsals_fused.optimizer import _RngState
+    from alsals_fused._types import _RngState
     monkeypatch.setattr(_RngState, "free", [])
     first = _RngState((), host_ext.module())
     native = first.cpu

@@ -1,4 +1,5 @@
-"""Issue 9: where users train.  One test (at least) per row of the issue's table, plus the API.
+"""Where users train: one test (at least) per framework and way of computing the gradients
+(closure, micro-batches, GradScaler, Lightning, the Hugging Face Trainer, accelerate), plus the API.
 
 Every framework test uses the real package (lightning, transformers, accelerate: the `test`
 extra installs them) on CPU with tiny models built from configs and in-memory data.
@@ -53,6 +54,37 @@ def test_micro_batch_accumulation_equals_one_full_batch_step():
         assert opt_acc.last_step.trials == opt_full.last_step.trials
         assert opt_acc.eta == pytest.approx(opt_full.eta, rel=1e-9)
     torch.testing.assert_close(flat(acc), flat(full), rtol=1e-5, atol=1e-6)
+
+
+def test_window_api_steps_as_micro_batch_does_and_discard_drops_the_window():
+    """open_window / GradientWindow.add (what the framework adapters use) step exactly as
+    micro_batch does; discard_window leaves no window, so step() without a closure refuses."""
+    x, y = data(16)
+    a, b = tiny(), tiny()
+    opt_a, opt_b = ALSALS(a.parameters()), ALSALS(b.parameters())
+    for _ in range(3):
+        opt_a.zero_grad()
+        with opt_a.micro_batch(lambda: mse(a, x, y)) as mb:
+            mb.loss = mse(a, x, y)
+            mb.loss.backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        window = opt_b.open_window()
+        assert opt_b.open_window() is window          # one window until step/zero_grad/discard
+        loss = mse(b, x, y)
+        loss.backward()
+        window.add(lambda: mse(b, x, y), loss.detach())
+        opt_b.step()
+        assert opt_b.last_step.trials == opt_a.last_step.trials
+    assert torch.equal(flat(a), flat(b))
+    opt_b.zero_grad()
+    window = opt_b.open_window()
+    loss = mse(b, x, y)
+    loss.backward()
+    window.add(lambda: mse(b, x, y), loss.detach())
+    opt_b.discard_window()
+    with pytest.raises(TypeError, match="micro_batch"):
+        opt_b.step()
 
 
 def test_micro_batch_trials_replay_each_micro_batchs_dropout_without_autograd():

@@ -166,6 +166,12 @@ TABLE_COLS = 8
 CHUNK = 4096   # elements per program / per fp32 partial, for both GPU backends
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math type of a parameter dtype, which is also its moments' dtype (docs/algorithm.md
+    section 1): fp32 for 16- and 32-bit parameters, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def new_ctl(device) -> Tensor:
     """A zeroed control vector on ``device`` (h = s = 0, no pending skips)."""
     return torch.zeros(CTL_SIZE, dtype=torch.float64, device=device)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import os
 import struct
 import threading
@@ -47,6 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, cast
 import torch
 from torch import Tensor
 
+from .._source_tree import CSRC, build_settings, finished_jit_build
 from .base import (
     CHUNK,
     CTL_SIZE,
@@ -74,8 +74,6 @@ _ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.fl
 _MAX_PROGRAMS = 2 ** 31 - 1
 _SCRATCH = "cuda:scratch"   # bucket.cache key of a bucket list's partials and tickets
 
-_REPO = Path(__file__).resolve().parents[2]
-CSRC = _REPO / "csrc"
 LAYOUT_HEADER = CSRC / "alsals_layout.h"
 
 
@@ -221,21 +219,9 @@ _jit_failed: Optional[str] = None   # a failed JIT build is not retried in this 
 JIT_NAME = "alsals_fused_jit_C"     # the JIT build's module name (and its build folder's)
 
 
-def _build_settings():
-    """csrc/build_settings.py, loaded by its path (it lives with the sources it builds)."""
-    path = CSRC / "build_settings.py"
-    if not path.is_file():
-        raise ImportError(f"ALSALS_FUSED_JIT=1 but {path} does not exist (the JIT build needs a "
-                          "source checkout)")
-    spec = importlib.util.spec_from_file_location("alsals_fused_build_settings", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _jit_build():
     """Compile csrc/ with torch.utils.cpp_extension.load (ALSALS_FUSED_JIT=1)."""
-    settings = _build_settings()
+    settings = build_settings()
     home = settings.ensure_cuda_home()
     import torch.utils.cpp_extension as cpp
     if home is not None and not settings.is_toolkit(Path(cpp.CUDA_HOME or "")):
@@ -244,49 +230,10 @@ def _jit_build():
                     **settings.jit_kwargs())
 
 
-def _build_root() -> Path:
-    """Where ``torch.utils.cpp_extension.load`` builds: $TORCH_EXTENSIONS_DIR, else torch's
-    default root with its ``py<ver>_<cu|cpu>`` folder (torch's layout, without creating it)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    import sys
-
-    from torch.utils.cpp_extension import get_default_build_root
-    cu = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
-    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{py}_{cu}"
-
-
-def finished_jit_build(name: str, depends: Iterable[Path]):
-    """The module of a JIT build of ``name`` that completed earlier (in another process, e.g. a
-    GPU-suite phase that was then cut), imported from torch's build folder; None when there is
-    none, when it is older than any file in ``depends`` (the sources changed since) or when it
-    does not import.  Compiles nothing, so it serves ``ALSALS_FUSED_JIT`` unset or 0 too."""
-    path = _build_root() / name / f"{name}.so"
-    try:
-        built = path.stat().st_mtime
-        if any(Path(d).stat().st_mtime > built for d in depends):
-            return None
-    except OSError:
-        return None
-    import importlib.machinery
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    if spec is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        loader.exec_module(module)
-    except ImportError:       # a link cut short, another torch: not usable
-        return None
-    return module
-
-
 def _jit_depends() -> List[Path]:
     """The files a JIT build of the extension is made from (sources, headers, its settings)."""
     try:
-        settings = _build_settings()
+        settings = build_settings()
     except ImportError:          # no source checkout: nothing to compare a build with
         return [CSRC / "build_settings.py"]
     return [CSRC / "build_settings.py", *(CSRC / n for n in (*settings.SOURCES, *settings.HEADERS))]

@@ -5,7 +5,7 @@ results in place and reading nothing on the host:
 
 - ``finish_grad``: after the gradient-norm reduction: clip scale, skip flag, pending skips, L0;
 - ``finish_slope``: after the step pass's slope sums: SLOPE, SLOPE_GRAD, S_NEW, FALLBACK;
-- ``verdict``: once per trial: the accept test (with the specification's equality guard), the
+- ``verdict``: once per trial: the accept test (with the equality guard of docs/algorithm.md §1.3), the
   telemetry the host reads in one copy, and the commit of h and s.
 
 The reference and foreach backends call them directly; so does the driver when the sums come

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import decisions
-from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
-from .reference import math_dtype, resolve
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, math_dtype
+from .reference import resolve
 
 # What torch._foreach_* take and return: the out-of-place ops return tuples.
 TensorList = Union[List[Tensor], Tuple[Tensor, ...]]
@@ -220,7 +220,7 @@ class ForeachBackend:
         torch._foreach_add_(w0, w)
         if any(wds):
             torch._foreach_div_(w0, [1 - src_eta * wd for wd in wds])
-        if src_dir is dst_dir:        # the specification's in-place move: w -= (dst - src)*(d + wd*w0)
+        if src_dir is dst_dir:        # the in-place move of docs/algorithm.md §7: w -= (dst - src)*(d + wd*w0)
             torch._foreach_sub_(w, _decay_step(w0, dst_eta - src_eta, d_dst, wds))
         else:
             torch._foreach_copy_(w, torch._foreach_sub(w0, _decay_step(w0, dst_eta, d_dst, wds)))

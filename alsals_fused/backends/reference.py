@@ -2,7 +2,7 @@
 
 It is the oracle every other backend is tested against, so it favours the obvious over the fast:
 each quantity is computed in the math type (fp32, or fp64 for fp64 parameters) with the formula
-of the specification, in the order that ``base.py`` fixes.  It reads the flags in ``ctl`` on the
+of docs/algorithm.md, in the order that ``base.py`` fixes.  It reads the flags in ``ctl`` on the
 host (free on CPU, one sync each on CUDA): clarity beats speed here.  The decisions between the
 passes (finishers, verdict) are ``decisions.py``'s, shared with the foreach backend.
 """
@@ -14,11 +14,7 @@ import torch
 from torch import Tensor
 
 from . import decisions
-from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, math_dtype
 
 
 def resolve(direction: Dir, fallback: bool) -> Dir:

@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -220,6 +220,7 @@ def train_one(name: str, args: argparse.Namespace, corpus: TextCorpus, train_sta
                 return lm_loss(model(x), y)
 
         opt.zero_grad(set_to_none=True)
+        rec: Dict[str, Any]
         if not isinstance(opt, ALSALS):
             loss = closure()
             loss.backward()
@@ -281,17 +282,16 @@ def compare(rows: Dict[str, dict]) -> Dict[str, Optional[str]]:
 
 def format_table(rows: Dict[str, dict], last_k: int) -> str:
     refs = compare(rows)
-    head = ["optimizer", f"train loss (last {last_k})"]
-    for ref, title in (("adam@0.001", "x Adam 1e-3"), ("best_adam", "x best Adam"), ("prodigy", "x Prodigy")):
-        if refs[ref]:
-            head.append(title)
+    # (title, the reference run's training loss) for each reference that ran
+    ratios = [(title, rows[run]["train_loss"]) for ref, title in
+              (("adam@0.001", "x Adam 1e-3"), ("best_adam", "x best Adam"), ("prodigy", "x Prodigy"))
+              if (run := refs[ref]) is not None]
+    head = ["optimizer", f"train loss (last {last_k})"] + [title for title, _ in ratios]
     head += ["at Adam's forwards", "held-out loss", "fwd/step", "final step size", "wall time"]
     lines = []
     for r in rows.values():
         cells = [r["optimizer"], f"{r['train_loss']:.4f}"]
-        for ref in ("adam@0.001", "best_adam", "prodigy"):
-            if refs[ref]:
-                cells.append(f"{r['train_loss'] / rows[refs[ref]]['train_loss']:.3f}")
+        cells += [f"{r['train_loss'] / ref_loss:.3f}" for _, ref_loss in ratios]
         cells += [f"{r['train_loss_equal_forwards']:.4f}", f"{r['heldout_loss']:.4f}",
                   f"{r['forwards_per_step']:.2f}", f"{r['final_step_size']:.2e}", f"{r['wall_s']:.1f} s"]
         lines.append(cells)
@@ -299,8 +299,9 @@ def format_table(rows: Dict[str, dict], last_k: int) -> str:
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     table = "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines])
-    if refs["best_adam"]:
-        table += f"\nbest Adam grid point: {rows[refs['best_adam']]['optimizer']}"
+    best = refs["best_adam"]
+    if best is not None:
+        table += f"\nbest Adam grid point: {rows[best]['optimizer']}"
     return table
 
 

@@ -25,13 +25,11 @@ every trial forward::
 """
 from __future__ import annotations
 
-import sys
-from types import FrameType
-from typing import Optional
+from ..optimizer import ALSALS
 
 
 def unwrap(optimizer):
-    from ..optimizer import ALSALS
+    """The ALSALS object inside accelerate's (or another framework's) optimizer wrappers."""
     seen = optimizer
     while not isinstance(seen, ALSALS):
         inner = getattr(seen, "optimizer", None)
@@ -44,25 +42,3 @@ def unwrap(optimizer):
 def micro_batch(accelerator, optimizer, trial):
     """``opt.micro_batch`` with the 1/gradient_accumulation_steps that ``accelerator.backward`` applies."""
     return unwrap(optimizer).micro_batch(trial, scale=1.0 / accelerator.gradient_accumulation_steps)
-
-
-def accumulation_steps() -> int:
-    """gradient_accumulation_steps of the live Accelerator (1 if accelerate is not in use)."""
-    state = sys.modules.get("accelerate.state")
-    if state is None:
-        return 1
-    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None) or {}
-    kwargs = shared.get("plugin_kwargs") or {}
-    return int(kwargs.get("num_steps", 1) or 1)
-
-
-def stepped_by_accelerate(depth: int = 8) -> bool:
-    """Is this step() called by accelerate's AcceleratedOptimizer (a few frames up)?"""
-    frame: Optional[FrameType] = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if frame.f_globals.get("__name__") == "accelerate.optimizer":
-            return True
-        frame = frame.f_back
-    return False

@@ -3,7 +3,7 @@
 Lightning calls ``optimizer.step(closure=...)`` with a closure that runs ``training_step``,
 ``zero_grad`` (first micro-batch of an accumulation window), ``backward``, the
 ``on_before_optimizer_step`` hooks and gradient clipping, and returns the detached loss.
-``ALSALS.step`` recognises that closure (``_api.is_framework_closure``) and hands it here:
+``ALSALS.step`` recognises that closure (``frameworks.is_framework_closure``) and hands it here:
 
 - the gradient: the closure is run once as Lightning means it (RNG captured before it);
 - the trials: ``training_step`` alone on the same batch, through the strategy (so precision and
@@ -21,12 +21,13 @@ This module imports nothing from Lightning; the closure's objects are reached by
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
-from ._api import GradientWindow, MicroBatch
+if TYPE_CHECKING:
+    from ..user_gradients import GradientWindow
 
 
 def _noop(*args, **kwargs):
@@ -63,15 +64,14 @@ class LightningClosureAdapter:
         self.accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
 
     def run(self, opt) -> Optional[GradientWindow]:
-        opt._window = None
-        window = opt._open_window()                 # RNG captured before training_step
+        opt.discard_window()
+        window = opt.open_window()                  # RNG captured before training_step
         loss = self.closure()                       # forward, zero_grad, backward, clipping
         if loss is None:
-            opt._window = None
+            opt.discard_window()
             return None
-        mb = MicroBatch(self._trial, float(self.accumulate))
-        mb.loss = loss                              # Lightning divides it by accumulate_grad_batches
-        window.parts.append(mb)
+        # Lightning divides the loss by accumulate_grad_batches: the scale undoes that.
+        window.add(self._trial, loss, float(self.accumulate))
         window.buffers_module = self.trainer.lightning_module
         return window
 

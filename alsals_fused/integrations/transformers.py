@@ -87,7 +87,7 @@ class ALSALSTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = unwrap(self.optimizer)
         if self._alsals_window_step != self.state.global_step:   # a new accumulation window
-            opt._window = None                                     # (a skipped step leaves one open)
+            opt.discard_window()                                   # (a skipped step leaves one open)
             self._alsals_window_step = self.state.global_step
         trial = functools.partial(self._alsals_trial, model, dict(inputs), num_items_in_batch,
                                   self.current_gradient_accumulation_steps)

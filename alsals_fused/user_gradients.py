@@ -1,7 +1,10 @@
 """Gradients the optimizer did not compute, and the checks that keep ``step()`` honest.
 
-``ALSALS`` inherits ``UserGradientsMixin``; the line-search driver (``optimizer.py``) calls the
-few hooks below at the start and the end of ``step()``.  Nothing here imports a framework.
+``ALSALS`` (``optimizer.py``) inherits ``UserGradientsMixin``: ``step()`` runs the checks below
+at its start, and ``_step_user_gradients`` when the gradients are already in ``p.grad``.  Nothing
+here imports a framework (``frameworks.py`` recognises them); a Lightning closure is handed to
+``integrations/lightning.py``, which uses the window API below (``open_window``,
+``discard_window``, ``GradientWindow.add``).
 
 The API (README: "Gradients you computed yourself")::
 
@@ -24,22 +27,20 @@ loss while the gradient is the whole window's.
 """
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import host_ext
-from .accelerate import accumulation_steps, stepped_by_accelerate
+from . import host_ext
+from ._types import CLOSURE_HELP, _RngState
+from .frameworks import accumulation_steps, grad_scaler_caller, is_framework_closure, stepped_by_accelerate
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..config import Hyper
-    from ..optimizer import StepInfo, _RngState
+    from .config import Hyper
 
     # The mixin is only ever a base of ALSALS, next to torch.optim.Optimizer (param_groups,
     # zero_grad via super()); at run time it derives from object.
@@ -126,6 +127,14 @@ class GradientWindow:
         self.parts: List[MicroBatch] = []
         self.buffers_module: Optional[torch.nn.Module] = None   # set by framework adapters
 
+    def add(self, trial: Callable[[], Tensor], loss: Tensor, scale: float = 1.0) -> MicroBatch:
+        """A micro-batch whose backward has run: ``loss`` is its loss (``scale`` as in
+        ``ALSALS.micro_batch``), ``trial()`` its loss at the current parameters."""
+        mb = MicroBatch(trial, scale)
+        mb.loss = loss
+        self.parts.append(mb)
+        return mb
+
     def loss(self) -> Tensor:
         total: Optional[Tensor] = None
         for mb in self.parts:
@@ -187,18 +196,16 @@ class UserGradientsMixin(_MixinBase):
 
     # Set by ALSALS.__init__ (optimizer.py); declared here for the methods below.
     hyper: Hyper
-    backend_name: str
     eta: float
     t: int
-    last_step: Optional[StepInfo]
-    _resolved: Dict[Tuple[torch.device, torch.dtype], Backend]
     _buffers: List[Tensor]
-    _buffer_snapshot: List[Tensor]
     _buffer_module: Optional[torch.nn.Module]
     _window: Optional[GradientWindow]
 
     if TYPE_CHECKING:
         # Implemented by ALSALS (optimizer.py).
+        def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]: ...
+
         def _searches_at(self, t: int) -> bool: ...
 
         def _capture_rng(self) -> _RngState: ...
@@ -230,49 +237,6 @@ class UserGradientsMixin(_MixinBase):
         if "betas" in param_group and tuple(param_group["betas"]) != tuple(self.hyper.betas):
             raise ValueError("ALSALS: betas are global (one ADAM state schedule for the line "
                              "search); pass betas= to the constructor instead of per group")
-
-    def _keep_buffer_module(self, buffers) -> None:
-        """buffers=model: keep the module and read its buffers at each step (models move later)."""
-        self._buffer_module = buffers if isinstance(buffers, torch.nn.Module) else None
-
-    def _current_buffers(self) -> List[Tensor]:
-        module = self._buffer_module
-        if module is not None:
-            self._buffers = list(module.buffers())
-        buffers = self._buffers
-        snap = self._buffer_snapshot
-        if not buffers and not snap:
-            return buffers                # (no buffers=: the usual case, without a generator)
-        if len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
-                                            for s, b in zip(snap, buffers)):
-            self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
-        return buffers
-
-    # -- visible state ----------------------------------------------------------------------------
-    @property
-    def chosen_backends(self) -> dict:
-        """{(device, dtype): backend name} as resolved so far (filled at the first step)."""
-        return {key: getattr(b, "name", type(b).__name__) for key, b in self._resolved.items()}
-
-    def __repr__(self) -> str:
-        from ..config import VARIANT_DEFAULTS
-        defaults = VARIANT_DEFAULTS[self.hyper.variant]
-        parts = [f"variant={self.hyper.variant!r}"]
-        for name, value in vars(self.hyper).items():
-            if name != "variant" and value != getattr(defaults, name):
-                parts.append(f"{name}={value!r}")
-        parts.append(f"backend={self.backend_name!r}")
-        if self._resolved:
-            chosen = ", ".join(f"{d}/{str(t).replace('torch.', '')}: {n}"
-                               for (d, t), n in self.chosen_backends.items())
-            parts.append(f"chosen=[{chosen}]")
-        if self._buffer_module is not None or self._buffers:
-            kept = "module" if self._buffer_module is not None else f"{len(self._buffers)} tensors"
-            parts.append(f"buffers={kept}")
-        sizes = [len(g["params"]) for g in self.param_groups]
-        parts.append(f"groups={len(sizes)} ({sum(sizes)} params)")
-        parts.append(f"eta={self.eta:.4g}, t={self.t}")
-        return f"ALSALS({', '.join(parts)})"
 
     # -- no silent no-ops (start of every step) -------------------------------------------------
     def _check_mirrors(self) -> None:
@@ -362,22 +326,6 @@ class UserGradientsMixin(_MixinBase):
             marks = self._new_gradient_marks()
         marks[1].record()
 
-    def _finish_step(self, loss: Optional[Tensor]) -> Optional[Tensor]:
-        """End of every step: last_step.loss is the detached L0 tensor (one type, no read); note
-        which gradients the step saw, so a later backward outside step() is detected."""
-        if loss is not None and self.last_step is not None:
-            self.last_step.loss = loss
-        self._record_gradient_marks()
-        self._grads_zeroed = False
-        self._window = None
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        self._record_gradient_marks()
-        self._grads_zeroed = True            # zeroed in place (set_to_none=False) is not stale
-        self._window = None
-
     # -- gradients the optimizer did not compute -------------------------------------------------
     def micro_batch(self, trial: Callable[[], Tensor], *, scale: float = 1.0):
         """Context manager around a forward/backward you run yourself; see the module docstring.
@@ -388,11 +336,18 @@ class UserGradientsMixin(_MixinBase):
         not include (accelerate's ``backward`` divides by gradient_accumulation_steps)."""
         return _MicroBatchContext(self, MicroBatch(trial, scale))
 
-    def _open_window(self) -> GradientWindow:
+    def open_window(self) -> GradientWindow:
+        """The open gradient window, opened now (capturing the RNG state for the trials' replay)
+        if none is: framework adapters call this right before the first forward of a window."""
         window = getattr(self, "_window", None)
         if window is None:
             window = self._window = GradientWindow(self._capture_rng())
         return window
+
+    def discard_window(self) -> None:
+        """Forget the open gradient window (its micro-batches are not stepped on): the next
+        ``micro_batch`` or ``open_window`` starts a new one, as ``zero_grad()`` and ``step()`` do."""
+        self._window = None
 
     def _step_user_gradients(self, closure) -> Optional[Tensor]:
         """step() without a closure (or with a framework's closure): search on p.grad as it is."""
@@ -404,8 +359,7 @@ class UserGradientsMixin(_MixinBase):
         else:
             window = getattr(self, "_window", None)
             if window is None or not window.parts:
-                from ..optimizer import CLOSURE_HELP
-                caller = _grad_scaler_caller(sys._getframe(1))
+                caller = grad_scaler_caller(sys._getframe(1))
                 if caller == "lightning":
                     raise TypeError(LIGHTNING_FP16)
                 raise TypeError((GRAD_SCALER_WITHOUT_WINDOW if caller else CLOSURE_HELP + "\n")
@@ -424,32 +378,12 @@ class UserGradientsMixin(_MixinBase):
         return self._finish_step(loss0)
 
 
-def _grad_scaler_caller(frame) -> Optional[str]:
-    """Who called step() without a closure, for its error message (only then: it walks the
-    stack, innermost first): "grad_scaler" under torch.amp.GradScaler.step, "lightning" when a
-    Lightning Trainer precision plugin's optimizer_step called that GradScaler.step (its fp16
-    plugins run the closure themselves; Fabric's leave the backward to the user, as a plain
-    scaler does), else None."""
-    found = None
-    while frame is not None:
-        code = frame.f_code
-        path = code.co_filename.replace("\\", "/")
-        if found is None:
-            if path.endswith("/torch/amp/grad_scaler.py") and code.co_name == "step":
-                found = "grad_scaler"
-        elif code.co_name == "optimizer_step" and ("/lightning/pytorch/plugins/precision/" in path
-                                                   or "/pytorch_lightning/plugins/precision/" in path):
-            return "lightning"
-        frame = frame.f_back
-    return found
-
-
 class _MicroBatchContext:
     def __init__(self, opt, mb: MicroBatch):
         self.opt, self.mb = opt, mb
 
     def __enter__(self) -> MicroBatch:
-        self.window = self.opt._open_window()        # first micro-batch: captures the RNG
+        self.window = self.opt.open_window()        # first micro-batch: captures the RNG
         return self.mb
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
@@ -463,34 +397,9 @@ class _MicroBatchContext:
         return False
 
 
-def with_load_state_dict_hooks(load_state_dict):
-    """Wrap ``load_state_dict`` so torch's pre and post hooks fire, as torch's optimizers do."""
-    @functools.wraps(load_state_dict)
-    def wrapper(self, state_dict):
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        load_state_dict(self, state_dict)
-        for group in self.param_groups:      # the betas mirror follows the loaded hyperparameters
-            group["betas"] = tuple(self.hyper.betas)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-    return wrapper
-
-
 # -- frameworks whose closure runs backward itself -------------------------------------------------
-def is_framework_closure(closure) -> bool:
-    """Lightning's automatic-optimization closure (a partial of its precision plugin's wrapper)."""
-    if not isinstance(closure, functools.partial):
-        return False
-    module = getattr(closure.func, "__module__", None) or ""
-    return module.startswith(("lightning.", "pytorch_lightning."))
-
-
 def framework_adapter(closure):
     if is_framework_closure(closure):
-        from .lightning import LightningClosureAdapter
+        from .integrations.lightning import LightningClosureAdapter
         return LightningClosureAdapter(closure)
     raise TypeError("ALSALS: unrecognised framework closure")

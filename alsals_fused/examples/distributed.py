@@ -1,7 +1,7 @@
 """ALSALS under DDP or FSDP2, with a torch.distributed.checkpoint save and resume.
 
-    torchrun --nproc-per-node 2 examples/distributed.py --mode ddp
-    torchrun --nproc-per-node 2 examples/distributed.py --mode fsdp2
+    torchrun --nproc-per-node 2 -m alsals_fused.examples.distributed --mode ddp
+    torchrun --nproc-per-node 2 -m alsals_fused.examples.distributed --mode fsdp2
 
 (CPU with gloo here; on GPUs the same script uses NCCL and one GPU per rank.)  Each rank trains on
 its own mini-batches; ALSALS averages the losses over process_group=, so every rank takes the same
