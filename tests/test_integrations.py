@@ -173,6 +173,111 @@ def test_grad_scaler_step_without_a_window_says_to_open_one():
     assert torch.equal(flat(model), before) and opt.t == 0
 
 
+# -- windows that must not outlive their gradients, and what micro_batch accepts -----------------
+
+@pytest.mark.parametrize("failure", ["raises", "no mb.loss"])
+def test_a_first_micro_batch_that_fails_drops_its_window_and_rng_snapshot(failure):
+    """The failed block's window (no parts) goes: the next micro-batch's trials replay the random
+    numbers its own gradient forward drew, not those from before the failed block."""
+    model = tiny(dropout=0.5)
+    opt = ALSALS(model.parameters(), init_step_size=50.0)      # several trials
+    x, y = data(16)
+    masks = []
+
+    def loss_of():
+        masks.append(torch.rand(3))                # stands for the dropout draws
+        return mse(model, x, y)
+
+    torch.manual_seed(3)
+    with pytest.raises(ZeroDivisionError if failure == "raises" else TypeError):
+        with opt.micro_batch(loss_of) as mb:
+            torch.rand(5)                          # the failed block's own draws
+            if failure == "raises":
+                raise ZeroDivisionError
+    assert opt._window is None
+    with opt.micro_batch(loss_of) as mb:
+        mb.loss = loss_of()
+        mb.loss.backward()
+    opt.step()
+    assert opt.last_step.trials > 1
+    assert len(masks) == 1 + opt.last_step.trials
+    assert all(torch.equal(m, masks[0]) for m in masks), "trials replay the gradient forward's draws"
+
+
+def _scaled_window(opt, model, scaler, x, y, calls, factor=1.0):
+    def trial():
+        calls.append(factor)
+        return mse(model, x, y)
+
+    with opt.micro_batch(trial) as mb:
+        mb.loss = mse(model, x, y)
+        scaler.scale(mb.loss * factor).backward()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_model_zero_grad_after_grad_scaler_skipped_a_window_drops_it(set_to_none):
+    """GradScaler skips opt.step() on inf gradients; the user then zeroes through the model.  The
+    skipped micro-batch must not reach the next step's L0 or its trials."""
+    x, y = data(16)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    calls = []
+    x2, y2 = data(16, seed=5)
+    _scaled_window(opt, model, scaler, x2, y2, calls, factor=float("inf"))
+    scaler.step(opt)                               # skipped: opt.step() is not called
+    scaler.update()
+    assert opt.t == 0
+    model.zero_grad(set_to_none=set_to_none)       # not opt.zero_grad()
+    _scaled_window(opt, model, scaler, x, y, calls)
+    current = mse(model, x, y).detach()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.t == 1
+    torch.testing.assert_close(opt.last_step.loss, current)
+    assert float("inf") not in calls, "the skipped micro-batch's trial ran"
+
+
+def test_a_backward_outside_the_window_between_micro_batches_keeps_the_window():
+    """The documented subset: a backward run outside micro_batch between two parts changes the
+    gradients without resetting them; both parts stay in the window."""
+    x, y = data(16)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    (xa, ya), (xb, yb), (xc, yc) = zip(x.chunk(3), y.chunk(3))
+    opt.zero_grad()
+    with opt.micro_batch(lambda: mse(model, xa, ya)) as mb:
+        mb.loss = mse(model, xa, ya)
+        mb.loss.backward()
+    mse(model, xb, yb).backward()                  # outside the window
+    with opt.micro_batch(lambda: mse(model, xc, yc)) as mb:
+        mb.loss = mse(model, xc, yc)
+        mb.loss.backward()
+    expected = (mse(model, xa, ya) + mse(model, xc, yc)).detach()
+    opt.step()
+    torch.testing.assert_close(opt.last_step.loss, expected)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0, 0.0, -0.5, True,
+                                   False, "0.5", None, torch.tensor(0.5)])
+def test_micro_batch_scale_must_be_a_finite_positive_number(scale):
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    with pytest.raises(ValueError, match="scale=.*finite number > 0"):
+        opt.micro_batch(lambda: mse(model, *data()), scale=scale)
+    window = opt.open_window()
+    with pytest.raises(ValueError, match="scale=.*finite number > 0"):
+        window.add(lambda: mse(model, *data()), torch.tensor(1.0), scale)
+    assert not window.parts
+
+
+def test_micro_batch_scale_takes_ints_and_floats():
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    for scale in (2, 0.25, 1e-12):
+        assert opt.micro_batch(lambda: mse(model, *data()), scale=scale).mb.scale == float(scale)
+
+
 # -- no silent no-ops (item 3) -------------------------------------------------------------------
 
 def test_own_backward_then_step_closure_raises_with_the_fix():
