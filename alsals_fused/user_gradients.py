@@ -100,7 +100,7 @@ ACCUMULATED_BEFORE_STEP = (
     "ALSALS: step(closure) runs backward itself, but p.grad already holds gradients computed "
     "after the last zero_grad()/step() (for example your own loss.backward() or clip_grad_norm_ "
     "before step(closure)); they would be added to the closure's gradient. Call opt.zero_grad() "
-    "right before step(closure), or, to step on the gradients you computed, " + USER_GRADIENTS_HELP
+    "right before step(closure). " + USER_GRADIENTS_HELP
 )
 
 STALE_GRADS_WARNING = (
@@ -290,6 +290,14 @@ class UserGradientsMixin(_MixinBase):
             if lr == eta and (g_betas is betas or tuple(g_betas) == tuple(betas)):
                 continue                  # (the usual case, in few operations: it runs every step)
             if lr != eta:
+                synced = getattr(self, "_synced_eta", self.hyper.init_step_size)
+                if eta != synced and lr == synced:
+                    raise RuntimeError(
+                        f"ALSALS: opt.eta was set to {eta!r} outside the optimizer (its value was "
+                        f"{synced!r}). eta is read-only: the line search picks it at every "
+                        "searching step (param_groups[i]['lr'] mirrors it). Set the first step "
+                        "size with init_step_size= when you construct ALSALS; to go on, set "
+                        f"opt.eta back to {synced!r}.")
                 raise RuntimeError(
                     f"ALSALS: param_groups[{i}]['lr'] was set to {lr!r} but eta is {eta!r}. Likely "
                     "causes: a learning-rate scheduler attached to this optimizer "

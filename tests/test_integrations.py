@@ -390,6 +390,30 @@ def test_manual_lr_write_fails_loudly():
         opt.step(lambda: mse(model, x, y))
 
 
+def test_a_hand_written_eta_gets_its_own_error_not_the_lr_one():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    for _ in range(2):                             # before and after the optimizer wrote eta
+        eta = opt.eta
+        opt.eta = 0.5
+        opt.zero_grad()
+        with pytest.raises(RuntimeError, match=rf"(?s)opt.eta was set to 0.5.*read-only.*init_step_size.*"
+                                               rf"opt.eta back to {eta!r}") as info:
+            opt.step(lambda: mse(model, x, y))
+        assert "lr' was set" not in str(info.value)
+        opt.eta = eta                               # what the message says: the next step runs
+        opt.step(lambda: mse(model, x, y))
+
+
+def test_messages_that_end_with_the_user_gradients_help_read_as_sentences():
+    from alsals_fused import user_gradients as ug
+    for name in ("ACCUMULATED_BEFORE_STEP", "CLOSURE_RAN_BACKWARD"):
+        text = getattr(ug, name)
+        head, help_ = text[:-len(ug.USER_GRADIENTS_HELP)], text[-len(ug.USER_GRADIENTS_HELP):]
+        assert help_ == ug.USER_GRADIENTS_HELP and head.endswith(". "), (name, head[-60:])
+
+
 # -- buffers follow the model (item 4) -----------------------------------------------------------
 
 def test_buffers_model_follows_the_model_after_it_moves():
