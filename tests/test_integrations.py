@@ -651,6 +651,49 @@ def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):
     assert module.logged == 4 + opt.counters["trials"]
 
 
+def test_lightning_resumed_inside_an_accumulation_window_warns_and_continues(tmp_path):
+    """A checkpoint saved after a window's first micro-batch holds the optimizer's state but no
+    gradients: the resumed run steps on the window's remaining micro-batch, with a warning, from
+    exactly the saved optimizer state; a checkpoint at a window boundary resumes silently."""
+    import lightning.pytorch as pl
+
+    saved = {}
+
+    class SaveInsideWindow(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx in (1, 2):                   # after a step; inside the next window
+                opt = trainer.optimizers[0]
+                trainer.save_checkpoint(tmp_path / f"b{batch_idx}.ckpt")
+                saved[batch_idx] = (opt.t, opt.eta, flat(module))
+
+    module = _lightning_module()
+    _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, callbacks=[SaveInsideWindow()]).fit(
+        module, _loader(n=64, batch=16))
+    assert saved[1][0] == saved[2][0] == 1
+
+    for batch_idx, inside in ((1, False), (2, True)):
+        resumed = _lightning_module()
+        seen = {}
+
+        class Before(pl.Callback):
+            def __init__(self, seen):
+                self.seen = seen
+
+            def on_before_optimizer_step(self, trainer, module, optimizer):
+                opt = trainer.optimizers[0]
+                self.seen.setdefault("state", (opt.t, opt.eta, flat(module)))
+
+        trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, callbacks=[Before(seen)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(resumed, _loader(n=64, batch=16), ckpt_path=tmp_path / f"b{batch_idx}.ckpt")
+        ours = [w for w in caught if "ALSALS" in str(w.message)]
+        assert [("inside the window" in str(w.message)) for w in ours] == ([True] if inside else []), ours
+        t, eta, params = seen["state"]
+        assert (t, eta) == saved[batch_idx][:2] and torch.equal(params, saved[batch_idx][2])
+        assert trainer.optimizers[0].t == 2 and resumed.backwards == (1 if inside else 2)
+
+
 # -- Hugging Face Trainer -----------------------------------------------------------------------------
 
 def _hf_setup(tmp_path, **args):
