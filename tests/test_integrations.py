@@ -767,6 +767,33 @@ def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):
     assert logged == [opt2.eta] and eta > 0
 
 
+def test_hf_trainer_resumes_an_accumulating_run_bit_identically(tmp_path):
+    """gradient_accumulation_steps=2: a save asked for inside a window lands at the window's end
+    (Trainer saves after optimizer steps only), and the run resumed from it matches the
+    uninterrupted one bit for bit (the resumed first window starts afresh: no stale window)."""
+    from transformers import TrainerCallback
+
+    from alsals_fused.integrations.accelerate import unwrap
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+
+    class SaveInsideWindow(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            control.should_save = state.global_step == 1
+
+    model, dataset, args = _hf_setup(tmp_path / "a", max_steps=3, gradient_accumulation_steps=2,
+                                     save_strategy="no")
+    full = ALSALSTrainer(model=model, args=args, train_dataset=dataset, callbacks=[SaveInsideWindow()])
+    full.train()
+    assert [p.name for p in (tmp_path / "a").glob("checkpoint-*")] == ["checkpoint-2"]
+    model2, dataset, args2 = _hf_setup(tmp_path / "b", max_steps=3, gradient_accumulation_steps=2,
+                                       save_strategy="no")
+    resumed = ALSALSTrainer(model=model2, args=args2, train_dataset=dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    opt, opt2 = unwrap(full.optimizer), unwrap(resumed.optimizer)
+    assert opt2.t == opt.t == 3 and opt2.eta == opt.eta
+    assert torch.equal(flat(model2), flat(model))
+
+
 def test_plain_hf_trainer_with_alsals_explains_the_adapter(tmp_path):
     from transformers import Trainer
     model, dataset, args = _hf_setup(tmp_path, max_steps=1)
