@@ -624,6 +624,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _sync_lr(self) -> None:
         for group in self.param_groups:
             group["lr"] = self.eta
+        self._synced_eta = self.eta          # tells a hand-written eta from an lr write (_check_mirrors)
 
     # -- the step (section 1) -------------------------------------------------------------------
     @_step_hooks

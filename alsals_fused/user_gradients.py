@@ -27,6 +27,8 @@ loss while the gradient is the whole window's.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -98,7 +100,7 @@ ACCUMULATED_BEFORE_STEP = (
     "ALSALS: step(closure) runs backward itself, but p.grad already holds gradients computed "
     "after the last zero_grad()/step() (for example your own loss.backward() or clip_grad_norm_ "
     "before step(closure)); they would be added to the closure's gradient. Call opt.zero_grad() "
-    "right before step(closure), or, to step on the gradients you computed, " + USER_GRADIENTS_HELP
+    "right before step(closure). " + USER_GRADIENTS_HELP
 )
 
 STALE_GRADS_WARNING = (
@@ -115,25 +117,64 @@ class MicroBatch:
             raise TypeError("ALSALS.micro_batch(trial=...) takes a callable that returns this "
                             "micro-batch's loss without calling backward (it runs under no_grad)")
         self.trial = trial
-        self.scale = float(scale)
+        self.scale = _check_scale(scale)
         self.loss: Optional[Tensor] = None
+
+
+def _check_scale(scale) -> float:
+    """``scale`` as a float, refused unless a finite number > 0: NaN or inf would make every step
+    a skipped one, 0 makes L0 and every trial 0 (the equality guard then accepts any step), and a
+    negative scale turns the search into an ascent."""
+    value = float(scale) if isinstance(scale, numbers.Real) and not isinstance(scale, bool) else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"ALSALS.micro_batch: scale={scale!r} is invalid; scale must be a finite "
+                         "number > 0 (the factor your backward applied that mb.loss does not "
+                         "include, e.g. 1 / number of micro-batches)")
+    return value
 
 
 class GradientWindow:
     """The micro-batches whose gradients are in p.grad, their losses, and the RNG state before them."""
 
-    def __init__(self, rng: _RngState):
+    def __init__(self, rng: _RngState, watch: Optional[Tuple[List[Tensor], Any]] = None):
         self.rng = rng                      # optimizer._RngState captured before the first forward
         self.parts: List[MicroBatch] = []
         self.buffers_module: Optional[torch.nn.Module] = None   # set by framework adapters
+        # The watched gradients as the last part left them (the optimizer's _window_marks):
+        # tells open_window whether they were reset since (model.zero_grad()).
+        self.watched: List[Tensor]
+        self.marks: Any
+        self.watched, self.marks = watch if watch is not None else ([], None)
 
     def add(self, trial: Callable[[], Tensor], loss: Tensor, scale: float = 1.0) -> MicroBatch:
         """A micro-batch whose backward has run: ``loss`` is its loss (``scale`` as in
         ``ALSALS.micro_batch``), ``trial()`` its loss at the current parameters."""
         mb = MicroBatch(trial, scale)
         mb.loss = loss
-        self.parts.append(mb)
+        self._append(mb)
         return mb
+
+    def _append(self, mb: MicroBatch) -> None:
+        self.parts.append(mb)
+        if self.marks is not None:
+            self.marks.record()
+
+    def gradients_reset(self) -> bool:
+        """Were the gradients this window's parts wrote reset since the last part (a
+        ``model.zero_grad()`` instead of ``opt.zero_grad()``, e.g. after GradScaler skipped the
+        window)?  Every watched gradient set to None is a reset; one written in place since is a
+        reset only if every watched gradient is now zero (``zero_grad(set_to_none=False)``), as a
+        backward run outside the window (the documented subset) writes them too.  Only that
+        second case reads the device, and only when the gradients changed between parts."""
+        if self.marks is None or not self.parts:
+            return False
+        changed = self.marks.changed()
+        if changed <= 0:
+            return changed < 0
+        grads = [p.grad for p in self.watched]
+        if any(g is not None and type(g) is not Tensor for g in grads):
+            return False          # DTensor shards: a local zero test could differ between ranks
+        return not any(bool(g.any()) for g in grads if g is not None)
 
     def loss(self) -> Tensor:
         total: Optional[Tensor] = None
@@ -249,6 +290,14 @@ class UserGradientsMixin(_MixinBase):
             if lr == eta and (g_betas is betas or tuple(g_betas) == tuple(betas)):
                 continue                  # (the usual case, in few operations: it runs every step)
             if lr != eta:
+                synced = getattr(self, "_synced_eta", self.hyper.init_step_size)
+                if eta != synced and lr == synced:
+                    raise RuntimeError(
+                        f"ALSALS: opt.eta was set to {eta!r} outside the optimizer (its value was "
+                        f"{synced!r}). eta is read-only: the line search picks it at every "
+                        "searching step (param_groups[i]['lr'] mirrors it). Set the first step "
+                        "size with init_step_size= when you construct ALSALS; to go on, set "
+                        f"opt.eta back to {synced!r}.")
                 raise RuntimeError(
                     f"ALSALS: param_groups[{i}]['lr'] was set to {lr!r} but eta is {eta!r}. Likely "
                     "causes: a learning-rate scheduler attached to this optimizer "
@@ -309,15 +358,31 @@ class UserGradientsMixin(_MixinBase):
     def _marks_key(self) -> tuple:
         return (getattr(self, "_groups_version", None), len(self.param_groups))
 
-    def _new_gradient_marks(self) -> Tuple[tuple, Any]:
-        key = self._marks_key()
+    def _watched_params(self) -> List[Tensor]:
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         n = len(params)
         picks = sorted({round(i * (n - 1) / (MARKED - 1)) for i in range(MARKED)}) if n > MARKED else range(n)
-        watched = [params[i] for i in picks]
+        return [params[i] for i in picks]
+
+    @staticmethod
+    def _marks_of(watched: List[Tensor]) -> Any:
         native = host_ext.module()
-        marks = self._marks = (key, native.GradMarks(watched) if native is not None else PyGradMarks(watched))
+        return native.GradMarks(watched) if native is not None else PyGradMarks(watched)
+
+    def _new_gradient_marks(self) -> Tuple[tuple, Any]:
+        watched = self._watched_params()
+        marks = self._marks = (self._marks_key(), self._marks_of(watched))
         return marks
+
+    def _window_marks(self) -> Tuple[List[Tensor], Any]:
+        """The watched parameters and marks of their own for a new gradient window (recorded
+        after each part; the step checks keep theirs), reused while the param groups stay."""
+        key = self._marks_key()
+        cached = getattr(self, "_window_watch", None)
+        if cached is None or cached[0] != key:
+            watched = self._watched_params()
+            cached = self._window_watch = (key, watched, self._marks_of(watched))
+        return cached[1], cached[2]
 
     def _record_gradient_marks(self) -> None:
         """Note the watched gradients as they are now (end of a step, zero_grad)."""
@@ -338,10 +403,14 @@ class UserGradientsMixin(_MixinBase):
 
     def open_window(self) -> GradientWindow:
         """The open gradient window, opened now (capturing the RNG state for the trials' replay)
-        if none is: framework adapters call this right before the first forward of a window."""
+        if none is: framework adapters call this right before the first forward of a window.  A
+        window whose gradients were reset since its last part (``model.zero_grad()``) is dropped
+        first, as ``opt.zero_grad()`` drops it: its losses no longer match ``p.grad``."""
         window = getattr(self, "_window", None)
+        if window is not None and window.parts and window.gradients_reset():
+            window = None
         if window is None:
-            window = self._window = GradientWindow(self._capture_rng())
+            window = self._window = GradientWindow(self._capture_rng(), self._window_marks())
         return window
 
     def discard_window(self) -> None:
@@ -388,13 +457,21 @@ class _MicroBatchContext:
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is not None:
+            self._drop_empty_window()
             return False
         if not isinstance(self.mb.loss, Tensor) or self.mb.loss.numel() != 1:
+            self._drop_empty_window()
             raise TypeError("ALSALS.micro_batch: set mb.loss to this micro-batch's scalar loss "
                             "tensor (the one you ran backward on) inside the with block")
         self.mb.loss = self.mb.loss.detach()        # keep no graph alive until step()
-        self.window.parts.append(self.mb)
+        self.window._append(self.mb)
         return False
+
+    def _drop_empty_window(self) -> None:
+        """A block that failed adds nothing: a window it opened (no parts) goes, so the next
+        micro-batch captures the RNG state its own forward starts from."""
+        if not self.window.parts and getattr(self.opt, "_window", None) is self.window:
+            self.opt.discard_window()
 
 
 # -- frameworks whose closure runs backward itself -------------------------------------------------

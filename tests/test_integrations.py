@@ -173,6 +173,111 @@ def test_grad_scaler_step_without_a_window_says_to_open_one():
     assert torch.equal(flat(model), before) and opt.t == 0
 
 
+# -- windows that must not outlive their gradients, and what micro_batch accepts -----------------
+
+@pytest.mark.parametrize("failure", ["raises", "no mb.loss"])
+def test_a_first_micro_batch_that_fails_drops_its_window_and_rng_snapshot(failure):
+    """The failed block's window (no parts) goes: the next micro-batch's trials replay the random
+    numbers its own gradient forward drew, not those from before the failed block."""
+    model = tiny(dropout=0.5)
+    opt = ALSALS(model.parameters(), init_step_size=50.0)      # several trials
+    x, y = data(16)
+    masks = []
+
+    def loss_of():
+        masks.append(torch.rand(3))                # stands for the dropout draws
+        return mse(model, x, y)
+
+    torch.manual_seed(3)
+    with pytest.raises(ZeroDivisionError if failure == "raises" else TypeError):
+        with opt.micro_batch(loss_of) as mb:
+            torch.rand(5)                          # the failed block's own draws
+            if failure == "raises":
+                raise ZeroDivisionError
+    assert opt._window is None
+    with opt.micro_batch(loss_of) as mb:
+        mb.loss = loss_of()
+        mb.loss.backward()
+    opt.step()
+    assert opt.last_step.trials > 1
+    assert len(masks) == 1 + opt.last_step.trials
+    assert all(torch.equal(m, masks[0]) for m in masks), "trials replay the gradient forward's draws"
+
+
+def _scaled_window(opt, model, scaler, x, y, calls, factor=1.0):
+    def trial():
+        calls.append(factor)
+        return mse(model, x, y)
+
+    with opt.micro_batch(trial) as mb:
+        mb.loss = mse(model, x, y)
+        scaler.scale(mb.loss * factor).backward()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_model_zero_grad_after_grad_scaler_skipped_a_window_drops_it(set_to_none):
+    """GradScaler skips opt.step() on inf gradients; the user then zeroes through the model.  The
+    skipped micro-batch must not reach the next step's L0 or its trials."""
+    x, y = data(16)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    calls = []
+    x2, y2 = data(16, seed=5)
+    _scaled_window(opt, model, scaler, x2, y2, calls, factor=float("inf"))
+    scaler.step(opt)                               # skipped: opt.step() is not called
+    scaler.update()
+    assert opt.t == 0
+    model.zero_grad(set_to_none=set_to_none)       # not opt.zero_grad()
+    _scaled_window(opt, model, scaler, x, y, calls)
+    current = mse(model, x, y).detach()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.t == 1
+    torch.testing.assert_close(opt.last_step.loss, current)
+    assert float("inf") not in calls, "the skipped micro-batch's trial ran"
+
+
+def test_a_backward_outside_the_window_between_micro_batches_keeps_the_window():
+    """The documented subset: a backward run outside micro_batch between two parts changes the
+    gradients without resetting them; both parts stay in the window."""
+    x, y = data(16)
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    (xa, ya), (xb, yb), (xc, yc) = zip(x.chunk(3), y.chunk(3))
+    opt.zero_grad()
+    with opt.micro_batch(lambda: mse(model, xa, ya)) as mb:
+        mb.loss = mse(model, xa, ya)
+        mb.loss.backward()
+    mse(model, xb, yb).backward()                  # outside the window
+    with opt.micro_batch(lambda: mse(model, xc, yc)) as mb:
+        mb.loss = mse(model, xc, yc)
+        mb.loss.backward()
+    expected = (mse(model, xa, ya) + mse(model, xc, yc)).detach()
+    opt.step()
+    torch.testing.assert_close(opt.last_step.loss, expected)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0, 0.0, -0.5, True,
+                                   False, "0.5", None, torch.tensor(0.5)])
+def test_micro_batch_scale_must_be_a_finite_positive_number(scale):
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    with pytest.raises(ValueError, match="scale=.*finite number > 0"):
+        opt.micro_batch(lambda: mse(model, *data()), scale=scale)
+    window = opt.open_window()
+    with pytest.raises(ValueError, match="scale=.*finite number > 0"):
+        window.add(lambda: mse(model, *data()), torch.tensor(1.0), scale)
+    assert not window.parts
+
+
+def test_micro_batch_scale_takes_ints_and_floats():
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    for scale in (2, 0.25, 1e-12):
+        assert opt.micro_batch(lambda: mse(model, *data()), scale=scale).mb.scale == float(scale)
+
+
 # -- no silent no-ops (item 3) -------------------------------------------------------------------
 
 def test_own_backward_then_step_closure_raises_with_the_fix():
@@ -283,6 +388,30 @@ def test_manual_lr_write_fails_loudly():
     opt.zero_grad()
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['lr'\] was set to 0.001"):
         opt.step(lambda: mse(model, x, y))
+
+
+def test_a_hand_written_eta_gets_its_own_error_not_the_lr_one():
+    model = tiny()
+    x, y = data()
+    opt = ALSALS(model.parameters())
+    for _ in range(2):                             # before and after the optimizer wrote eta
+        eta = opt.eta
+        opt.eta = 0.5
+        opt.zero_grad()
+        with pytest.raises(RuntimeError, match=rf"(?s)opt.eta was set to 0.5.*read-only.*init_step_size.*"
+                                               rf"opt.eta back to {eta!r}") as info:
+            opt.step(lambda: mse(model, x, y))
+        assert "lr' was set" not in str(info.value)
+        opt.eta = eta                               # what the message says: the next step runs
+        opt.step(lambda: mse(model, x, y))
+
+
+def test_messages_that_end_with_the_user_gradients_help_read_as_sentences():
+    from alsals_fused import user_gradients as ug
+    for name in ("ACCUMULATED_BEFORE_STEP", "CLOSURE_RAN_BACKWARD"):
+        text = getattr(ug, name)
+        head, help_ = text[:-len(ug.USER_GRADIENTS_HELP)], text[-len(ug.USER_GRADIENTS_HELP):]
+        assert help_ == ug.USER_GRADIENTS_HELP and head.endswith(". "), (name, head[-60:])
 
 
 # -- buffers follow the model (item 4) -----------------------------------------------------------
@@ -522,6 +651,49 @@ def test_lightning_accumulate_grad_batches_steps_on_the_window(tmp_path):
     assert module.logged == 4 + opt.counters["trials"]
 
 
+def test_lightning_resumed_inside_an_accumulation_window_warns_and_continues(tmp_path):
+    """A checkpoint saved after a window's first micro-batch holds the optimizer's state but no
+    gradients: the resumed run steps on the window's remaining micro-batch, with a warning, from
+    exactly the saved optimizer state; a checkpoint at a window boundary resumes silently."""
+    import lightning.pytorch as pl
+
+    saved = {}
+
+    class SaveInsideWindow(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx in (1, 2):                   # after a step; inside the next window
+                opt = trainer.optimizers[0]
+                trainer.save_checkpoint(tmp_path / f"b{batch_idx}.ckpt")
+                saved[batch_idx] = (opt.t, opt.eta, flat(module))
+
+    module = _lightning_module()
+    _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, callbacks=[SaveInsideWindow()]).fit(
+        module, _loader(n=64, batch=16))
+    assert saved[1][0] == saved[2][0] == 1
+
+    for batch_idx, inside in ((1, False), (2, True)):
+        resumed = _lightning_module()
+        seen = {}
+
+        class Before(pl.Callback):
+            def __init__(self, seen):
+                self.seen = seen
+
+            def on_before_optimizer_step(self, trainer, module, optimizer):
+                opt = trainer.optimizers[0]
+                self.seen.setdefault("state", (opt.t, opt.eta, flat(module)))
+
+        trainer = _pl_trainer(tmp_path, 2, accumulate_grad_batches=2, callbacks=[Before(seen)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(resumed, _loader(n=64, batch=16), ckpt_path=tmp_path / f"b{batch_idx}.ckpt")
+        ours = [w for w in caught if "ALSALS" in str(w.message)]
+        assert [("inside the window" in str(w.message)) for w in ours] == ([True] if inside else []), ours
+        t, eta, params = seen["state"]
+        assert (t, eta) == saved[batch_idx][:2] and torch.equal(params, saved[batch_idx][2])
+        assert trainer.optimizers[0].t == 2 and resumed.backwards == (1 if inside else 2)
+
+
 # -- Hugging Face Trainer -----------------------------------------------------------------------------
 
 def _hf_setup(tmp_path, **args):
@@ -593,6 +765,33 @@ def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):
     assert t == 2 and opt2.t == 3 and opt2.counters["steps"] == 3
     logged = [h["learning_rate"] for h in second.state.log_history if h.get("step") == 3 and "learning_rate" in h]
     assert logged == [opt2.eta] and eta > 0
+
+
+def test_hf_trainer_resumes_an_accumulating_run_bit_identically(tmp_path):
+    """gradient_accumulation_steps=2: a save asked for inside a window lands at the window's end
+    (Trainer saves after optimizer steps only), and the run resumed from it matches the
+    uninterrupted one bit for bit (the resumed first window starts afresh: no stale window)."""
+    from transformers import TrainerCallback
+
+    from alsals_fused.integrations.accelerate import unwrap
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+
+    class SaveInsideWindow(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            control.should_save = state.global_step == 1
+
+    model, dataset, args = _hf_setup(tmp_path / "a", max_steps=3, gradient_accumulation_steps=2,
+                                     save_strategy="no")
+    full = ALSALSTrainer(model=model, args=args, train_dataset=dataset, callbacks=[SaveInsideWindow()])
+    full.train()
+    assert [p.name for p in (tmp_path / "a").glob("checkpoint-*")] == ["checkpoint-2"]
+    model2, dataset, args2 = _hf_setup(tmp_path / "b", max_steps=3, gradient_accumulation_steps=2,
+                                       save_strategy="no")
+    resumed = ALSALSTrainer(model=model2, args=args2, train_dataset=dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    opt, opt2 = unwrap(full.optimizer), unwrap(resumed.optimizer)
+    assert opt2.t == opt.t == 3 and opt2.eta == opt.eta
+    assert torch.equal(flat(model2), flat(model))
 
 
 def test_plain_hf_trainer_with_alsals_explains_the_adapter(tmp_path):

@@ -43,7 +43,7 @@ def train(model, opt, steps, start, device):
         x, y = torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device)
         opt.zero_grad()
         loss = opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
-    return float(loss)
+    return loss.item()           # step() returns the closure's loss, which keeps its spent graph
 
 
 def main():

@@ -13,7 +13,9 @@ Lightning calls ``optimizer.step(closure=...)`` with a closure that runs ``train
   optimizer was given ``buffers=`` explicitly;
 - ``accumulate_grad_batches=N``: Lightning calls the optimizer only on the last micro-batch of a
   window, so the trials evaluate that micro-batch (a documented subset): L0 and the trial loss are
-  its ``training_step`` loss, the slope uses the whole window's gradient.
+  its ``training_step`` loss, the slope uses the whole window's gradient.  Resumed from a
+  checkpoint saved inside a window, the first step has only the micro-batches after it in p.grad
+  (checkpoints hold no gradients): it runs on them, with a warning (RESUMED_INSIDE_A_WINDOW).
 - ``training_step`` returning None skips the step, as with any optimizer.
 
 This module imports nothing from Lightning; the closure's objects are reached by attribute.
@@ -21,6 +23,7 @@ This module imports nothing from Lightning; the closure's objects are reached by
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -28,6 +31,15 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from ..user_gradients import GradientWindow
+
+
+RESUMED_INSIDE_A_WINDOW = (
+    "ALSALS: this step's accumulate_grad_batches window has no zero_grad() since the last step: "
+    "the run resumed from a checkpoint saved inside the window, and checkpoints hold no "
+    "gradients, so p.grad holds only the micro-batches after the checkpoint (as with any "
+    "optimizer). The search runs on that partial window (its trials evaluate the window's last "
+    "micro-batch, as always); the optimizer's own state was restored exactly. Save checkpoints at "
+    "window boundaries (ModelCheckpoint does) to avoid it.")
 
 
 def _noop(*args, **kwargs):
@@ -70,6 +82,10 @@ class LightningClosureAdapter:
         if loss is None:
             opt.discard_window()
             return None
+        if self.accumulate > 1 and not getattr(opt, "_grads_zeroed", False):
+            # Lightning zeroes at a window's first micro-batch; none since this optimizer's last
+            # step (or its creation): the run resumed from a checkpoint saved inside a window.
+            warnings.warn(RESUMED_INSIDE_A_WINDOW, stacklevel=2)
         # Lightning divides the loss by accumulate_grad_batches: the scale undoes that.
         window.add(self._trial, loss, float(self.accumulate))
         window.buffers_module = self.trainer.lightning_module
