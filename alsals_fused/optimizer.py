@@ -271,6 +271,8 @@ class _Plan:
         self.readers = self._native_readers()
         # The backend's grad and step passes in one call (optional in the contract, base.py).
         self.update_pass = None if self.generic else getattr(groups[0][0], "update_pass", None)
+        # FSDP2 modules to reshard after the parameters are written (set by _build_plan)
+        self.fsdp: tuple = ()
 
     def _native_readers(self) -> Optional[List[Any]]:
         """One host_ext.GradReader per bucket, writing into its backend's grad_sink, when the
@@ -584,10 +586,13 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             # One group per backend and shard group: partial sums are reduced per shard group.
             groups.setdefault((id(backend), key[2]), (backend, []))[1].append(b)
         # Each group's buckets as a tuple: immutable, so a backend may key its tables on the object.
-        return _Plan(device, list(buckets.values()), [(be, tuple(bs)) for be, bs in groups.values()],
+        plan = _Plan(device, list(buckets.values()), [(be, tuple(bs)) for be, bs in groups.values()],
                      others, self._config(),
                      self.sharded, owners=list(owners.values()),
                      group_keys=[k[1] for k in groups])
+        if plan.local_shards:    # FSDP2: every trial and the next step must see what was written
+            plan.fsdp = _dist.fsdp_modules([o for os_ in plan.owners for o in os_], self._buffer_module)
+        return plan
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
@@ -750,6 +755,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self._commit(plan, hp, found, eta_before)
         finally:
             plan.release_grads()
+            if plan.fsdp:         # FSDP2: the next forward all-gathers the parameters written here
+                _dist.reshard_all(plan.fsdp)
 
     def _first_trial_eta(self, searching: bool) -> float:
         """The step size of the step's candidate: eta*growth on a searching step (section 1);
@@ -878,7 +885,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 self._move(plan, hp, hp.eta, Dir.MOMENTUM, hp.eta, Dir.UPDATE, only_if_fallback=True)
             self._snapshot_buffers()
             snapshotted = True
+            fsdp = plan.fsdp
             while True:
+                if fsdp:          # FSDP2 would reuse the unsharded copy of the last forward
+                    _dist.reshard_all(fsdp)
                 rng_before.restore()                       # same dropout masks as L0
                 loss_try = _as_loss(closure(), "trial forward")
                 found.trials += 1
