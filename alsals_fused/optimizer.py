@@ -155,7 +155,21 @@ def _as_loss(value, what: str) -> Tensor:
     if value.numel() != 1:
         raise ValueError(f"ALSALS: the closure must return a scalar loss ({what}); "
                          f"got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point() or value.is_meta:
+        check_loss_value(value, f"the closure's loss ({what})")
     return value
+
+
+def check_loss_value(value: Tensor, what: str) -> None:
+    """A loss the line search can compare: a real floating-point tensor that holds a value (not
+    an int or bool, which would be compared as a number, not complex, not on the meta device).
+    Raises TypeError naming ``what``; the same check for a closure's, a trial's and mb.loss."""
+    if value.is_meta:
+        raise TypeError(f"ALSALS: {what} is on the meta device (it holds no value); the loss "
+                        "must be computed on the parameters' device")
+    if not value.is_floating_point():
+        raise TypeError(f"ALSALS: {what} is a {value.dtype} tensor; the loss must be a real "
+                        "floating-point tensor (e.g. float32) computed from the parameters")
 
 
 _data_ptr = Tensor.data_ptr
@@ -728,6 +742,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         _set_grad_enabled(False)                         # torch.no_grad()
         try:
             loss0 = loss.detach()                        # last_step.loss and what the passes read
+            if loss0.dim():                              # a (1, 1) loss: last_step.loss is 0-dim
+                loss0 = loss0.reshape(())
             self._update(closure, loss0, searching, rng_before)
             self._finish_step(loss0)
         finally:

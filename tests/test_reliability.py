@@ -1,0 +1,168 @@
+"""Odd inputs that must raise a clear error with nothing changed, or continue correctly.
+
+Loss values the line search cannot compare (int, bool, complex, meta) on every path; checkpoints
+the constructor would refuse, corrupt format-1 scalars, moments that carry autograd history; the
+shape of ``last_step.loss``.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from alsals_fused import ALSALS
+from alsals_fused.checkpoint import CheckpointError
+from alsals_fused.optimizer import check_loss_value
+from helpers import OddModel
+
+CPU_BACKENDS = ["reference", "foreach"]
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+BACKENDS = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="triton not installed"))]
+
+BAD_LOSSES = {
+    "int": lambda loss: loss.detach().round().long(),
+    "bool": lambda loss: loss.detach() > 0,
+    "complex": lambda loss: torch.complex(loss.detach(), torch.zeros_like(loss.detach())),
+    "meta": lambda loss: torch.empty((), device="meta"),
+}
+BAD_MATCH = r"(floating-point|meta device)"
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    gen = torch.Generator().manual_seed(seed)
+    return model, torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# -- loss values the search cannot compare ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(BAD_LOSSES))
+def test_a_trial_loss_of_a_bad_type_is_refused_with_the_parameters_at_w0(backend, kind):
+    model, x, y = _model_and_data()
+    opt = ALSALS(model.parameters(), backend=backend, init_step_size=10.0)
+    w0 = _params(model)
+    eta0 = opt.eta
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return loss if calls["n"] == 1 else BAD_LOSSES[kind](loss)
+
+    opt.zero_grad()
+    with pytest.raises(TypeError, match=BAD_MATCH) as info:
+        opt.step(closure)
+    assert "trial forward" in str(info.value)
+    assert calls["n"] == 2, "refused at the first trial"
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    assert opt.eta == eta0
+
+
+@pytest.mark.parametrize("kind", list(BAD_LOSSES))
+def test_a_gradient_forward_loss_of_a_bad_type_gets_the_same_error(kind):
+    model, x, y = _model_and_data()
+    opt = ALSALS(model.parameters(), backend="foreach")
+    w0 = _params(model)
+
+    opt.zero_grad()
+    closure = lambda: BAD_LOSSES[kind](torch.nn.functional.mse_loss(model(x), y))  # noqa: E731
+    with pytest.raises(TypeError, match=BAD_MATCH) as info:
+        opt.step(closure)
+    assert "gradient forward" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    assert opt.t == 0 and not opt.state
+
+
+@pytest.mark.parametrize("kind", list(BAD_LOSSES))
+def test_check_loss_value_refuses_what_the_search_cannot_compare(kind):
+    """The check mb.loss gets too (the user-gradient path calls it)."""
+    with pytest.raises(TypeError, match=BAD_MATCH):
+        check_loss_value(BAD_LOSSES[kind](torch.tensor(1.5)), "mb.loss")
+    check_loss_value(torch.tensor(1.5, dtype=torch.bfloat16), "mb.loss")      # accepted
+
+
+# -- last_step.loss ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_step_loss_is_0_dim_for_a_1x1_loss(backend):
+    model, x, y = _model_and_data()
+    opt = ALSALS(model.parameters(), backend=backend, line_search_every=2)
+    for _ in range(2):                                  # a searching and a non-searching step
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y).reshape(1, 1))
+        assert opt.last_step.loss.shape == ()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def _trained(dtype=torch.float32, steps=3, **kw):
+    model, x, y = _model_and_data()
+    model = model.to(dtype)
+    opt = ALSALS(model.parameters(), backend="foreach", **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).float())
+    return model, opt
+
+
+def _state(opt):
+    return (copy.deepcopy(opt.state_dict()), opt.eta, opt.t, opt.hyper)
+
+
+def _assert_same(opt, before):
+    sd, eta, t, hyper = before
+    now = opt.state_dict()
+    assert (opt.eta, opt.t, opt.hyper) == (eta, t, hyper)
+    for k, s in sd["state"].items():
+        for n, v in s.items():
+            assert torch.equal(now["state"][k][n], v), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_memory_efficient_checkpoint_is_refused_for_low_precision_params(dtype):
+    _, source = _trained(memory_efficient=True)
+    _, opt = _trained(dtype)
+    before = _state(opt)
+    with pytest.raises(CheckpointError, match="memory_efficient=True"):
+        opt.load_state_dict(source.state_dict())
+    _assert_same(opt, before)
+    assert not opt.hyper.memory_efficient
+
+
+@pytest.mark.parametrize("corrupt", ["meta", "complex", "bool", "two values"])
+@pytest.mark.parametrize("key", ["h", "s", "pending_skips"])
+def test_corrupt_format_1_scalars_raise_the_checkpoint_error_naming_them(key, corrupt):
+    saved = torch.load(os.path.join(DATA, "ckpt_v1.pt"), weights_only=False)["opt"]
+    value = {"meta": torch.empty((), dtype=torch.float64, device="meta"),
+             "complex": torch.tensor(0.5 + 1j), "bool": torch.tensor(True),
+             "two values": torch.zeros(2, dtype=torch.float64)}[corrupt]
+    saved = dict(saved, alsals=dict(saved["alsals"], **{key: value}))
+    opt = ALSALS(OddModel(seed=99).groups(), variant="salsa", backend="foreach", init_step_size=1.0)
+    with pytest.raises(CheckpointError, match=rf"\b{key}\b"):
+        opt.load_state_dict(saved)
+    assert opt.t == 0 and not opt.state
+
+
+def test_moments_that_require_grad_are_loaded_detached():
+    model, opt = _trained()
+    _, x, y = _model_and_data()
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        for v in s.values():
+            v.requires_grad_(True)
+    opt.load_state_dict(sd)
+    for s in opt.state.values():
+        for v in s.values():
+            assert v.grad_fn is None and not v.requires_grad
+    copy.deepcopy(opt.state_dict())                     # raised for a non-leaf tensor
+    opt.zero_grad()
+    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
