@@ -166,3 +166,47 @@ def test_moments_that_require_grad_are_loaded_detached():
     copy.deepcopy(opt.state_dict())                     # raised for a non-leaf tensor
     opt.zero_grad()
     opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+
+
+# -- Lightning manual optimization: the message for a closure the adapter does not know ---------
+
+def _manual_module(through_wrapper):
+    import lightning.pytorch as pl
+
+    class Manual(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(4, 2)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers() if through_wrapper else self.optimizers().optimizer
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self):
+            return ALSALS(self.parameters())
+
+    return Manual()
+
+
+@pytest.mark.parametrize("through_wrapper", [True, False])
+def test_lightning_manual_optimization_gets_a_fix_that_works(tmp_path, through_wrapper):
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+    _, x, y = _model_and_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    module = _manual_module(through_wrapper)
+    if through_wrapper:
+        with pytest.raises(RuntimeError, match="manual optimization") as info:
+            trainer.fit(module, loader)
+        assert "use manual optimization" not in str(info.value)      # the user already does
+        assert "self.optimizers().optimizer" in str(info.value)
+    else:                                                            # the fix the message gives
+        trainer.fit(module, loader)
+        assert trainer.optimizers[0].t == 2
