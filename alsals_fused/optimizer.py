@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
@@ -580,7 +581,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 b.weight_decays.append(float(group["weight_decay"]))
                 if keep_backup:
                     w0 = self._backups.get(p)
-                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device:
+                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device \
+                            or w0.stride() != pl.stride():
                         w0 = torch.empty_like(pl)
                     b.backups.append(w0)
                     backups[p] = w0
@@ -609,7 +611,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return plan
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
-        """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
+        """m and v of ``p``, created or converted to follow its device, dtype (section 1) and memory
+        layout (the fused kernels walk a parameter and its moments in one order: a model moved to
+        channels_last, or a contiguous checkpoint loaded into one, keeps training)."""
         moment = torch.float64 if p.dtype == torch.float64 else torch.float32
         state = self.state[p]
         if not state:
@@ -621,7 +625,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 raise ValueError(f"ALSALS: the {name} of a parameter of shape {tuple(p.shape)} has "
                                  f"shape {tuple(t.shape)} (a state_dict of another model?)")
             if t.dtype != moment or t.device != p.device:
-                state[name] = t.to(device=p.device, dtype=moment)
+                t = state[name] = t.to(device=p.device, dtype=moment)
+            if t.stride() != p.stride() and not _dist.is_dtensor(p):
+                state[name] = torch.empty_like(p, dtype=moment).copy_(t)   # p's layout
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _init_state_without_closure(self) -> bool:
@@ -651,6 +657,14 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             if not backend.supports(b.device, b.dtype):
                 backend = _backends.get_backend("foreach", b.device)  # e.g. fp64 on fused backends
             self._resolved[key] = backend
+        layout_problem = getattr(backend, "layout_problem", None)
+        problem = layout_problem(b) if layout_problem is not None else None
+        if problem is not None:       # e.g. a non-dense view, a gradient in another layout
+            backend = self._resolved[key] = _backends.get_backend("foreach", b.device)
+            if self.backend_name != "auto":
+                warnings.warn(f"ALSALS: backend={self.backend_name!r} cannot take the {b.dtype} "
+                              f"parameters on {b.device} ({problem}); they run on foreach from "
+                              "now on (opt.chosen_backends)", stacklevel=5)
         return backend
 
     def _ensure_device_state(self, device: torch.device) -> None:

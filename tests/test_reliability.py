@@ -5,7 +5,9 @@ the constructor would refuse, corrupt format-1 scalars, moments that carry autog
 shape of ``last_step.loss``.
 """
 import copy
+import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
@@ -17,10 +19,11 @@ from helpers import OddModel
 
 CPU_BACKENDS = ["reference", "foreach"]
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+NO_TRITON = importlib.util.find_spec("triton") is None
 
 
 BACKENDS = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("triton") is None, reason="triton not installed"))]
+    NO_TRITON, reason="triton not installed"))]
 
 BAD_LOSSES = {
     "int": lambda loss: loss.detach().round().long(),
@@ -210,3 +213,77 @@ def test_lightning_manual_optimization_gets_a_fix_that_works(tmp_path, through_w
     else:                                                            # the fix the message gives
         trainer.fit(module, loader)
         assert trainer.optimizers[0].t == 2
+
+
+# -- memory layouts on the fused backends ---------------------------------------------------------
+
+def _conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                               torch.nn.Linear(64, 2))
+
+
+def _conv_steps(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randn(8, 2, generator=gen)
+    trials = []
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        trials.append(opt.last_step.trials)
+    return trials
+
+
+@pytest.mark.skipif(NO_TRITON, reason="no triton")
+@pytest.mark.parametrize("how", ["model.to(channels_last) mid-run", "contiguous checkpoint"])
+def test_triton_moments_follow_the_parameters_memory_layout(how):
+    runs = {}
+    for backend in ("triton", "foreach"):
+        model = _conv_net()
+        opt = ALSALS(model.parameters(), backend=backend, init_step_size=1.0)
+        trials = _conv_steps(model, opt, 2)
+        if how == "contiguous checkpoint":
+            saved = opt.state_dict()
+            model = _conv_net().to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), _conv_net().parameters()):
+                    p.copy_(q)
+            opt = ALSALS(model.parameters(), backend=backend, init_step_size=1.0)
+            opt.load_state_dict(saved)
+            _conv_steps(model, opt, 2)                       # the same 2 steps again from the start
+        else:
+            model.to(memory_format=torch.channels_last)
+        assert model[0].weight.stride() != (27, 9, 3, 1), "the layout really changed"
+        trials += _conv_steps(model, opt, 3, seed=1)
+        assert opt.state[model[0].weight]["exp_avg"].stride() == model[0].weight.stride()
+        runs[backend] = (trials, [p.detach().clone() for p in model.parameters()], opt.chosen_backends)
+    (t_tri, p_tri, chosen), (t_fe, p_fe, _) = runs["triton"], runs["foreach"]
+    assert set(chosen.values()) == {"triton"}, "the fused backend kept the bucket"
+    assert t_tri == t_fe
+    for a, b in zip(p_tri, p_fe):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(NO_TRITON, reason="no triton")
+def test_what_triton_cannot_take_runs_on_foreach_with_one_warning():
+    def strided():                                       # a non-dense view: no kernel walks it
+        torch.manual_seed(0)
+        return torch.nn.Parameter(torch.randn(6, 8)[:, ::2])
+
+    runs = {}
+    for backend in ("triton", "foreach"):
+        w = strided()
+        assert w.stride() == (8, 2)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+        opt = ALSALS([w], backend=backend, init_step_size=1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                opt.step(lambda x=x, w=w: ((x @ w) ** 2).mean())
+        runs[backend] = (w.detach().clone(), opt.chosen_backends,
+                         [str(c.message) for c in caught if "cannot take" in str(c.message)])
+    (w_tri, chosen, warned), (w_fe, _, none) = runs["triton"], runs["foreach"]
+    assert set(chosen.values()) == {"foreach"}
+    assert len(warned) == 1 and "backend='triton'" in warned[0] and not none
+    torch.testing.assert_close(w_tri, w_fe, rtol=0, atol=0)
