@@ -96,6 +96,18 @@ CLOSURE_HELP = (
 )
 
 
+TRAINING_MODE_CHANGED = (
+    "ALSALS: a module of the model switched between train() and eval() during a line-search "
+    "trial forward; the trials must evaluate the loss the gradient forward did (same dropout, "
+    "same normalization), so the closure must not call model.eval()/train(). The parameters are "
+    "back at w0; the modes are left as the closure set them."
+)
+
+
+def _training_modes(module: torch.nn.Module) -> List[bool]:
+    return [m.training for m in module.modules()]
+
+
 @dataclass
 class StepInfo:
     """Telemetry of the last step (``opt.last_step``)."""
@@ -916,11 +928,15 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self._snapshot_buffers()
             snapshotted = True
             fsdp = plan.fsdp
+            module = self._buffer_module           # buffers=model: its train/eval modes are watched
+            modes = _training_modes(module) if module is not None else None
             while True:
                 if fsdp:          # FSDP2 would reuse the unsharded copy of the last forward
                     _dist.reshard_all(fsdp)
                 rng_before.restore()                       # same dropout masks as L0
                 loss_try = _as_loss(closure(), "trial forward")
+                if modes is not None and _training_modes(module) != modes:
+                    raise RuntimeError(TRAINING_MODE_CHANGED)
                 found.trials += 1
                 # The verdict's slots in Verdict's order (checked where _VERDICT_ORDER is defined)
                 accept, finite, fallback, found.loss0, found.loss_try, found.slope, pending, _ = \

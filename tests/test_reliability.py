@@ -287,3 +287,30 @@ def test_what_triton_cannot_take_runs_on_foreach_with_one_warning():
     assert set(chosen.values()) == {"foreach"}
     assert len(warned) == 1 and "backend='triton'" in warned[0] and not none
     torch.testing.assert_close(w_tri, w_fe, rtol=0, atol=0)
+
+
+# -- a closure that changes the model during a trial ---------------------------------------------
+
+@pytest.mark.parametrize("switch", ["eval", "train"])
+def test_a_closure_that_switches_train_eval_in_a_trial_is_refused_at_w0(switch):
+    """With buffers=model the optimizer knows the model: a trial forward that runs another mode
+    (dropout off, batch statistics) than the gradient forward would be compared with L0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    model.train(switch == "eval")
+    model[1].train()                   # dropout active either way: the gradient forward's mode
+    _, x, y = _model_and_data()
+    opt = ALSALS(model.parameters(), backend="foreach", buffers=model, init_step_size=10.0)
+    w0, calls = _params(model), {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            getattr(model, switch)()
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="switched between train"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    assert opt.eta == 10.0
