@@ -13,6 +13,14 @@ test fails.  Each spawn runs several scenarios to pay the start-up cost once:
 The parent compares every run with single-process training on the concatenated batch (fp32, 20
 steps, clipping active so the gradient-norm reduction matters) and checks the ranks agree bit for
 bit.
+
+FSDP2 with every sharding (root only, per layer + root, mixed) and every reshard_after_forward,
+at 2 and 4 ranks (one spawn each) and at 1 rank in this process: each forward evaluates the
+parameters the optimizer wrote.
+
+Set-up and teardown are deterministic: the ranks meet through a FileStore in a fresh directory
+(no TCP port to race for, no store server thread in rank 0) and leave through a barrier and
+destroy_process_group, or os._exit after a broken group.
 """
 import datetime
 import math
