@@ -935,7 +935,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                     _dist.reshard_all(fsdp)
                 rng_before.restore()                       # same dropout masks as L0
                 loss_try = _as_loss(closure(), "trial forward")
-                if modes is not None and _training_modes(module) != modes:
+                if module is not None and _training_modes(module) != modes:
                     raise RuntimeError(TRAINING_MODE_CHANGED)
                 found.trials += 1
                 # The verdict's slots in Verdict's order (checked where _VERDICT_ORDER is defined)
