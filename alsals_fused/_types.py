@@ -72,3 +72,15 @@ class _RngState:
             if len(_RngState.free) < _RngState.FREE_MAX:
                 _RngState.free.append(self.cpu)
             self.cpu = None
+
+
+def check_loss_value(value: Tensor, what: str) -> None:
+    """A loss the line search can compare: a real floating-point tensor that holds a value (not
+    an int or bool, which would be compared as a number, not complex, not on the meta device).
+    Raises TypeError naming ``what``; the same check for a closure's, a trial's and mb.loss."""
+    if value.is_meta:
+        raise TypeError(f"ALSALS: {what} is on the meta device (it holds no value); the loss "
+                        "must be computed on the parameters' device")
+    if not value.is_floating_point():
+        raise TypeError(f"ALSALS: {what} is a {value.dtype} tensor; the loss must be a real "
+                        "floating-point tensor (e.g. float32) computed from the parameters")

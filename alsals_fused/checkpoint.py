@@ -103,17 +103,26 @@ class LoadPlan:
     state: Dict[Tensor, Dict[str, Tensor]] = field(default_factory=dict)   # param -> new state
 
 
+def _number(value: Tensor, name: str, expected: str) -> Tensor:
+    """A one-element tensor a host scalar may be read from (format 1 stored h, s and the pending
+    skips as tensors): real, not bool, holding a value; else the checkpoint error naming it."""
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+        what = "on the meta device" if value.is_meta else f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        _fail(f"{name} is {what}; expected {expected}")
+    return value
+
+
 def _int(value, name: str, *, minimum: int = 0) -> int:
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
+    if isinstance(value, Tensor) and not value.is_floating_point():
+        value = int(_number(value, name, f"an int >= {minimum}"))
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         _fail(f"{name}={value!r} is invalid; expected an int >= {minimum}")
     return int(value)
 
 
 def _float(value, name: str) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = float(value)
+    if isinstance(value, Tensor):
+        value = float(_number(value, name, "a finite float"))
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         _fail(f"{name}={value!r} is invalid; expected a finite float")
     return float(value)
@@ -185,6 +194,12 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
     if variant != opt.hyper.variant:
         _fail(f"saved with variant={variant!r}, this optimizer has variant={opt.hyper.variant!r}")
     hyper = _check_hyper(host["hyper"], variant)
+    if hyper.memory_efficient:           # the constructor's rule (in-place trial moves drift)
+        low = sorted({str(p.dtype) for g in opt.param_groups for p in g["params"]
+                      if p.dtype not in (torch.float32, torch.float64)})
+        if low:
+            _fail(f"saved with memory_efficient=True, which supports fp32 and fp64 parameters "
+                  f"only, and this optimizer has {', '.join(low)} parameters")
 
     # Groups and parameter indices.
     if len(saved_groups) != len(opt.param_groups):
@@ -250,7 +265,7 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
                 _fail(f"{where} holds non-finite values")
             if n == "exp_avg_sq" and lv.numel() and bool((lv < 0).any()):
                 _fail(f"{where} holds negative values")
-            entry[n] = v.to(device=p.device, copy=True)
+            entry[n] = v.detach().to(device=p.device, copy=True)   # a leaf, whatever it was
         new_state[p] = entry
 
     # Host scalars.

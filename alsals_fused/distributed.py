@@ -79,6 +79,54 @@ def needs_process_group(params: Sequence[Tensor]) -> bool:
     return any(is_dtensor(p) and p.device_mesh.size() > 1 for p in params)
 
 
+def fsdp_modules(params: Sequence[Tensor], module=None) -> tuple:
+    """The FSDP2 modules (``fully_shard``) that hold any of ``params``, for ``reshard_all``.
+
+    FSDP2 keeps an unsharded copy of a module's parameters after a forward that does not reshard
+    (the root module by default, ``reshard_after_forward=False``, any forward under no_grad), and
+    the next forward reuses that copy without all-gathering again; after the optimizer writes the
+    sharded parameters that copy is stale.  The modules are found through torch's registry of
+    composable states (every ``fully_shard`` module is in it), else among ``module.modules()``
+    (``buffers=model``); RuntimeError when DTensor parameters remain and neither is available."""
+    dtensors = [p for p in params if is_dtensor(p)]
+    if not dtensors:
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                              # pragma: no cover (torch without FSDP2)
+        return ()
+    ids = {id(p) for p in dtensors}
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        candidates = list(_module_state_mapping.keys())
+    except ImportError:                              # pragma: no cover (a torch that moved it)
+        if module is None:
+            raise RuntimeError(
+                "ALSALS: DTensor (FSDP2) parameters, and this torch does not say which modules hold "
+                "them; pass buffers=model so the optimizer can reshard the model after it writes "
+                "the parameters (FSDP2 would otherwise reuse a stale unsharded copy)") from None
+        return tuple(m for m in module.modules() if isinstance(m, FSDPModule))
+    found = []
+    for m in candidates:
+        if not isinstance(m, FSDPModule):
+            continue
+        state = m._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:                           # torch < 2.8: one group per state
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        if any(id(fp.sharded_param) in ids for g in groups for fp in g.fsdp_params):
+            found.append(m)
+    return tuple(found)
+
+
+def reshard_all(modules: tuple) -> None:
+    """Reshard FSDP2 modules (no-op for those already sharded): their next forward all-gathers
+    the parameters as they are now."""
+    for m in modules:
+        m.reshard()
+
+
 def all_reduce_sum(value: Tensor, group) -> Tensor:
     import torch.distributed as dist
     dist.all_reduce(value, group=group)              # SUM (gloo has no AVG)
@@ -118,4 +166,4 @@ def sum_partials(partials: Sequence[Tensor], keys: Sequence[ShardKey], process_g
 
 
 __all__ = ["is_dtensor", "local", "ShardSpec", "shard_key", "needs_process_group", "mean_over",
-           "sum_partials", "BY_PROCESS_GROUP"]
+           "sum_partials", "BY_PROCESS_GROUP", "fsdp_modules", "reshard_all"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
@@ -41,7 +42,7 @@ from . import backends as _backends
 from . import checkpoint as _checkpoint
 from . import distributed as _dist
 from . import host_ext
-from ._types import CLOSURE_HELP, StepInfo, _RngState
+from ._types import CLOSURE_HELP, StepInfo, _RngState, check_loss_value
 from .backends import decisions
 from .backends.base import (
     GRAPH_CAPTURE_HELP,
@@ -60,6 +61,17 @@ from .config import BACKENDS, ETA_MAX, ETA_MIN, VARIANT_DEFAULTS, Hyper, make_hy
 from .frameworks import is_framework_closure
 from .user_gradients import UserGradientsMixin
 
+TRAINING_MODE_CHANGED = (
+    "ALSALS: a module of the model switched between train() and eval() during a line-search "
+    "trial forward; the trials must evaluate the loss the gradient forward did (same dropout, "
+    "same normalization), so the closure must not call model.eval()/train(). The parameters are "
+    "back at w0; the modes are left as the closure set them."
+)
+
+
+def _training_modes(module: torch.nn.Module) -> List[bool]:
+    return [m.training for m in module.modules()]
+
 
 def _as_loss(value, what: str) -> Tensor:
     if not isinstance(value, Tensor):
@@ -68,7 +80,10 @@ def _as_loss(value, what: str) -> Tensor:
     if value.numel() != 1:
         raise ValueError(f"ALSALS: the closure must return a scalar loss ({what}); "
                          f"got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point() or value.is_meta:
+        check_loss_value(value, f"the closure's loss ({what})")
     return value
+
 
 
 _data_ptr = Tensor.data_ptr
@@ -184,6 +199,8 @@ class _Plan:
         self.readers = self._native_readers()
         # The backend's grad and step passes in one call (optional in the contract, base.py).
         self.update_pass = None if self.generic else getattr(groups[0][0], "update_pass", None)
+        # FSDP2 modules to reshard after the parameters are written (set by _build_plan)
+        self.fsdp: tuple = ()
 
     def _native_readers(self) -> Optional[List[Any]]:
         """One host_ext.GradReader per bucket, writing into its backend's grad_sink, when the
@@ -504,7 +521,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 b.weight_decays.append(float(group["weight_decay"]))
                 if keep_backup:
                     w0 = self._backups.get(p)
-                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device:
+                    if w0 is None or w0.shape != pl.shape or w0.dtype != pl.dtype or w0.device != pl.device \
+                            or w0.stride() != pl.stride():
                         w0 = torch.empty_like(pl)
                     b.backups.append(w0)
                     backups[p] = w0
@@ -524,13 +542,18 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             # One group per backend and shard group: partial sums are reduced per shard group.
             groups.setdefault((id(backend), key[2]), (backend, []))[1].append(b)
         # Each group's buckets as a tuple: immutable, so a backend may key its tables on the object.
-        return _Plan(device, list(buckets.values()), [(be, tuple(bs)) for be, bs in groups.values()],
+        plan = _Plan(device, list(buckets.values()), [(be, tuple(bs)) for be, bs in groups.values()],
                      others, self._config(),
                      self.sharded, owners=list(owners.values()),
                      group_keys=[k[1] for k in groups])
+        if plan.local_shards:    # FSDP2: every trial and the next step must see what was written
+            plan.fsdp = _dist.fsdp_modules([o for os_ in plan.owners for o in os_], self._buffer_module)
+        return plan
 
     def _moments(self, p: Tensor) -> Tuple[Tensor, Tensor]:
-        """m and v of ``p``, created or converted to follow its device and dtype (section 1)."""
+        """m and v of ``p``, created or converted to follow its device, dtype (section 1) and memory
+        layout (the fused kernels walk a parameter and its moments in one order: a model moved to
+        channels_last, or a contiguous checkpoint loaded into one, keeps training)."""
         moment = math_dtype(p.dtype)
         state = self.state[p]
         if not state:
@@ -542,7 +565,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 raise ValueError(f"ALSALS: the {name} of a parameter of shape {tuple(p.shape)} has "
                                  f"shape {tuple(t.shape)} (a state_dict of another model?)")
             if t.dtype != moment or t.device != p.device:
-                state[name] = t.to(device=p.device, dtype=moment)
+                t = state[name] = t.to(device=p.device, dtype=moment)
+            if t.stride() != p.stride() and not _dist.is_dtensor(p):
+                state[name] = torch.empty_like(p, dtype=moment).copy_(t)   # p's layout
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _init_state_without_closure(self) -> bool:
@@ -572,6 +597,14 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             if not backend.supports(b.device, b.dtype):
                 backend = _backends.get_backend("foreach", b.device)  # e.g. fp64 on fused backends
             self._resolved[key] = backend
+        layout_problem = getattr(backend, "layout_problem", None)
+        problem = layout_problem(b) if layout_problem is not None else None
+        if problem is not None:       # e.g. a non-dense view, a gradient in another layout
+            backend = self._resolved[key] = _backends.get_backend("foreach", b.device)
+            if self.backend_name != "auto":
+                warnings.warn(f"ALSALS: backend={self.backend_name!r} cannot take the {b.dtype} "
+                              f"parameters on {b.device} ({problem}); they run on foreach from "
+                              "now on (opt.chosen_backends)", stacklevel=5)
         return backend
 
     def _ensure_device_state(self, device: torch.device) -> None:
@@ -659,6 +692,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         _set_grad_enabled(False)                         # torch.no_grad()
         try:
             loss0 = loss.detach()                        # last_step.loss and what the passes read
+            if loss0.dim():                              # a (1, 1) loss: last_step.loss is 0-dim
+                loss0 = loss0.reshape(())
             self._update(closure, loss0, searching, rng_before)
             self._finish_step(loss0)
         finally:
@@ -702,6 +737,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self._commit(plan, hp, found, eta_before)
         finally:
             plan.release_grads()
+            if plan.fsdp:         # FSDP2: the next forward all-gathers the parameters written here
+                _dist.reshard_all(plan.fsdp)
 
     def _first_trial_eta(self, searching: bool) -> float:
         """The step size of the step's candidate: eta*growth on a searching step (section 1);
@@ -831,9 +868,16 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 self._move(plan, hp, hp.eta, Dir.MOMENTUM, hp.eta, Dir.UPDATE, only_if_fallback=True)
             self._snapshot_buffers()
             snapshotted = True
+            fsdp = plan.fsdp
+            module = self._buffer_module           # buffers=model: its train/eval modes are watched
+            modes = _training_modes(module) if module is not None else None
             while True:
+                if fsdp:          # FSDP2 would reuse the unsharded copy of the last forward
+                    _dist.reshard_all(fsdp)
                 rng_before.restore()                       # same dropout masks as L0
                 loss_try = _as_loss(closure(), "trial forward")
+                if module is not None and _training_modes(module) != modes:
+                    raise RuntimeError(TRAINING_MODE_CHANGED)
                 found.trials += 1
                 # The verdict's slots in Verdict's order (checked where _VERDICT_ORDER is defined)
                 accept, finite, fallback, found.loss0, found.loss_try, found.slope, pending, _ = \

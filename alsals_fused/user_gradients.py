@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import host_ext
-from ._types import CLOSURE_HELP, _RngState
+from ._types import CLOSURE_HELP, _RngState, check_loss_value
 from .frameworks import accumulation_steps, grad_scaler_caller, is_framework_closure, stepped_by_accelerate
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class GradientWindow:
         """A micro-batch whose backward has run: ``loss`` is its loss (``scale`` as in
         ``ALSALS.micro_batch``), ``trial()`` its loss at the current parameters."""
         mb = MicroBatch(trial, scale)
+        check_loss_value(loss, "the micro-batch's loss")
         mb.loss = loss
         self._append(mb)
         return mb
@@ -193,6 +194,7 @@ class GradientWindow:
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise TypeError("ALSALS: a micro_batch trial must return the micro-batch's scalar "
                                 f"loss as a torch.Tensor; got {type(value).__name__}")
+            check_loss_value(value, "a micro_batch trial's loss")     # before a float scale hides an int
             value = value.reshape(())
             value = value if mb.scale == 1.0 else value * mb.scale
             total = value if total is None else total + value
@@ -463,6 +465,11 @@ class _MicroBatchContext:
             self._drop_empty_window()
             raise TypeError("ALSALS.micro_batch: set mb.loss to this micro-batch's scalar loss "
                             "tensor (the one you ran backward on) inside the with block")
+        try:
+            check_loss_value(self.mb.loss, "mb.loss")
+        except TypeError:
+            self._drop_empty_window()
+            raise
         self.mb.loss = self.mb.loss.detach()        # keep no graph alive until step()
         self.window._append(self.mb)
         return False

@@ -13,11 +13,19 @@ test fails.  Each spawn runs several scenarios to pay the start-up cost once:
 The parent compares every run with single-process training on the concatenated batch (fp32, 20
 steps, clipping active so the gradient-norm reduction matters) and checks the ranks agree bit for
 bit.
+
+FSDP2 with every sharding (root only, per layer + root, mixed) and every reshard_after_forward,
+at 2 and 4 ranks (one spawn each) and at 1 rank in this process: each forward evaluates the
+parameters the optimizer wrote.
+
+Set-up and teardown are deterministic: the ranks meet through a FileStore in a fresh directory
+(no TCP port to race for, no store server thread in rank 0) and leave through a barrier and
+destroy_process_group, or os._exit after a broken group.
 """
 import datetime
 import math
 import os
-import socket
+import tempfile
 import time
 
 import pytest
@@ -62,15 +70,13 @@ def _local(p):
     return (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world, *args, timeout=JOIN_TIMEOUT):
-    """mp.spawn with a deadline: kills every rank and fails if they overstay."""
-    ctx = mp.spawn(fn, args=(world, _free_port()) + args, nprocs=world, join=False)
+def _spawn(fn, world, out_dir, *args, timeout=JOIN_TIMEOUT):
+    """mp.spawn with a deadline: kills every rank and fails if they overstay.  The ranks meet
+    through a FileStore in a fresh directory (no TCP port: a free port picked here could be taken
+    before rank 0 binds it, and rank 0 would host a TCPStore server thread that outlives the
+    other ranks' last use of it)."""
+    store = os.path.join(tempfile.mkdtemp(dir=out_dir), "store")
+    ctx = mp.spawn(fn, args=(world, store, out_dir) + args, nprocs=world, join=False)
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -82,10 +88,20 @@ def _spawn(fn, world, *args, timeout=JOIN_TIMEOUT):
                 p.kill()
 
 
-def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank, world, store):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=PG_TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=PG_TIMEOUT)
+
+
+def _teardown():
+    """Every rank leaves together: none destroys the group (its gloo threads) while another still
+    runs a collective on it, and none exits with the group alive (its threads would be destroyed
+    by the interpreter's exit, which aborts the process)."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _build(kind, world, backend="foreach", variant="alsals", **kw):
@@ -197,8 +213,8 @@ def _raising_trial(kind, world, rank, bad_rank, out_dir):
     os._exit(0)                                            # never wait on the broken group
 
 
-def _main_2(rank, world, port, out_dir):
-    _init(rank, world, port)
+def _main_2(rank, world, store, out_dir):
+    _init(rank, world, store)
     res = {"ddp": _run("ddp", world, rank), "fsdp": _run("fsdp", world, rank),
            "fsdp_reference": _run("fsdp", world, rank, backend="reference")}
     try:
@@ -215,8 +231,8 @@ def _main_2(rank, world, port, out_dir):
     _raising_trial("fsdp", world, rank, 1, out_dir)        # exits the process
 
 
-def _main_4(rank, world, port, out_dir):
-    _init(rank, world, port)
+def _main_4(rank, world, store, out_dir):
+    _init(rank, world, store)
     res = {"ddp": _run("ddp", world, rank), "fsdp": _run("fsdp", world, rank),
            "hsdp": _run("hsdp", world, rank)}
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -224,10 +240,104 @@ def _main_4(rank, world, port, out_dir):
     _raising_trial("ddp", world, rank, 2, out_dir)
 
 
-def _main_1(rank, world, port, out_dir):
-    _init(rank, world, port)
-    torch.save({"fsdp": _run("fsdp", world, rank)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+# -- FSDP2: every sharding, every reshard_after_forward (stale unsharded copies) -------------------
+
+SHARDINGS = ("root", "layers", "mixed")           # root only; per layer + root; one layer + root
+RESHARD = (None, True, False)                      # fully_shard's reshard_after_forward (None: default)
+
+
+def _stale_trials(world, rank, mesh, sharding, reshard, user_gradients=False):
+    """3 searching steps (a large first step size: many trials).  Inside the closure every loss
+    the module computes is compared with a plain replica holding the optimizer's parameters (the
+    DTensors, gathered): FSDP2 keeps an unsharded copy after a forward that does not reshard (the
+    root by default, reshard_after_forward=False, no_grad forwards) and reuses it.
+    ``user_gradients``: the forward/backward in opt.micro_batch, then opt.step()."""
+    from torch.distributed.fsdp import fully_shard
+    model, replica = _model(), _model()
+    kw = {} if reshard is None else {"reshard_after_forward": reshard}
+    if sharding in ("layers", "mixed"):
+        fully_shard(model[0], mesh=mesh, **kw)
+    if sharding == "layers":
+        fully_shard(model[2], mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    opt = ALSALS(model.parameters(), process_group=dist.group.WORLD, backend="foreach",
+                 init_step_size=20.0)
+    params = list(opt.param_groups[0]["params"])
+    stale, calls, resharded = 0, 0, True
+    for k in range(3):
+        x, y = _batch(k, rank)
+
+        def closure(x=x, y=y):
+            nonlocal stale, calls
+            loss = _loss(model, x, y)
+            with torch.no_grad():
+                for r, p in zip(replica.parameters(), params):
+                    r.copy_(_full(p))
+                calls += 1
+                stale += not torch.allclose(loss, _loss(replica, x, y), rtol=1e-5, atol=1e-6)
+            return loss
+
+        opt.zero_grad()
+        if user_gradients:
+            with opt.micro_batch(trial=closure) as mb:
+                mb.loss = closure()
+                mb.loss.backward()
+            opt.step()
+        else:
+            opt.step(closure)
+        # resharded: the module holds the sharded parameters again (the next forward gathers)
+        resharded &= all(a is b for a, b in zip(model.parameters(), params))
+    return {"stale": stale, "calls": calls, "resharded": resharded,
+            "params": [_full(p) for p in params]}
+
+
+def _main_stale(rank, world, store, out_dir):
+    _init(rank, world, store)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (world,))
+        res = {(s, r): _stale_trials(world, rank, mesh, s, r) for s in SHARDINGS for r in RESHARD}
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _teardown()
+
+
+@pytest.mark.slow   # process groups of gloo workers: 4-11 s each
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_trials_see_the_written_parameters_whatever_the_sharding(tmp_path, world):
+    _spawn(_main_stale, world, str(tmp_path))
+    res = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    first = res[SHARDINGS[1], None]                    # the README's recipe
+    for key, r in res.items():
+        assert r["stale"] == 0, f"{key}: {r['stale']} of {r['calls']} forwards ran on stale parameters"
+        assert r["resharded"], f"{key}: step() left the module unsharded"
+        assert r["calls"] == first["calls"], f"{key}: {r['calls']} closure calls, not {first['calls']}"
+        for a, b in zip(r["params"], first["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_one_rank_root_only_trials_see_the_written_parameters(tmp_path):
+    """One rank, in this process: FSDP2 all-gathers into an unsharded copy even so."""
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for reshard in RESHARD:
+            for user_gradients in (False, True):
+                r = _stale_trials(1, 0, mesh, "root", reshard, user_gradients)
+                key = (reshard, user_gradients)
+                assert r["stale"] == 0, f"{key}: {r['stale']} of {r['calls']} forwards were stale"
+                assert r["resharded"], f"{key}: step() left the module unsharded"
+    finally:
+        dist.destroy_process_group()
+
+
+def _main_1(rank, world, store, out_dir):
+    _init(rank, world, store)
+    try:
+        torch.save({"fsdp": _run("fsdp", world, rank)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _teardown()
 
 
 def _single_process(world, steps=STEPS, **kw):
@@ -323,8 +433,8 @@ def test_sharded_needs_a_group():
 
 # -- the original float64 DDP check (section 6) -------------------------------------------------------
 
-def _rank_main_fp64(rank, world, port, out_dir):
-    _init(rank, world, port)
+def _rank_main_fp64(rank, world, store, out_dir):
+    _init(rank, world, store)
     try:
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
@@ -337,7 +447,7 @@ def _rank_main_fp64(rank, world, port, out_dir):
         torch.save({"params": [p.detach() for p in model.parameters()], "eta": opt.eta,
                     "trials": opt.counters["trials"]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _fp64_batches():

@@ -370,6 +370,16 @@ class TritonBackend:
             lp.calls_schedules = _SCHEDULES
         return lp
 
+    def layout_problem(self, bucket: Bucket) -> Optional[str]:
+        """Why the kernels cannot take ``bucket``'s tensors (a non-dense view, a gradient or
+        moment in another layout than its parameter), or None; the driver runs such a bucket on
+        foreach (``ALSALS._backend_for``)."""
+        try:
+            self._validate(bucket)
+        except ValueError as exc:
+            return str(exc).removeprefix("ALSALS triton backend: ")
+        return None
+
     def _check_like(self, i: int, p: Tensor, what: str, t: Tensor, dtype: torch.dtype) -> None:
         if t.dtype != dtype or t.device != p.device or t.shape != p.shape:
             raise ValueError(

@@ -41,6 +41,21 @@ RESUMED_INSIDE_A_WINDOW = (
     "micro-batch, as always); the optimizer's own state was restored exactly. Save checkpoints at "
     "window boundaries (ModelCheckpoint does) to avoid it.")
 
+CALL_ALSALS = (
+    "call the ALSALS object itself, self.optimizers().optimizer: opt.zero_grad(); "
+    "opt.step(lambda: loss_fn(self(x), y)) with a closure that returns the loss without backward, "
+    "or run the forward and self.manual_backward(loss) inside "
+    "`with opt.micro_batch(trial=lambda: loss_fn(self(x), y)) as mb: ...; mb.loss = loss`, then "
+    "opt.step(). Lightning does not count steps taken this way (trainer.global_step stays 0): "
+    "bound the run with max_epochs, not max_steps."
+)
+
+MANUAL_OPTIMIZATION = (
+    "ALSALS: under Lightning's manual optimization, self.optimizers().step() hands ALSALS its "
+    "precision plugin's closure protocol (the closure runs backward itself, or does nothing), "
+    "which has no forward for the line search's trial points. Instead, " + CALL_ALSALS
+)
+
 
 def _noop(*args, **kwargs):
     return None
@@ -69,9 +84,13 @@ class LightningClosureAdapter:
         loop = getattr(getattr(step_fn, "func", None), "__self__", None)
         self.trainer = getattr(loop, "trainer", None)
         if step_fn is None or self.trainer is None:
-            raise RuntimeError("ALSALS: this Lightning version's closure is not the one "
-                               "alsals_fused.integrations.lightning knows (Closure._step_fn); "
-                               "use manual optimization with opt.micro_batch + opt.step()")
+            module = closure.args[0] if closure.args else None
+            if getattr(module, "automatic_optimization", True) is False:
+                raise RuntimeError(MANUAL_OPTIMIZATION)
+            raise RuntimeError("ALSALS: this Lightning version's automatic-optimization closure is "
+                               "not the one alsals_fused.integrations.lightning knows "
+                               "(Closure._step_fn). Switch to manual optimization "
+                               "(self.automatic_optimization = False) and " + CALL_ALSALS)
         self.step_fn = step_fn
         self.accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
 
