@@ -57,6 +57,13 @@ class Data:
         return self.test_batches or [(self.x_test, self.y_test)]
 
 
+def _split(sample: Callable[[int], Tuple[Tensor, Tensor]], n_train: int, n_test: int) -> Data:
+    """A training set, then a held-out set, drawn in that order from one generator."""
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    return Data(xtr, ytr, xte, yte)
+
+
 def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, y)
 
@@ -78,9 +85,7 @@ def _markov_data(seed: int, vocab=8, classes=4, length=24, n_train=2048, n_test=
             probs = trans[y, x[:, t - 1]]
             x[:, t] = torch.multinomial(probs, 1, generator=g).squeeze(1)
         return x, y
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 def _rows(g: torch.Generator, shape, alpha: float) -> Tensor:
@@ -139,9 +144,7 @@ def _image_data(seed: int, classes=4, size=12, n_train=2048, n_test=512, noise=0
             x[i] = torch.roll(x[i], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(1, 2))
         x = x + noise * torch.randn(x.shape, generator=g)
         return x, y
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 class SmallCNN(nn.Module):
@@ -167,9 +170,7 @@ def _tabular_data(seed: int, features=16, classes=3, n_train=1024, n_test=512) -
         x[:, : features // 4] = x[:, : features // 4].sign()          # a few binary columns
         y = (torch.tanh(x @ w1) @ w2).argmax(1)
         return x, y
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 def _mlp(inp, out, hidden=64, act=nn.ReLU):
@@ -188,9 +189,7 @@ def _regression_data(seed: int, features=8, n_train=2048, n_test=512, noise=0.05
         x = torch.randn(n, features, generator=g)
         y = torch.sin(x @ w + b) @ a
         return x, (y + noise * torch.randn(n, generator=g)).unsqueeze(1)
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 # -- attention: a small Transformer encoder that sorts digit sequences ------------------------------
@@ -201,9 +200,7 @@ def _sort_data(seed: int, vocab=10, length=12, n_train=4096, n_test=512) -> Data
     def sample(n):
         x = torch.randint(0, vocab, (n, length), generator=g)
         return x, x.sort(dim=1).values
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 class SortEncoder(nn.Module):
@@ -234,9 +231,7 @@ def _spiral_data(seed: int, n_train=1024, n_test=512, turns=1.5, noise=0.02) -> 
         theta = 2 * math.pi * turns * r + math.pi * y
         x = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
         return x + noise * torch.randn(x.shape, generator=g), y
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 # -- convolution with BatchNorm, deeper: oriented gratings of 6 orientations ----------------------
@@ -254,9 +249,7 @@ def _grating_data(seed: int, classes=6, size=16, n_train=2048, n_test=512, noise
         x = torch.sin(freq[:, None, None] * proj + phase[:, None, None])
         x = x + noise * torch.randn(x.shape, generator=g)
         return x.unsqueeze(1), y
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 class GratingCNN(nn.Module):
@@ -280,9 +273,7 @@ def _count_data(seed: int, vocab=5, length=20, n_train=2048, n_test=512) -> Data
         x = torch.randint(0, vocab, (n, length), generator=g)
         counts = F.one_hot(x, vocab).sum(1).float() + 0.1 * torch.arange(vocab)   # ties: larger id
         return x, counts.argmax(1)
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 class LSTMCounter(nn.Module):
@@ -306,9 +297,7 @@ def _friedman_data(seed: int, features=10, n_train=2048, n_test=512, noise=0.1) 
         y = (10 * torch.sin(math.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3]
              + 5 * x[:, 4]) / 5.0 - 2.9                                       # about zero mean, unit sd
         return x, (y + noise * torch.randn(n, generator=g)).unsqueeze(1)
-    xtr, ytr = sample(n_train)
-    xte, yte = sample(n_test)
-    return Data(xtr, ytr, xte, yte)
+    return _split(sample, n_train, n_test)
 
 
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
