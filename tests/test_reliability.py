@@ -345,3 +345,59 @@ def test_a_closure_that_switches_train_eval_in_a_trial_is_refused_at_w0(switch):
         opt.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
     assert opt.eta == 10.0
+
+
+# -- a compiled model, and a long "auto" run -----------------------------------------------------
+
+def test_a_compiled_model_that_recompiles_inside_trials_follows_the_eager_trajectory():
+    """torch.compile guards on the grad mode and the input shapes, so the first no-grad trial and
+    every new batch shape recompile inside step(); the dropout replay and the decisions must not
+    notice (aot_eager: dynamo's guards and recompiles without a C++ build)."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 1))
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = ALSALS(model.parameters(), backend="foreach")
+        x = torch.randn(32, 8)
+        y = x[:, :1].sin()
+        torch.manual_seed(1)
+        seen = []
+        for i in range(6):
+            n = 32 if i % 2 == 0 else 16
+            opt.zero_grad()
+            opt.step(lambda n=n: torch.nn.functional.mse_loss(forward(x[:n]), y[:n]))
+            seen.append((float(opt.last_step.loss), opt.eta, opt.last_step.trials))
+        return seen, [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    eager, eager_params = run(False)
+    compiled, compiled_params = run(True)
+    assert compiled == eager
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, compiled_params))
+
+
+@pytest.mark.slow   # 10^5 steps, about a minute
+def test_a_long_auto_run_keeps_its_state_bounded_and_its_counters_exact():
+    import gc
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = ALSALS([w], variant="salsa", backend="foreach")          # line_search_every="auto"
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0])
+    steps, sizes = 100_000, []
+    for i in range(1, steps + 1):
+        idx = torch.randint(0, 64, (8,))
+        opt.zero_grad()
+        opt.step(lambda idx=idx: ((x[idx] @ w - y[idx]) ** 2).mean())
+        if i in (1_000, steps):
+            gc.collect()
+            sizes.append((len(gc.get_objects()), len(repr(opt.state_dict()["param_groups"][0]["alsals"]))))
+    c = opt.counters
+    assert opt.t == c["steps"] == steps and c["skipped"] == c["rejected"] == 0
+    assert c["trials"] >= c["searches"] > 0 and c["searches"] < steps / 2      # "auto" searched rarely
+    assert sizes[1][0] - sizes[0][0] < 100            # no per-step growth of live Python objects
+    assert sizes[1][1] - sizes[0][1] < 32             # the host state stays a few numbers
+    resumed = ALSALS([torch.nn.Parameter(w.detach().clone())], variant="salsa", backend="foreach")
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.t == steps and resumed.counters == c
