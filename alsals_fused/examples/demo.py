@@ -46,9 +46,10 @@ PNG_NAME = "demo.png"
 JSON_NAME = "demo.json"
 
 # Sized for under 4 minutes in all on a 2-core CPU: a 2-layer, d=128 model on 64-byte windows,
-# 200 steps per run, six runs (250 steps and a 4-point grid took 4:48).  The every-step line search costs about 1.4-1.7x Adam
-# per step on CPU, where a no-grad forward is close to half of forward+backward at this size, plus
-# the first step's backtracking from eta = 0.1 (30-50 trial forwards; "adaptive": a few).
+# 200 steps per run, six runs (250 steps and a 4-point grid took 4:48).  The every-step line
+# search costs about 1.4-1.7x Adam per step on CPU, where a no-grad forward is close to half of
+# forward+backward at this size, plus the first step's backtracking from eta = 0.1 (30-50 trial
+# forwards; "adaptive": a few).
 DEFAULTS = dict(steps=200, batch_size=32, context=64, n_layer=2, n_head=4, d_model=128,
                 dropout=0.1, train_bytes=2_000_000, heldout_bytes=200_000, eval_batches=8,
                 log_every=50, last_k=20)
