@@ -74,12 +74,18 @@ class RatioControl(ALSALS):
         return self.eta
 
     def _commit(self, plan, hp, found, eta_before):
-        super()._commit(plan, hp, found, eta_before)
+        ALSALS._commit(self, plan, hp, found, eta_before)
         if not found.accepted or found.skipped or found.loss_try == found.loss0 or not found.slope > 0:
             return
-        q = (found.loss0 - found.loss_try) / (found.eta * found.slope)
+        self._steer(found.eta, self._ratio((found.loss0 - found.loss_try) / (found.eta * found.slope)))
+
+    def _ratio(self, q_now: float) -> float:
+        """The decrease ratio eta is steered by: this search's."""
+        return q_now
+
+    def _steer(self, eta: float, q: float) -> None:
         factor = ((1 - self.target) / (1 - q)) ** self.damping if q < 1 else math.inf
-        self.eta = found.eta * min(self.max_change, max(1 / self.max_change, factor))
+        self.eta = eta * min(self.max_change, max(1 / self.max_change, factor))
         self._sync_lr()
 
 
@@ -103,18 +109,11 @@ class SmoothedRatioControl(RatioControl):
     def _searches_at(self, t: int) -> bool:
         return t <= self.warmup_searches or super()._searches_at(t)
 
-    def _commit(self, plan, hp, found, eta_before):
-        ALSALS._commit(self, plan, hp, found, eta_before)
-        if not found.accepted or found.skipped or found.loss_try == found.loss0 or not found.slope > 0:
-            return
+    def _ratio(self, q_now: float) -> float:
         b = self.q_smoothing
-        q_now = min(1.0, max(-1.0, (found.loss0 - found.loss_try) / (found.eta * found.slope)))
-        self._q_avg = b * self._q_avg + (1 - b) * q_now
+        self._q_avg = b * self._q_avg + (1 - b) * min(1.0, max(-1.0, q_now))
         self._q_weight = b * self._q_weight + (1 - b)
-        q = self._q_avg / self._q_weight
-        factor = ((1 - self.target) / (1 - q)) ** self.damping if q < 1 else math.inf
-        self.eta = found.eta * min(self.max_change, max(1 / self.max_change, factor))
-        self._sync_lr()
+        return self._q_avg / self._q_weight
 
 
 RULES["smoothed_ratio_control"] = SmoothedRatioControl
