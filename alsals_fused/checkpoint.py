@@ -10,11 +10,13 @@ Format (``FORMAT_VERSION = 2``)::
     HOST = {"format": 2, "variant": str, "hyper": {Hyper fields}, "eta": float, "t": int,
             "counters": {name: int}, "fast": float | None, "slow": float | None,
             "last_search_t": int, "h": float, "s": float, "pending_skips": int,
-            "growth": float | None, "scale_found": bool}       # the last two optional
+            "growth": float | None, "scale_found": bool,      # the last three optional
+            "cooldown_from": float | None}
 
-``growth`` and ``scale_found`` (the host state of the ``adaptive`` variant's search rules) and the
-Hyper fields added with that variant may be missing from older checkpoints: they then take their
-defaults (no adapted growth; a scale counts as found once t > 0; the variant's default Hyper).
+``growth`` and ``scale_found`` (the host state of the ``adaptive`` variant's search rules),
+``cooldown_from`` (eta when the cooldown began) and the Hyper fields added with them may be
+missing from older checkpoints: they then take their defaults (no adapted growth; a scale counts
+as found once t > 0; no cooldown begun; the variant's default Hyper, so no ``total_steps``).
 
 The host state lives inside ``param_groups[0]`` (not at the top level) because
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
@@ -59,7 +61,8 @@ HOST_KEY = "alsals"                     # key of the host state inside param_gro
 HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
-LATER_HYPER_FIELDS = ("first_backtrack", "growth_boost", "growth_max")   # may be absent
+LATER_HYPER_FIELDS = ("first_backtrack", "growth_boost", "growth_max", "total_steps",
+                      "cooldown_fraction")   # may be absent
 HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
              "pending_skips")
 
@@ -76,12 +79,13 @@ def _fail(msg: str) -> NoReturn:
 
 def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast: Optional[float],
                slow: Optional[float], last_search_t: int, h: float, s: float, pending_skips: int,
-               growth: Optional[float], scale_found: bool) -> Dict[str, Any]:
+               growth: Optional[float], scale_found: bool,
+               cooldown_from: Optional[float]) -> Dict[str, Any]:
     return {"format": FORMAT_VERSION, "variant": hyper.variant, "hyper": dataclasses.asdict(hyper),
             "eta": float(eta), "t": int(t), "counters": {k: int(v) for k, v in counters.items()},
             "fast": fast, "slow": slow, "last_search_t": int(last_search_t), "h": float(h),
             "s": float(s), "pending_skips": int(pending_skips), "growth": growth,
-            "scale_found": bool(scale_found)}
+            "scale_found": bool(scale_found), "cooldown_from": cooldown_from}
 
 
 def attach(state_dict: dict, host: Dict[str, Any]) -> dict:
@@ -168,7 +172,7 @@ def _check_hyper(saved, variant: str) -> Hyper:
     given = {k: v for k, v in saved.items() if k != "variant"}
     if isinstance(given["betas"], list):
         given["betas"] = tuple(given["betas"])
-    optional_none = {"max_grad_norm", "first_backtrack"}
+    optional_none = {"max_grad_norm", "first_backtrack", "total_steps"}
     for k, v in given.items():
         if v is None and k not in optional_none:
             _fail(f"hyper[{k!r}]=None is invalid")
@@ -313,7 +317,12 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
     scale_found = host.get("scale_found", t > 0)
     if not isinstance(scale_found, bool):
         _fail(f"scale_found={scale_found!r} is invalid; expected True or False")
+    cooldown_from = host.get("cooldown_from")
+    if cooldown_from is not None:
+        cooldown_from = _float(cooldown_from, "cooldown_from")
+        if cooldown_from <= 0:
+            _fail(f"cooldown_from={cooldown_from!r} is invalid; expected None or a float > 0")
     clean = {"eta": eta, "t": t, "counters": counters, "fast": fast, "slow": slow,
              "last_search_t": last, "h": h, "s": s_, "pending_skips": pending, "growth": growth,
-             "scale_found": scale_found}
+             "scale_found": scale_found, "cooldown_from": cooldown_from}
     return LoadPlan(hyper=hyper, host=clean, weight_decays=weight_decays, state=new_state)

@@ -31,6 +31,9 @@ class Hyper:
     first_backtrack: Optional[float] = None     # backtrack until a search accepts (None: backtrack)
     growth_boost: float = 1.0                   # growth *= this after a first-trial pass (1: off)
     growth_max: float = 1 / 0.999               # cap of the boosted growth
+    # End-of-run cooldown for a known step budget (section 3); None: none, eta is the search's.
+    total_steps: Optional[int] = None
+    cooldown_fraction: float = 0.2              # the last fraction of total_steps that cools down
 
     @property
     def momentum_search(self) -> bool:
@@ -104,8 +107,21 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     _require(h.max_grad_norm is None or (_real(h.max_grad_norm) and h.max_grad_norm > 0),
              "max_grad_norm", h.max_grad_norm, "None or a finite float > 0")
     _require(isinstance(h.memory_efficient, bool), "memory_efficient", h.memory_efficient, "True or False")
+    _require(h.total_steps is None or (isinstance(h.total_steps, int) and not isinstance(h.total_steps, bool)
+                                       and h.total_steps >= 1),
+             "total_steps", h.total_steps, "None or an int >= 1")
+    _require(_real(h.cooldown_fraction) and 0 < h.cooldown_fraction <= 1, "cooldown_fraction",
+             h.cooldown_fraction, "0 < cooldown_fraction <= 1")
     validate_search_range(h.init_step_size, h)
     return h
+
+
+def cooldown_steps(h: Hyper) -> int:
+    """Steps of the end-of-run cooldown: the last ``cooldown_fraction`` of ``total_steps``, at
+    least one (0 without ``total_steps``)."""
+    if h.total_steps is None:
+        return 0
+    return max(1, round(h.cooldown_fraction * h.total_steps))
 
 
 # -- the step sizes a search can represent ----------------------------------------------------------

@@ -32,6 +32,9 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
+import sys
+import types
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
@@ -57,7 +60,16 @@ from .backends.base import (
     math_dtype,
     new_ctl,
 )
-from .config import BACKENDS, ETA_MAX, ETA_MIN, VARIANT_DEFAULTS, Hyper, make_hyper, validate_weight_decay
+from .config import (
+    BACKENDS,
+    ETA_MAX,
+    ETA_MIN,
+    VARIANT_DEFAULTS,
+    Hyper,
+    cooldown_steps,
+    make_hyper,
+    validate_weight_decay,
+)
 from .frameworks import is_framework_closure
 from .user_gradients import UserGradientsMixin
 
@@ -116,6 +128,17 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
         raise RuntimeError(f"ALSALS: a gradient of shape {tuple(g.shape)}, {g.dtype} on "
                            f"{g.device} does not match its parameter ({tuple(p.shape)}, "
                            f"{p.dtype} on {p.device})")
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, called from the warning function, that names the first frame
+    outside this package (the user's step() call, whichever path it took)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame: Optional[types.FrameType] = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _step_hooks(step):
@@ -321,14 +344,19 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                  max_trials: Optional[int] = None, line_search_every: Union[int, str, None] = None,
                  weight_decay: Optional[float] = None, max_grad_norm: Optional[float] = None,
                  memory_efficient: Optional[bool] = None,
+                 total_steps: Optional[int] = None, cooldown_fraction: Optional[float] = None,
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
                  backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
         self._reject_adamw_arguments(lr)                 # lr= points to init_step_size
+        if cooldown_fraction is not None and total_steps is None:
+            raise ValueError("ALSALS: cooldown_fraction= needs total_steps= (the run's step budget, "
+                             "whose last fraction cools down)")
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
                            weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                           memory_efficient=memory_efficient)
+                           memory_efficient=memory_efficient, total_steps=total_steps,
+                           cooldown_fraction=cooldown_fraction)
         if backend not in BACKENDS:
             raise ValueError(f"ALSALS: backend={backend!r} is invalid; accepted: {' | '.join(BACKENDS)}")
         if sharded and process_group is None:
@@ -370,6 +398,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._growth: Optional[float] = None       # adapted growth (growth_boost; None: hyper.growth)
         self._fixed_scalars: tuple = (None,)       # (hyper, its part of every StepScalars)
         self._scale_found = False                  # a search has accepted (ends first_backtrack)
+        self._cooldown_from: Optional[float] = None  # eta when the cooldown began (section 3)
+        self._cooldown: tuple = (None, math.inf, 0)  # (hyper, last step before it, its steps)
+        self._warned_past_budget = False
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
         # created at the first step.
@@ -436,8 +467,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                              "process_group= (the data-parallel group the losses are averaged "
                              "over, e.g. torch.distributed.group.WORLD)")
 
-    # -- the "auto" schedule and line_search_every (section 3) ----------------------------------
+    # -- the "auto" schedule, line_search_every and the cooldown (section 3) ---------------------
     def _searches_at(self, t: int) -> bool:
+        if t > self._cooldown_schedule()[1]:
+            return False                      # the cooldown takes no trial forwards
         k = self.hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
             assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
@@ -455,6 +488,32 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         if r == 1:
             return 10
         return min(10, max(1, math.floor(1 / (r - 1) + 0.5)))
+
+    def _cooldown_schedule(self) -> tuple:
+        """(hyper, the last step before the cooldown (inf: none), the cooldown's steps), cached
+        per Hyper (frozen; a checkpoint load may replace it)."""
+        schedule = self._cooldown
+        hyper = self.hyper
+        if schedule[0] is not hyper:
+            steps = cooldown_steps(hyper)
+            start = hyper.total_steps - steps if hyper.total_steps is not None else math.inf
+            schedule = self._cooldown = (hyper, start, steps)
+        return schedule
+
+    def _cool(self, t: int) -> None:
+        """Step t of the cooldown: eta falls linearly from the searches' last eta to 1/(n+1) of it
+        at total_steps (n: the cooldown's steps) and stays there after (warned once)."""
+        _, start, steps = self._cooldown_schedule()
+        if self._cooldown_from is None:
+            self._cooldown_from = self.eta
+        left = start + steps - t + 1          # steps of the budget left, this one included
+        if left < 1 and not self._warned_past_budget:
+            self._warned_past_budget = True
+            warnings.warn(f"ALSALS: step {t} is past total_steps={self.hyper.total_steps}; the "
+                          f"cooldown has ended and the steps go on at its last step size",
+                          stacklevel=_user_stacklevel())
+        self.eta = self._cooldown_from * max(left, 1) / (steps + 1)
+        self._sync_lr()
 
     def _after_search(self, t: int) -> None:
         if self._fast is None:
@@ -770,6 +829,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _step_scalars(self, plan: _Plan, searching: bool) -> StepScalars:
         hyper, t = self.hyper, self.t + 1
+        if t > self._cooldown_schedule()[1]:
+            self._cool(t)
         eta = self._first_trial_eta(searching)
         if hyper.memory_efficient and eta * plan.max_wd >= 0.5:
             raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
@@ -1012,7 +1073,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             slow=self._slow, last_search_t=self._last_search_t,
             h=0.0 if ctl is None else float(ctl[Ctl.H]), s=0.0 if ctl is None else float(ctl[Ctl.S]),
             pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]),
-            growth=self._growth, scale_found=self._scale_found)
+            growth=self._growth, scale_found=self._scale_found, cooldown_from=self._cooldown_from)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -1051,6 +1112,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._load_device_state(host)
         self._growth = host["growth"]
         self._scale_found = host["scale_found"]
+        self._cooldown_from = host["cooldown_from"]
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
         self._sync_lr()

@@ -529,6 +529,8 @@ TRAJ = [  # id, kwargs
     ("adam_sls-fp64", dict(variant="adam_sls", dtype=torch.float64, weight_decay=0.01)),
     ("alsals-fp64-inplace", dict(variant="alsals", dtype=torch.float64, memory_efficient=True)),
     ("alsals-mixed-f32-f64", dict(variant="alsals", mixed=True, weight_decay=0.01)),
+    # searches, then the cooldown (steps 5-8, no trials), then steps past the budget
+    ("alsals-cooldown", dict(variant="alsals", total_steps=8, cooldown_fraction=0.5)),
 ]
 
 
@@ -536,7 +538,7 @@ TRAJ = [  # id, kwargs
 @pytest.mark.parametrize("case, kw", TRAJ, ids=[t[0] for t in TRAJ])
 def test_trajectory_takes_the_reference_decisions(info, case, kw):
     if info.slow and case not in ("alsals", "alsals-inplace", "adam_sls", "alsals-bf16", "alsals-every2-nan",
-                                  "alsals-mixed-f32-f64"):
+                                  "alsals-mixed-f32-f64", "alsals-cooldown"):
         pytest.skip("the interpreter runs a subset of the trajectories")
     kw = dict(kw, init_step_size=0.5, steps=info.traj_steps)
     got = S.run_trajectory(info.name, info.device, **kw)
@@ -552,6 +554,8 @@ def test_trajectory_takes_the_reference_decisions(info, case, kw):
     assert sum(trials) > sum(d[2] for d in want.decisions) or kw["variant"] == "salsa", "should backtrack"
     if kw.get("poison_at"):
         assert want.counters["skipped"] == len(kw["poison_at"])
+    if kw.get("total_steps"):
+        assert [d[2] for d in want.decisions[4:]] == [False] * (len(want.decisions) - 4), "cooldown searched"
 
 
 @pytest.mark.parametrize("info", ALL)
