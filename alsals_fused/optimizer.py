@@ -469,7 +469,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     # -- the "auto" schedule, line_search_every and the cooldown (section 3) ---------------------
     def _searches_at(self, t: int) -> bool:
-        if t > self._cooldown_schedule()[1]:
+        schedule = self._cooldown
+        if schedule[0] is not self.hyper:
+            schedule = self._cooldown_schedule()
+        if t > schedule[1]:
             return False                      # the cooldown takes no trial forwards
         k = self.hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
@@ -829,7 +832,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _step_scalars(self, plan: _Plan, searching: bool) -> StepScalars:
         hyper, t = self.hyper, self.t + 1
-        if t > self._cooldown_schedule()[1]:
+        schedule = self._cooldown
+        if schedule[0] is not hyper:
+            schedule = self._cooldown_schedule()
+        if t > schedule[1]:
             self._cool(t)
         eta = self._first_trial_eta(searching)
         if hyper.memory_efficient and eta * plan.max_wd >= 0.5:

@@ -72,8 +72,8 @@ def test_bad_arguments_are_refused_by_name(kwargs, message):
 
 
 def test_a_checkpoint_inside_the_cooldown_resumes_bit_identically():
-    model, opt, x, y = _setup(total_steps=12, cooldown_fraction=0.5)
-    _run(opt, model, 8, x, y)                        # two steps into the cooldown
+    model, opt, x, y = _setup(total_steps=14, cooldown_fraction=0.5)
+    _run(opt, model, 8, x, y)                        # one step into the cooldown (steps 8-14)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     want = _run(opt, model, 6, x, y)
     want_params = [p.detach().clone() for p in model.parameters()]
@@ -81,7 +81,7 @@ def test_a_checkpoint_inside_the_cooldown_resumes_bit_identically():
     model2, opt2, _, _ = _setup()                    # constructed without total_steps:
     model2.load_state_dict(saved_model)              # the checkpoint's hyperparameters win
     opt2.load_state_dict(saved_opt)
-    assert opt2.hyper.total_steps == 12 and opt2._cooldown_from == opt._cooldown_from
+    assert opt2.hyper.total_steps == 14 and opt2._cooldown_from == opt._cooldown_from
     assert _run(opt2, model2, 6, x, y) == want
     for a, b in zip(model2.parameters(), want_params):
         assert torch.equal(a, b)
