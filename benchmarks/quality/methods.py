@@ -18,8 +18,12 @@ from alsals_fused import ALSALS
 from alsals_fused.config import VARIANTS
 
 # Keyword arguments of the experimental rules (rules.py); every other key is a field of Hyper.
-RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches")
+RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches",
+                  "probe_every", "probe_factor", "probe_gain", "probe_gain_down")
+# A candidate's "total_steps": "budget" is replaced by the run's step budget (the cooldown option).
+BUDGET = "budget"
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+ADAM_COOLDOWN = 0.2
 ADAMW_COSINE = dict(peak_lr=3e-3, weight_decay=1e-2, warmup=0.05)
 
 
@@ -41,14 +45,18 @@ class AdamAdapter(Adapter):
     family = "adam"
 
     def __init__(self, model: nn.Module, lr: float, steps: int, cosine: bool = False,
-                 weight_decay: float = 0.0, warmup: float = 0.0):
+                 weight_decay: float = 0.0, warmup: float = 0.0, cooldown: float = 0.0):
         cls = torch.optim.AdamW if cosine else torch.optim.Adam
         self.opt = cls(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.lr, self.steps, self.cosine = lr, steps, cosine
         self.warmup = max(1, int(round(warmup * steps))) if cosine else 0
+        self.cooldown_steps = int(round(cooldown * steps))
         self.t = 0
 
     def _lr(self) -> float:
+        if self.cooldown_steps:       # constant, then linear to 0 over the last steps (ALSALS's total_steps=)
+            left = self.steps - self.t + 1
+            return self.lr * min(1.0, left / (self.cooldown_steps + 1))
         if not self.cosine:
             return self.lr
         if self.t <= self.warmup:
@@ -72,8 +80,10 @@ class AlsalsAdapter(Adapter):
     family = "alsals"
 
     def __init__(self, model: nn.Module, variant: str, line_search_every, has_buffers: bool,
-                 overrides: Optional[dict] = None):
+                 overrides: Optional[dict] = None, steps: Optional[int] = None):
         overrides = dict(overrides or {})
+        if overrides.get("total_steps") == BUDGET:
+            overrides["total_steps"] = steps
         rule = overrides.pop("rule", None)
         if rule is not None:   # an experimental host rule (rules.py) with its own keyword arguments
             from .rules import RULES
@@ -95,7 +105,9 @@ class AlsalsAdapter(Adapter):
 
     def step(self, closure):
         self.opt.zero_grad(set_to_none=True)
+        probes = getattr(self.opt, "probe_forwards", 0)
         self.opt.step(closure)
+        probes = getattr(self.opt, "probe_forwards", 0) - probes     # a rule's forwards outside the search
         info = self.opt.last_step
         if self.first_trials is None:
             self.first_trials = info.trials
@@ -105,7 +117,7 @@ class AlsalsAdapter(Adapter):
         elif info.searched:
             self.rejected_run = 0
         eta = getattr(self.opt, "step_size", None)
-        return float(info.loss), float(eta if eta is not None else info.eta), 1 + info.trials
+        return float(info.loss), float(eta if eta is not None else info.eta), 1 + info.trials + probes
 
     def summary(self):
         c = self.opt.counters
@@ -237,11 +249,11 @@ def _line_search(variant: str, every, overrides: Optional[dict] = None, name: Op
     nm = name or f"{variant}/{mode}"
     return Method(nm, nm, variant,
                   lambda model, steps, seed, wl: AlsalsAdapter(model, variant, every, wl.has_buffers,
-                                                               overrides))
+                                                               overrides, steps))
 
 
-def _adam_make(lr: float) -> Callable[..., Adapter]:
-    return lambda model, steps, seed, wl: AdamAdapter(model, lr, steps)
+def _adam_make(lr: float, cooldown: float = 0.0) -> Callable[..., Adapter]:
+    return lambda model, steps, seed, wl: AdamAdapter(model, lr, steps, cooldown=cooldown)
 
 
 def _peer_make(family: str) -> Callable[..., Adapter]:
@@ -251,6 +263,10 @@ def _peer_make(family: str) -> Callable[..., Adapter]:
 def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
     out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam", _adam_make(lr))
            for lr in ADAM_GRID]
+    # The same grid with the end-of-run cooldown that rules.Cooldown gives a line search: the fair
+    # baseline for a rule that knows the step budget.
+    out += [Method(f"adam_cd@{lr:g}", f"Adam {lr:g} + cooldown {ADAM_COOLDOWN:g}", "adam_cooldown",
+                   _adam_make(lr, ADAM_COOLDOWN)) for lr in ADAM_GRID]
     cfg = ADAMW_COSINE
     out.append(Method("adamw_cosine", f"AdamW {cfg['peak_lr']:g} warmup+cosine", "adamw_cosine",
                       lambda model, steps, seed, wl: AdamAdapter(

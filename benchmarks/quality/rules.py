@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from alsals_fused import ALSALS
 from alsals_fused.backends.base import Dir
 
@@ -117,3 +119,58 @@ class SmoothedRatioControl(RatioControl):
 
 
 RULES["smoothed_ratio_control"] = SmoothedRatioControl
+
+
+
+class NextBatchProbe(ALSALS):
+    """Steer eta by the next mini-batch instead of the same one: after a step from w to
+    w' = w - eta*d, the next step's batch is evaluated once more at w + gamma*(w' - w) (gamma =
+    ``probe_factor`` or its inverse, alternately) with the gradient forward's dropout masks; when
+    that loss is below the gradient forward's (at w'), eta moves towards gamma*eta by
+    gamma**``probe_gain`` (``probe_gain_down`` when gamma < 1: a smaller value offsets the one-step
+    comparison's preference for small steps).  The batch is independent of d, so the comparison estimates which of
+    the two step sizes lowers the expected loss (the same-batch Armijo test favours steps that
+    fit the batch).  One extra forward every ``probe_every`` steps; the searches run as
+    ``line_search_every`` says (the first one finds the scale)."""
+
+    def __init__(self, params, *, probe_every: int = 4, probe_factor: float = 2.0, probe_gain: float = 0.3,
+                 probe_gain_down: float | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.probe_every, self.probe_factor, self.probe_gain = probe_every, probe_factor, probe_gain
+        self.probe_gain_down = probe_gain if probe_gain_down is None else probe_gain_down
+        self.probe_forwards = 0
+        self._before: list = []            # the parameters before the last step, when it is probed
+        self._probes = 0
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        module = self._buffer_module
+        loss_alt = None
+        if self._before:
+            gamma = self.probe_factor if self._probes % 2 else 1 / self.probe_factor
+            with torch.no_grad():
+                now = [p.detach().clone() for p in params]
+                buffers = [b.detach().clone() for b in module.buffers()] if module is not None else []
+                for p, w in zip(params, self._before):
+                    p.copy_(w + gamma * (p - w))
+                rng = torch.get_rng_state()
+                loss_alt = float(closure())
+                torch.set_rng_state(rng)       # the gradient forward draws the same dropout masks
+                for p, w in zip(params, now):
+                    p.copy_(w)
+                if module is not None:
+                    for b, v in zip(module.buffers(), buffers):
+                        b.copy_(v)
+            self.probe_forwards += 1
+        self._before = ([p.detach().clone() for p in params]
+                        if (self.t + 1) % self.probe_every == 0 else [])
+        loss = super().step(closure)
+        if loss_alt is not None:
+            if loss_alt < float(loss.detach()):
+                self.eta = self.eta * gamma ** (self.probe_gain if gamma > 1 else self.probe_gain_down)
+                self._sync_lr()
+            self._probes += 1
+        return loss
+
+
+RULES["next_batch_probe"] = NextBatchProbe
