@@ -217,7 +217,7 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
         backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
         backend.move_pass([b], hp(), ctl, src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.05,
                           dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, beta3=0.99), out)
+        backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, smoothing=0.99), out)
         assert [c[0] for c in backend._ops.calls] == ["grad_pass", "step_pass", "move_pass", "verdict"]
     assert backend.table_builds == 1 and backend.grad_refreshes == 0
     name, args = backend._ops.calls[0]
@@ -914,7 +914,7 @@ def test_verdict_matches_decisions(be, loss_dtype):
                 want_ctl = ctl.clone()
                 out = torch.full((VERDICT_SIZE,), -1.0, dtype=torch.float64, device="cuda")
                 want = out.clone()
-                dp = DecisionScalars(eta=0.05, c=0.5, beta3=0.99)
+                dp = DecisionScalars(eta=0.05, c=0.5, smoothing=0.99)
                 loss_try = torch.tensor(loss, dtype=loss_dtype, device="cuda")
                 be.verdict(ctl, loss_try, dp, out)
                 decisions.verdict(want_ctl, loss_try, dp, want)
@@ -968,7 +968,7 @@ def test_no_sync(be):
         be.step_pass([b], hp, ctl, searching=True, write_backup=True)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                        dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, beta3=0.99), out)
+        be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, smoothing=0.99), out)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                        dst_dir=Dir.UPDATE, from_backup=True)
         be.step_pass([b32], hp, ctl, searching=False, write_backup=False)

@@ -582,7 +582,7 @@ def _verdict_pair(ctl, loss_try, dp):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # numpy, in the interpreter
 def test_verdict_edge_cases():
-    dp = DecisionScalars(eta=0.1, c=0.5, beta3=0.99)
+    dp = DecisionScalars(eta=0.1, c=0.5, smoothing=0.99)
     nan, inf = math.nan, math.inf
     cases = [  # (ctl slots, loss_try, expected ACCEPT)
         (dict(LOSS0=1.0, S_NEW=0.1), 1.0, 1.0),                   # L == L0: accepted (guard 1)
@@ -634,7 +634,7 @@ def test_verdict_matches_decisions_on_random_inputs(loss_dtype):
             ctl[slot] = draw()
         loss_try = (loss0 if rng.random() < 0.15 else loss0 + draw(1e-2)) if math.isfinite(loss0) else draw()
         dp = DecisionScalars(eta=rng.uniform(1e-4, 1.0), c=rng.choice([0.1, 0.3, 0.5]),
-                             beta3=rng.choice([0.0, 0.99, 0.9]))
+                             smoothing=rng.choice([0.0, 0.99, 0.9]))
         lt = torch.tensor(loss_try, dtype=torch.float64).to(loss_dtype).to(DEVICE)
         _verdict_pair(ctl, lt, dp)
 
@@ -779,7 +779,7 @@ def test_no_host_reads(monkeypatch):
         backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                           dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+        backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99), out)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                           dst_dir=Dir.UPDATE, from_backup=True)
 
@@ -810,7 +810,7 @@ def test_launches_go_through_the_hook_and_name_their_finishers(monkeypatch):
     backend.step_pass([b], hp, ctl, searching=True, write_backup=True)
     backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-    backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
+    backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),
                     torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     backend.step_pass([b], hp, ctl, searching=False, write_backup=False)
     assert [(x["kernel"], x["role"]) for x in seen] == [
@@ -932,7 +932,7 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
                                               only_if_fallback=oif)
     for loss_dtype in tl_names.values():
         backend.verdict(make_ctl(), torch.ones((), dtype=loss_dtype, device=DEVICE),
-                        DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
+                        DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),
                         torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     assert launched and launched <= have, sorted(launched - have)
     assert options and all(o == K.COMPILE_OPTIONS for o in options), options
@@ -1152,7 +1152,7 @@ def test_verdict_launches_on_the_ctl_device_like_the_passes(monkeypatch):
 
     backend, ctl, out = tb.TritonBackend(), Ctl(), torch.zeros(VERDICT_SIZE, dtype=torch.float64)
     loss = torch.ones(())
-    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, smoothing=0.99), out)
     ((name, device, args),) = seen
     assert (name, device) == ("verdict_kernel", 1) and current[0] == 0
     assert args["ctl"] is ctl and args["loss_try"] is loss and args["out"] is out
@@ -1165,7 +1165,7 @@ def test_verdict_launches_on_the_ctl_device_like_the_passes(monkeypatch):
 
 
 def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeypatch):
-    """Bucket plans are shared by every backend instance with the same chunking (bucket.cache),
+    """Bucket tables are shared by every backend instance with the same chunking (bucket.cache),
     so a reschedule through one instance (a misaligned gradient) must reach the launch lists
     another instance cached: each launch carries the bucket's current schedule."""
     launched = []

@@ -259,4 +259,4 @@ class CudaBackend:
         return None
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
-        self._ops.verdict(ctl, loss_try, dp.eta, dp.c, dp.beta3, out)
+        self._ops.verdict(ctl, loss_try, dp.eta, dp.c, dp.smoothing, out)

@@ -15,7 +15,7 @@ With several buckets (dtypes) a pass launches once per bucket and only the last 
 finishes (its last program adds every bucket's partials: the earlier launches are complete by
 stream order).  Every launch goes through ``TritonBackend._launch`` (one place to count or stub
 launches; ``benchmarks/hot_path.py`` replaces it) and no torch operation runs on the hot path:
-partials, counters and tables are allocated when a plan is built, and each finishing pass
+partials, counters and tables are allocated when a bucket list is first seen, and each finishing pass
 variant's launch list (kernel, grid, arguments, constexprs) is built once and reused with only
 the per-step values (the loss, the step's scalars) spliced in.
 
@@ -131,19 +131,19 @@ class _ListLaunches:
     def __init__(self, backend: "TritonBackend", buckets: Sequence[Bucket], device: torch.device):
         self.tables = [backend._table(b) for b in buckets]
         self.offsets, total = [], 0
-        for bp in self.tables:
+        for bt in self.tables:
             self.offsets.append(total)
-            total += bp.n_prog
+            total += bt.n_prog
         self.n_parts = total
-        # (plan, partials offset) of the buckets with elements (a bucket's program count is fixed)
-        self.work = [(bp, off) for bp, off in zip(self.tables, self.offsets) if bp.n_prog]
+        # (table, partials offset) of the buckets with elements (a bucket's program count is fixed)
+        self.work = [(bt, off) for bt, off in zip(self.tables, self.offsets) if bt.n_prog]
         self.device = device
         self.partials = torch.empty(2 * max(1, total), dtype=torch.float32, device=device)
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)   # grad, step tickets
         self.dummy_table = torch.zeros(TABLE_COLS, dtype=torch.int64, device=device)
         self.dummy_sched = torch.zeros(2, dtype=torch.int32, device=device)
         self.cuda_index = device.index if device.type == "cuda" else None
-        self.ctl: Optional[Tensor] = None           # the last ctl checked against this plan
+        self.ctl: Optional[Tensor] = None           # the last ctl checked against this list
         self.calls: Dict[tuple, List[tuple]] = {}
         self.calls_schedules = -1                   # schedules_built when calls were built
 
@@ -245,14 +245,14 @@ class TritonBackend:
                              f"{ctl.device}")
 
     # -- launch lists ---------------------------------------------------------------------------
-    # A pass is a list of launches whose arguments are fixed for the plan's lifetime except the
+    # A pass is a list of launches whose arguments are fixed for the list's lifetime except the
     # per-step values (the loss, the step's scalars): each entry is (kernel, grid, head, tail,
     # meta) and launches as kernel[grid](*head, *per_step, *tail, **meta).  The finishing passes'
-    # lists are built once per pass variant and list plan (``_ListLaunches.calls``), so such a pass
+    # lists are built once per pass variant and bucket list (``_ListLaunches.calls``), so such a pass
     # costs one loop of launches on the host; the partial passes of the generic path
     # (finish=False) write fresh ``out`` tensors and build theirs per call.
-    def _run(self, lp: _ListLaunches, calls: List[tuple], per_step: tuple) -> None:
-        self._launch_on(lp.cuda_index, calls, per_step)
+    def _run(self, ll: _ListLaunches, calls: List[tuple], per_step: tuple) -> None:
+        self._launch_on(ll.cuda_index, calls, per_step)
 
     def _launch_on(self, cuda_index: Optional[int], calls: Sequence[tuple], per_step: tuple) -> None:
         """Every launch of the passes and the verdict: on CUDA device ``cuda_index`` (Triton
@@ -285,45 +285,45 @@ class TritonBackend:
     # -- the passes ---------------------------------------------------------------------------
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                   finish: bool = True) -> Optional[Tensor]:
-        lp = self._launches(buckets, ctl)
+        ll = self._launches(buckets, ctl)
         if finish:
-            self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
+            self._run(ll, self._finishing_grad_calls(ll, ctl, hp), (loss0,))
             return None
         clip, norm_bits = self._clip_args(hp)
-        out = torch.empty((), dtype=torch.float64, device=lp.device)
-        self._run(lp, self._grad_calls(lp, out, _tk.FINISH_SUM, clip, norm_bits), (loss0,))
+        out = torch.empty((), dtype=torch.float64, device=ll.device)
+        self._run(ll, self._grad_calls(ll, out, _tk.FINISH_SUM, clip, norm_bits), (loss0,))
         return out
 
-    def _grad_calls(self, lp: _ListLaunches, out: Tensor, mode: int, clip: bool, norm_bits: int) -> List[tuple]:
+    def _grad_calls(self, ll: _ListLaunches, out: Tensor, mode: int, clip: bool, norm_bits: int) -> List[tuple]:
         """grad_kernel(table, sched, partials, counters, ctl, loss0, out, ...) per bucket."""
-        ctl, kernel, work = lp.ctl, _tk.grad_kernel, lp.work
+        ctl, kernel, work = ll.ctl, _tk.grad_kernel, ll.work
         if not work:   # nothing to sum: one program runs the finisher on sumsq = 0
-            return [(kernel, (1,), (lp.dummy_table, lp.dummy_sched, lp.partials, lp.counters, ctl),
+            return [(kernel, (1,), (ll.dummy_table, ll.dummy_sched, ll.partials, ll.counters, ctl),
                      (out, 0, 0, 0, 0, 1, mode, int(clip), norm_bits), self._constexprs("grad", "fp32"))]
         last = len(work) - 1
-        return [(kernel, (bp.n_prog,), (bp.table, bp.sched, lp.partials, lp.counters, ctl),
-                 (out, off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
+        return [(kernel, (bt.n_prog,), (bt.table, bt.sched, ll.partials, ll.counters, ctl),
+                 (out, off, ll.n_parts, bt.n_fast, bt.n_prog, bt.n_prog,
                   mode if k == last else _tk.FINISH_NONE, int(clip), norm_bits),
-                 self._constexprs("grad", _DTYPE_NAME[bp.dtype]))
-                for k, (bp, off) in enumerate(work)]
+                 self._constexprs("grad", _DTYPE_NAME[bt.dtype]))
+                for k, (bt, off) in enumerate(work)]
 
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
                   write_backup: bool, finish: bool = True) -> Optional[Tensor]:
-        lp = self._launches(buckets, ctl)
+        ll = self._launches(buckets, ctl)
         if searching and not finish:
-            out = torch.empty(2, dtype=torch.float64, device=lp.device)
-            self._run(lp, self._step_calls(lp, out, _tk.FINISH_SUM, True, hp.search_dir, write_backup),
-                      self._step_scalars(hp))
+            out = torch.empty(2, dtype=torch.float64, device=ll.device)
+            self._run(ll, self._step_calls(ll, out, _tk.FINISH_SUM, True, hp.search_dir, write_backup),
+                      self._step_args(hp))
             return out
-        self._run(lp, self._finishing_step_calls(lp, ctl, hp, searching, write_backup), self._step_scalars(hp))
+        self._run(ll, self._finishing_step_calls(ll, ctl, hp, searching, write_backup), self._step_args(hp))
         return None
 
     def update_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                     searching: bool, write_backup: bool) -> None:
-        """grad_pass then step_pass, both finishing (base.py), on one plan lookup."""
-        lp = self._launches(buckets, ctl)
-        self._run(lp, self._finishing_grad_calls(lp, ctl, hp), (loss0,))
-        self._run(lp, self._finishing_step_calls(lp, ctl, hp, searching, write_backup), self._step_scalars(hp))
+        """grad_pass then step_pass, both finishing (base.py), on one lookup of the list."""
+        ll = self._launches(buckets, ctl)
+        self._run(ll, self._finishing_grad_calls(ll, ctl, hp), (loss0,))
+        self._run(ll, self._finishing_step_calls(ll, ctl, hp, searching, write_backup), self._step_args(hp))
 
     @staticmethod
     def _clip_args(hp: StepScalars) -> Tuple[bool, int]:
@@ -331,26 +331,26 @@ class TritonBackend:
         max_norm = hp.max_grad_norm
         return (False, 0) if max_norm is None else (True, float_bits(float(max_norm)))
 
-    def _finishing_grad_calls(self, lp: _ListLaunches, ctl: Tensor, hp: StepScalars) -> List[tuple]:
+    def _finishing_grad_calls(self, ll: _ListLaunches, ctl: Tensor, hp: StepScalars) -> List[tuple]:
         clip, norm_bits = self._clip_args(hp)
         key = ("grad", clip, norm_bits)
-        calls = lp.calls.get(key)
+        calls = ll.calls.get(key)
         if calls is None:
-            calls = lp.calls[key] = self._grad_calls(lp, ctl, _tk.FINISH_CTL, clip, norm_bits)
+            calls = ll.calls[key] = self._grad_calls(ll, ctl, _tk.FINISH_CTL, clip, norm_bits)
         return calls
 
-    def _finishing_step_calls(self, lp: _ListLaunches, ctl: Tensor, hp: StepScalars, searching: bool,
+    def _finishing_step_calls(self, ll: _ListLaunches, ctl: Tensor, hp: StepScalars, searching: bool,
                               write_backup: bool) -> List[tuple]:
         search_dir = hp.search_dir if searching else Dir.MOMENTUM
         key = ("step", bool(searching), search_dir, bool(write_backup))
-        calls = lp.calls.get(key)
+        calls = ll.calls.get(key)
         if calls is None:
             mode = _tk.FINISH_CTL if searching else _tk.FINISH_NONE
-            calls = lp.calls[key] = self._step_calls(lp, ctl, mode, bool(searching), search_dir,
+            calls = ll.calls[key] = self._step_calls(ll, ctl, mode, bool(searching), search_dir,
                                                      bool(write_backup))
         return calls
 
-    def _step_scalars(self, hp: StepScalars) -> tuple:
+    def _step_args(self, hp: StepScalars) -> tuple:
         """The step kernel's per-step scalar arguments, in its order."""
         hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
         fixed = self._step_fixed
@@ -361,55 +361,55 @@ class TritonBackend:
         return (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
                 *fixed[2])
 
-    def _step_calls(self, lp: _ListLaunches, out: Tensor, mode: int, searching: bool, search_dir: Dir,
+    def _step_calls(self, ll: _ListLaunches, out: Tensor, mode: int, searching: bool, search_dir: Dir,
                     write_backup: bool) -> List[tuple]:
         """step_kernel(table, sched, ctl, partials, counters, out, ..., *scalars) per bucket."""
-        if write_backup and not all(bp.has_backups for bp in lp.tables):
+        if write_backup and not all(bt.has_backups for bt in ll.tables):
             raise ValueError("ALSALS triton backend: write_backup=True but the bucket has no backups")
-        ctl, kernel, work = lp.ctl, _tk.step_kernel, lp.work
+        ctl, kernel, work = ll.ctl, _tk.step_kernel, ll.work
         if not work:
             if not searching:
                 return []
             # no elements: one program finishes on zero sums
-            return [(kernel, (1,), (lp.dummy_table, lp.dummy_sched, ctl, lp.partials, lp.counters, out,
+            return [(kernel, (1,), (ll.dummy_table, ll.dummy_sched, ctl, ll.partials, ll.counters, out,
                                     0, 0, 0, 0, 1, mode), (),
                      self._constexprs("step", "fp32", True, search_dir, False))]
         last = len(work) - 1
-        return [(kernel, (bp.n_prog,), (bp.table, bp.sched, ctl, lp.partials, lp.counters, out,
-                                        off, lp.n_parts, bp.n_fast, bp.n_prog, bp.n_prog,
+        return [(kernel, (bt.n_prog,), (bt.table, bt.sched, ctl, ll.partials, ll.counters, out,
+                                        off, ll.n_parts, bt.n_fast, bt.n_prog, bt.n_prog,
                                         mode if k == last else _tk.FINISH_NONE), (),
-                 self._constexprs("step", _DTYPE_NAME[bp.dtype], searching, search_dir, write_backup))
-                for k, (bp, off) in enumerate(work)]
+                 self._constexprs("step", _DTYPE_NAME[bt.dtype], searching, search_dir, write_backup))
+                for k, (bt, off) in enumerate(work)]
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
                   only_if_fallback: bool = False) -> None:
-        lp = self._launches(buckets, ctl)
+        ll = self._launches(buckets, ctl)
         # (Dir members and their int values make the same key: IntEnum hashes as int)
         key = ("move", bool(from_backup), src_dir, dst_dir, bool(only_if_fallback))
-        calls = lp.calls.get(key)
+        calls = ll.calls.get(key)
         if calls is None:
-            calls = lp.calls[key] = self._move_calls(lp, bool(from_backup), Dir(src_dir), Dir(dst_dir),
+            calls = ll.calls[key] = self._move_calls(ll, bool(from_backup), Dir(src_dir), Dir(dst_dir),
                                                      bool(only_if_fallback))
-        self._run(lp, calls, (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
+        self._run(ll, calls, (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
                               float(hp.bias_correction1), float(hp.bias_correction2)))
 
-    def _move_calls(self, lp: _ListLaunches, from_backup: bool, src_dir: Dir, dst_dir: Dir,
+    def _move_calls(self, ll: _ListLaunches, from_backup: bool, src_dir: Dir, dst_dir: Dir,
                     only_if_fallback: bool) -> List[tuple]:
         """move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, *scalars) per bucket."""
-        if from_backup and not all(bp.has_backups for bp in lp.tables):
+        if from_backup and not all(bt.has_backups for bt in ll.tables):
             raise ValueError("ALSALS triton backend: from_backup=True but the bucket has no backups")
-        if not from_backup and any(_DTYPE_NAME[bp.dtype] != "fp32" for bp in lp.tables):
+        if not from_backup and any(_DTYPE_NAME[bt.dtype] != "fp32" for bt in ll.tables):
             raise ValueError("ALSALS triton backend: in-place moves (memory_efficient=True) need "
                              "fp32 parameters; got "
-                             + ", ".join(_DTYPE_NAME[bp.dtype] for bp in lp.tables if _DTYPE_NAME[bp.dtype] != "fp32"))
-        return [(_tk.move_kernel, (bp.n_prog,), (bp.table, bp.sched, lp.ctl, bp.n_fast, bp.n_prog,
+                             + ", ".join(_DTYPE_NAME[bt.dtype] for bt in ll.tables if _DTYPE_NAME[bt.dtype] != "fp32"))
+        return [(_tk.move_kernel, (bt.n_prog,), (bt.table, bt.sched, ll.ctl, bt.n_fast, bt.n_prog,
                                                  int(only_if_fallback)), (),
-                 self._constexprs("move", _DTYPE_NAME[bp.dtype], from_backup, src_dir, dst_dir))
-                for bp in lp.tables if bp.n_prog]
+                 self._constexprs("move", _DTYPE_NAME[bt.dtype], from_backup, src_dir, dst_dir))
+                for bt in ll.tables if bt.n_prog]
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
-        b3 = float(dp.beta3)
+        b3 = float(dp.smoothing)
         held = self._verdict_on
         if held[0] is not ctl:       # the device of the ctl seen last (one per optimizer)
             device = ctl.device
