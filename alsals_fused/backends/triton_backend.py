@@ -39,9 +39,7 @@ from torch import Tensor
 
 from .base import CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, DecisionScalars, Dir, StepScalars, TableCol
 from .fused_tables import (
-    FUSED_DTYPES as _DTYPE_NAME,
-)
-from .fused_tables import (
+    FUSED_DTYPES,
     BucketTable,
     float_bits,
     list_scratch,
@@ -175,7 +173,7 @@ class TritonBackend:
         self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return dtype in _DTYPE_NAME and unavailable_reason(device) is None
+        return dtype in FUSED_DTYPES and unavailable_reason(device) is None
 
     # -- the launch hook ------------------------------------------------------------------------
     def _launch(self, kernel, grid, *args, **meta) -> None:
@@ -304,7 +302,7 @@ class TritonBackend:
         return [(kernel, (bt.n_prog,), (bt.table, bt.sched, ll.partials, ll.counters, ctl),
                  (out, off, ll.n_parts, bt.n_fast, bt.n_prog, bt.n_prog,
                   mode if k == last else _tk.FINISH_NONE, int(clip), norm_bits),
-                 self._constexprs("grad", _DTYPE_NAME[bt.dtype]))
+                 self._constexprs("grad", FUSED_DTYPES[bt.dtype]))
                 for k, (bt, off) in enumerate(work)]
 
     def step_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, searching: bool,
@@ -378,7 +376,7 @@ class TritonBackend:
         return [(kernel, (bt.n_prog,), (bt.table, bt.sched, ctl, ll.partials, ll.counters, out,
                                         off, ll.n_parts, bt.n_fast, bt.n_prog, bt.n_prog,
                                         mode if k == last else _tk.FINISH_NONE), (),
-                 self._constexprs("step", _DTYPE_NAME[bt.dtype], searching, search_dir, write_backup))
+                 self._constexprs("step", FUSED_DTYPES[bt.dtype], searching, search_dir, write_backup))
                 for k, (bt, off) in enumerate(work)]
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
@@ -399,13 +397,14 @@ class TritonBackend:
         """move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, *scalars) per bucket."""
         if from_backup and not all(bt.has_backups for bt in ll.tables):
             raise ValueError("ALSALS triton backend: from_backup=True but the bucket has no backups")
-        if not from_backup and any(_DTYPE_NAME[bt.dtype] != "fp32" for bt in ll.tables):
+        if not from_backup and any(FUSED_DTYPES[bt.dtype] != "fp32" for bt in ll.tables):
             raise ValueError("ALSALS triton backend: in-place moves (memory_efficient=True) need "
                              "fp32 parameters; got "
-                             + ", ".join(_DTYPE_NAME[bt.dtype] for bt in ll.tables if _DTYPE_NAME[bt.dtype] != "fp32"))
+                             + ", ".join(FUSED_DTYPES[bt.dtype] for bt in ll.tables
+                                         if bt.dtype != torch.float32))
         return [(_tk.move_kernel, (bt.n_prog,), (bt.table, bt.sched, ll.ctl, bt.n_fast, bt.n_prog,
                                                  int(only_if_fallback)), (),
-                 self._constexprs("move", _DTYPE_NAME[bt.dtype], from_backup, src_dir, dst_dir))
+                 self._constexprs("move", FUSED_DTYPES[bt.dtype], from_backup, src_dir, dst_dir))
                 for bt in ll.tables if bt.n_prog]
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
