@@ -104,6 +104,8 @@ _weight_decay_of = operator.itemgetter("weight_decay")
 # 10 us of cold Python per step right after a backward; the flag they set is this one.
 _set_grad_enabled = torch._C._set_grad_enabled
 _shape = operator.attrgetter("shape")
+_stride = Tensor.stride
+_is_contiguous = Tensor.is_contiguous
 _new_tuple = tuple.__new__    # StepScalars without its generated __new__ (see _step_scalars)
 # _search unpacks the verdict by position (one unpacking instead of an enum lookup per slot)
 _VERDICT_ORDER = ("ACCEPT", "FINITE", "FALLBACK", "LOSS0", "LOSS_TRY", "SLOPE_USED", "PENDING", "H_NEW")
@@ -213,6 +215,11 @@ class _Plan:
         for b in buckets:
             b.grad_ptrs = tuple(map(_data_ptr, b.grads))
         self.shapes = [[m.shape for m in b.exp_avgs] for b in buckets]
+        # The grads' layout as the backends were chosen with (ALSALS._backend_for): a gradient
+        # in another layout later makes a new plan, which asks that rule again.
+        self.grads_contiguous = [all(map(_is_contiguous, b.grads)) for b in buckets]
+        self.grad_strides = [None if c else list(map(_stride, b.grads))
+                             for c, b in zip(self.grads_contiguous, buckets)]
         self.max_wd = max((wd for b in buckets for wd in b.weight_decays), default=0.0)
         # groups holding fp16 buckets, whose candidates can overflow (see _non_finite_params)
         self.guarded = [j for j, (_, bs) in enumerate(groups)
@@ -295,6 +302,11 @@ class _Plan:
                     # rebuild (which refuses the stale moments) before any pass.
                     if list(map(_shape, grads)) != self.shapes[i]:
                         self.release_grads()
+                        return False
+                    contiguous = all(map(_is_contiguous, grads))
+                    if contiguous != self.grads_contiguous[i] or (
+                            not contiguous and list(map(_stride, grads)) != self.grad_strides[i]):
+                        self.release_grads()          # another layout: choose the backend again
                         return False
                     b.grad_ptrs = ptrs
                     b.grads_version += 1
@@ -652,21 +664,26 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return True
 
     def _backend_for(self, b: Bucket) -> Backend:
+        """The backend of bucket ``b``: the one rule for what a fused backend cannot take (a dtype
+        its kernels lack, such as fp64; a non-dense view; a gradient, moment or backup in another
+        layout than its parameter): the backend's ``unfusable_reason`` says why, and the bucket
+        runs on foreach from then on (``chosen_backends``), with one warning if the user named
+        the backend.  Moments and backups follow their parameter's dtype, device and layout
+        (``_moments``), so what remains is what the kernels cannot walk."""
         key = (b.device, b.dtype)
         backend = self._resolved.get(key)
         if backend is None:
             backend = _backends.get_backend(self.backend_name, b.device)
-            if not backend.supports(b.device, b.dtype):
-                backend = _backends.get_backend("foreach", b.device)  # e.g. fp64 on fused backends
-            self._resolved[key] = backend
-        layout_problem = getattr(backend, "layout_problem", None)
-        problem = layout_problem(b) if layout_problem is not None else None
-        if problem is not None:       # e.g. a non-dense view, a gradient in another layout
-            backend = self._resolved[key] = _backends.get_backend("foreach", b.device)
+        unfusable = getattr(backend, "unfusable_reason", None)
+        problem = unfusable(b) if unfusable is not None else None
+        if problem is not None:
+            backend = _backends.get_backend("foreach", b.device)
             if self.backend_name != "auto":
-                warnings.warn(f"ALSALS: backend={self.backend_name!r} cannot take the {b.dtype} "
-                              f"parameters on {b.device} ({problem}); they run on foreach from "
-                              "now on (opt.chosen_backends)", stacklevel=5)
+                warnings.warn(f"ALSALS: backend={self.backend_name!r} cannot take the "
+                              f"{str(b.dtype).replace('torch.', '')} parameters on {b.device} "
+                              f"({problem}); they run on foreach from now on (opt.chosen_backends)",
+                              stacklevel=5)
+        self._resolved[key] = backend
         return backend
 
     def _ensure_device_state(self, device: torch.device) -> None:

@@ -280,23 +280,19 @@ def cuda_row(tensors: int) -> Dict:
     row = {k: None for k in KEYS}
     row.update(backend="cuda", tensors=tensors)
     try:
-        from alsals_fused.backends import cuda_backend
+        from alsals_fused.backends import cuda_tools
     except Exception as exc:  # noqa: BLE001 (any import failure is reported, not raised)
-        row["note"] = f"cuda_backend not importable: {exc}"
+        row["note"] = f"cuda_tools not importable: {exc}"
         return row
-    planner = getattr(cuda_backend, "plan_launches", None)
-    if planner is None:
-        row["note"] = "cuda_backend.plan_launches not present yet (contract v2 backend not merged)"
-        return row
+    planner = cuda_tools.plan_launches
     numels = [int(torch.Size(s).numel()) for s in gpt2_shapes(**SETS[tensors])]
     plan = planner(numels, torch.float32)
     launches = plan.get("launches") if isinstance(plan, dict) else None
     row["launches_per_pass"] = launches
     row["programs"] = plan.get("programs") if isinstance(plan, dict) else None
-    per_step = getattr(cuda_backend, "extension_calls_per_step", None)
-    if per_step is not None:
-        row["extension_calls_searching_step"] = per_step(searching=True, trials=1)
-        row["extension_calls_nonsearching_step"] = per_step(searching=False)
+    per_step = cuda_tools.extension_calls_per_step
+    row["extension_calls_searching_step"] = per_step(searching=True, trials=1)
+    row["extension_calls_nonsearching_step"] = per_step(searching=False)
     if isinstance(launches, dict):
         def n(name):
             v = launches.get(name)

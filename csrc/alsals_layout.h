@@ -1,5 +1,5 @@
 // GENERATED from alsals_fused/backends/base.py by
-//   python -m alsals_fused.backends.cuda_backend --write-header
+//   python -m alsals_fused.backends.cuda_tools --write-header
 // Do not edit: tests/test_cuda.py checks that it is current.  The names are base.py's
 // (Ctl::SCALE is Ctl.SCALE); LAYOUT_DIGEST lets the Python backend refuse a stale build.
 #pragma once

@@ -3,7 +3,7 @@
 // kernels.cu, which includes no torch header; this is the only file that does.
 //
 // Each op is one pass over a list of buckets: per bucket, a device table and schedule that the
-// Python backend built once (backends/cuda_backend.py); so a call converts a handful of tensors,
+// Python backend built once (backends/fused_tables.py); so a call converts a handful of tensors,
 // not every parameter.  The tables hold raw addresses: the Python backend keeps the tensors they
 // point to alive and refreshes the gradient column when gradients move.  Nothing here reads
 // device memory on the host; all launches go to the current stream of ctl's device.

@@ -476,7 +476,7 @@ def test_verdict_matches_the_reference_decision(info, case, slots, loss_try, exp
         pytest.skip("0.999 rounds to 1.0 in bf16: the equality guard would accept")
     be = info.backend()
     ctl = S.make_ctl(info.device, **{**BASE, **slots})
-    dp = DecisionScalars(eta=0.1, c=0.5, beta3=0.99)
+    dp = DecisionScalars(eta=0.1, c=0.5, smoothing=0.99)
     loss = torch.tensor(loss_try, dtype=loss_dtype, device=info.device)
     c, cr = ctl.clone(), ctl.clone()
     out = torch.full((VERDICT_SIZE,), -7.0, dtype=F64, device=info.device)

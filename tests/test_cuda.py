@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alsals_fused.backends import cuda_backend
+from alsals_fused.backends import cuda_backend, cuda_tools, fused_tables
 from alsals_fused.backends.base import (
     CHUNK,
     CTL_SIZE,
@@ -45,14 +45,14 @@ from alsals_fused.backends.base import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT2_SMALL = cuda_backend._gpt2_like_numels(148)
-GPT2_XL_COUNT = cuda_backend._gpt2_like_numels(580)
+GPT2_SMALL = cuda_tools._gpt2_like_numels(148)
+GPT2_XL_COUNT = cuda_tools._gpt2_like_numels(580)
 
 
 # ================================ CPU: the launch planner ======================================
 @pytest.mark.parametrize("numels", [GPT2_SMALL, GPT2_XL_COUNT], ids=["148", "580"])
 def test_one_launch_per_pass(numels):
-    plan = cuda_backend.plan_launches(numels, torch.float32)
+    plan = cuda_tools.plan_launches(numels, torch.float32)
     assert plan["tensors"] == len(numels)
     assert plan["launches"] == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1}
     assert plan["extension_calls"] == plan["launches"]
@@ -69,7 +69,7 @@ def test_gpt2_small_shapes_are_gpt2():
 @pytest.mark.parametrize("dtype,vec,groups", [(torch.float32, 4, 4), (torch.bfloat16, 8, 2),
                                               (torch.float16, 8, 2)])
 def test_vector_loop_keeps_bytes_in_flight(dtype, vec, groups):
-    plan = cuda_backend.plan_launches([CHUNK * 3], dtype)
+    plan = cuda_tools.plan_launches([CHUNK * 3], dtype)
     assert plan["vector_bytes"] == 16 and plan["elements_per_access"] == vec
     assert plan["groups_per_thread"] == groups
     assert plan["threads_per_program"] * vec * groups == CHUNK     # a chunk is one pass of the loop
@@ -78,39 +78,46 @@ def test_vector_loop_keeps_bytes_in_flight(dtype, vec, groups):
 
 def test_planner_odd_and_empty_tensors():
     numels = [0, 1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 0, 3 * CHUNK + 5]
-    plan = cuda_backend.plan_launches(numels)
+    plan = cuda_tools.plan_launches(numels)
     assert plan["chunks"] == [0, 1, 1, 1, 1, 2, 0, 4]
     assert plan["programs"] == 10 and plan["empty_tensors"] == 2
     assert plan["full_chunks"] == 1 + 1 + 3 and plan["tail_chunks"] == 5
-    only_empty = cuda_backend.plan_launches([0, 0])
+    only_empty = cuda_tools.plan_launches([0, 0])
     assert only_empty["programs"] == 1        # one program with no work runs the finisher
     assert only_empty["launches"]["grad_pass"] == 1
     with pytest.raises(ValueError, match="float64"):
-        cuda_backend.plan_launches([4], torch.float64)
+        cuda_tools.plan_launches([4], torch.float64)
 
 
 def test_planner_tensor_above_2_to_31_elements():
     big = 2 ** 31 + 5
-    plan = cuda_backend.plan_launches([big, 10])
+    plan = cuda_tools.plan_launches([big, 10])
     assert plan["int64_offsets"] and plan["max_numel"] == big
     assert plan["chunks"] == [-(-big // CHUNK), 1]
     assert plan["launches"]["step_pass"] == 1
-    sched = cuda_backend.build_schedule([big, 10])
-    assert sched.dtype == torch.int32 and sched.shape == (plan["programs"], 2)
-    last = sched[-2].tolist()
+    sched, n_fast, n_prog = fused_tables.schedule([big, 10], [True, True], CHUNK)
+    assert sched.dtype == torch.int32 and sched.shape == (plan["programs"], 2) == (n_prog, 2)
+    assert n_fast == plan["full_chunks"] == big // CHUNK
+    last = sched[-2].tolist()                 # the big tensor's tail, then the small tensor's
     assert last == [0, big // CHUNK] and last[1] * CHUNK < big <= (last[1] + 1) * CHUNK
     assert sched[-1].tolist() == [1, 0]
 
 
 def test_schedule_layout():
-    sched = cuda_backend.build_schedule([5, 0, 2 * CHUNK, 1])
-    assert sched.tolist() == [[0, 0], [2, 0], [2, 1], [3, 0]]
-    assert cuda_backend.build_schedule([0]).tolist() == [[-1, 0]]
-    assert cuda_backend.build_schedule([]).tolist() == [[-1, 0]]
+    """The shared schedule: aligned full chunks first (the vector path), then tails and the
+    chunks of misaligned tensors, each in tensor order; (-1, 0) for a bucket with no elements."""
+    numels = [5, 0, 2 * CHUNK, 1, CHUNK + 1]
+    sched, n_fast, n_prog = fused_tables.schedule(numels, [True] * 5, CHUNK)
+    assert sched.tolist() == [[2, 0], [2, 1], [4, 0], [0, 0], [3, 0], [4, 1]] and (n_fast, n_prog) == (3, 6)
+    sched, n_fast, _ = fused_tables.schedule(numels, [True, True, False, True, True], CHUNK)
+    assert sched.tolist() == [[4, 0], [0, 0], [2, 0], [2, 1], [3, 0], [4, 1]] and n_fast == 1
+    for empty in ([0], []):
+        sched, n_fast, n_prog = fused_tables.schedule(empty, [True] * len(empty), CHUNK)
+        assert sched.tolist() == [[-1, 0]] and n_fast == n_prog == 0
 
 
 def test_extension_calls_per_step():
-    f = cuda_backend.extension_calls_per_step
+    f = cuda_tools.extension_calls_per_step
     assert f(searching=False)["total"] == 2 and f(searching=False)["d2h_copies"] == 0
     one = f(searching=True, trials=1)
     assert one == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1, "total": 4, "d2h_copies": 1}
@@ -138,8 +145,8 @@ def cpu_bucket(shapes, dtype=torch.float32, backups=True, wds=(0.0, 0.01, 0.1)):
 
 def test_table_layout():
     b = cpu_bucket([(3, 5), (0,), (CHUNK + 1,)])
-    t = cuda_backend._Table(b)
-    assert t.usable and t.table.dtype == torch.int64 and t.table.shape == (3, TABLE_COLS)
+    t = fused_tables.BucketTable(b, CHUNK, "cuda")
+    assert t.table.dtype == torch.int64 and t.table.shape == (3, TABLE_COLS)
     rows = t.table.tolist()
     for i in (0, 2):
         assert rows[i][TableCol.W] == b.params[i].data_ptr()
@@ -151,22 +158,24 @@ def test_table_layout():
     assert rows[1][TableCol.W] == 0 and rows[1][TableCol.NUMEL] == 0
     wd = torch.tensor([r[TableCol.WD_BITS] for r in rows], dtype=torch.int64).view(torch.float64)
     assert wd.tolist() == b.weight_decays
-    assert t.sched.tolist() == [[0, 0], [2, 0], [2, 1]] and t.programs == 3
-    assert t.storage == 0 and t.has_backups
-    no_backup = cuda_backend._Table(cpu_bucket([(4,)], torch.bfloat16, backups=False))
-    assert no_backup.table[0, TableCol.BACKUP] == 0 and no_backup.storage == 1
+    assert t.sched.tolist() == [[2, 0], [0, 0], [2, 1]] and t.programs == 3 and t.n_fast == 1
+    assert t.has_backups
+    no_backup = fused_tables.BucketTable(cpu_bucket([(4,)], torch.bfloat16, backups=False), CHUNK, "cuda")
+    assert no_backup.table[0, TableCol.BACKUP] == 0 and not no_backup.has_backups
 
 
 def test_table_refuses_layouts_the_kernels_do_not_take():
     b = cpu_bucket([(8, 4)])
     b.grads[0] = b.grads[0].t().contiguous().t()        # column-major grad, row-major param
-    t = cuda_backend._Table(b)
-    assert not t.usable and "strides" in t.why_not
+    assert "strides" in cuda_backend.CudaBackend.unfusable_reason(b)
+    with pytest.raises(ValueError, match=r"has strides \(4, 1\) but its grad has strides \(1, 8\)"):
+        fused_tables.BucketTable(b, CHUNK, "cuda")
     ok = cpu_bucket([(2, 3, 4, 5)])
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "backups"):   # channels_last, all of them
         lst = getattr(ok, name)
         lst[0] = lst[0].contiguous(memory_format=torch.channels_last)
-    assert cuda_backend._Table(ok).usable
+    assert cuda_backend.CudaBackend.unfusable_reason(ok) is None
+    fused_tables.BucketTable(ok, CHUNK, "cuda")
 
 
 class RecordingOps:
@@ -184,7 +193,7 @@ class RecordingOps:
 def recording_backend():
     backend = cuda_backend.CudaBackend.__new__(cuda_backend.CudaBackend)
     backend._ops = RecordingOps()
-    backend._foreach = None
+    backend._no_buckets = {}
     backend.table_builds = backend.grad_refreshes = 0
     return backend
 
@@ -208,7 +217,7 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
         backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
         backend.move_pass([b], hp(), ctl, src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.05,
                           dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, beta3=0.99), out)
+        backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, smoothing=0.99), out)
         assert [c[0] for c in backend._ops.calls] == ["grad_pass", "step_pass", "move_pass", "verdict"]
     assert backend.table_builds == 1 and backend.grad_refreshes == 0
     name, args = backend._ops.calls[0]
@@ -282,27 +291,18 @@ def test_grad_sink_is_the_table_column_and_native_grads_only_upload():
     assert name == "grad_pass" and args[0] == [table]
 
 
-def test_a_table_that_turns_unusable_under_native_reads_runs_on_foreach_with_the_grads():
+def test_grads_in_another_layout_after_the_table_was_built_are_refused():
+    """The driver asks the one rule (unfusable_reason) when it builds its plan and makes a new
+    plan when a gradient's layout changes; a bucket handed to the backend with such grads is a
+    misuse, refused with the strides named (never run on foreach behind the driver's back)."""
     b = cpu_bucket([(8, 4)])
-    for p, g in zip(b.params, b.grads):
-        p.grad = g
     backend = recording_backend()
     assert backend.grad_sink(b) is not None
-    b.replace_grads([b.grads[0].t().contiguous().t()])             # the Python path: unusable now
-    b.params[0].grad = b.grads[0]
-    seen = []
-
-    class Foreach:
-        def grad_pass(self, buckets, ctl, loss0, hp, finish=True):
-            seen.append([g is buckets[0].params[0].grad for g in buckets[0].grads])
-
-    backend._foreach = Foreach()
+    b.replace_grads([b.grads[0].t().contiguous().t()])
     ctl, loss0 = new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64)
-    backend.grad_pass([b], ctl, loss0, hp())
-    b.grads, b.grad_ptrs, b.native_grads = [], (), True           # a later step, native reads
-    backend.grad_pass([b], ctl, loss0, hp())
-    assert not b.cache["cuda"].usable and seen == [[True], [True]] and backend._ops.calls == []
-    assert backend.grad_sink(b) is None
+    with pytest.raises(ValueError, match=r"ALSALS cuda backend: .* strides \(4, 1\) but its grad has strides \(1, 8\)"):
+        backend.grad_pass([b], ctl, loss0, hp())
+    assert backend._ops.calls == []
 
 
 def test_several_buckets_one_call_and_finish_false():
@@ -318,19 +318,17 @@ def test_several_buckets_one_call_and_finish_false():
     assert args[-1] is sums and args[-2] is False
 
 
-def test_layout_the_kernels_do_not_take_runs_on_foreach(monkeypatch):
+def test_a_bucket_the_kernels_cannot_take_is_refused():
     b = cpu_bucket([(8, 4)])
     b.grads[0] = b.grads[0].t().contiguous().t()
     backend = recording_backend()
-    seen = []
-
-    class Foreach:
-        def grad_pass(self, buckets, ctl, loss0, hp, finish=True):
-            seen.append("grad_pass")
-
-    backend._foreach = Foreach()
-    backend.grad_pass([b], new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64), hp())
-    assert seen == ["grad_pass"] and backend._ops.calls == []
+    assert "strides" in backend.unfusable_reason(b)
+    with pytest.raises(ValueError, match="ALSALS cuda backend: .*strides"):
+        backend.grad_pass([b], new_ctl("cpu"), torch.tensor(1.0, dtype=torch.float64), hp())
+    assert backend._ops.calls == []
+    f64 = cpu_bucket([(3,)])
+    f64.dtype = torch.float64
+    assert "float64" in backend.unfusable_reason(f64)
 
 
 def test_write_backup_without_backups_is_an_error():
@@ -343,24 +341,24 @@ def test_write_backup_without_backups_is_an_error():
 # ================================ CPU: the layout header =======================================
 def test_layout_header_is_current():
     """csrc/alsals_layout.h is generated from base.py; regenerate it with
-    python -m alsals_fused.backends.cuda_backend --write-header"""
-    assert cuda_backend.LAYOUT_HEADER.read_text() == cuda_backend.layout_header()
+    python -m alsals_fused.backends.cuda_tools --write-header"""
+    assert cuda_tools.LAYOUT_HEADER.read_text() == cuda_tools.layout_header()
 
 
 def test_layout_header_says_what_base_says():
-    text = cuda_backend.layout_header()
+    text = cuda_tools.layout_header()
     assert f"constexpr int CHUNK = {CHUNK};" in text and f"constexpr int CTL_SIZE = {CTL_SIZE};" in text
     for enum in (Ctl, Verdict, Dir, TableCol):
         block = re.search(rf"namespace {enum.__name__} {{ enum : int {{ (.*?) }}; }}", text).group(1)
         assert dict(re.findall(r"(\w+) = (\d+),", block)) == {m.name: str(int(m)) for m in enum}
-    assert cuda_backend.layout_digest() in text
+    assert cuda_tools.layout_digest() in text
 
 
 def test_check_header_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cuda_backend, "LAYOUT_HEADER", tmp_path / "alsals_layout.h")
-    assert cuda_backend.main(["--check-header"]) == 1
-    assert cuda_backend.main(["--write-header", "--check-header"]) == 0
-    assert (tmp_path / "alsals_layout.h").read_text() == cuda_backend.layout_header()
+    monkeypatch.setattr(cuda_tools, "LAYOUT_HEADER", tmp_path / "alsals_layout.h")
+    assert cuda_tools.main(["--check-header"]) == 1
+    assert cuda_tools.main(["--write-header", "--check-header"]) == 0
+    assert (tmp_path / "alsals_layout.h").read_text() == cuda_tools.layout_header()
 
 
 def test_kernel_sources_use_the_generated_names():
@@ -723,7 +721,7 @@ def magnitude_sums(b: Bucket, hp: StepScalars, ctl: torch.Tensor) -> torch.Tenso
 def test_ops_registered(ext):
     for op in cuda_backend.OPS:
         assert hasattr(torch.ops.alsals_fused, op)
-    assert ext.CHUNK == CHUNK and ext.LAYOUT_DIGEST == cuda_backend.layout_digest()
+    assert ext.CHUNK == CHUNK and ext.LAYOUT_DIGEST == cuda_tools.layout_digest()
     from alsals_fused.backends import get_backend
     assert get_backend("auto", torch.device("cuda")).name == "cuda"
 
@@ -916,7 +914,7 @@ def test_verdict_matches_decisions(be, loss_dtype):
                 want_ctl = ctl.clone()
                 out = torch.full((VERDICT_SIZE,), -1.0, dtype=torch.float64, device="cuda")
                 want = out.clone()
-                dp = DecisionScalars(eta=0.05, c=0.5, beta3=0.99)
+                dp = DecisionScalars(eta=0.05, c=0.5, smoothing=0.99)
                 loss_try = torch.tensor(loss, dtype=loss_dtype, device="cuda")
                 be.verdict(ctl, loss_try, dp, out)
                 decisions.verdict(want_ctl, loss_try, dp, want)
@@ -925,15 +923,18 @@ def test_verdict_matches_decisions(be, loss_dtype):
 
 
 @pytest.mark.cuda
-def test_layout_fallback_to_foreach(be):
-    b = make_bucket(torch.float32, shapes=[(64, 32)], seed=7)
-    b.grads[0] = b.grads[0].t().contiguous().t()
-    r = clone_bucket(b)
-    hp, got, want = gpu_hp(), ctl_of(), ctl_of()
-    be.step_pass([b], hp, got, searching=True, write_backup=True)
-    ref().step_pass([r], hp, want, searching=True, write_backup=True)
-    assert_bucket_close(b, r)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)
+def test_layout_the_kernels_cannot_take_runs_on_foreach_through_the_driver(be):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32, device="cuda")[:, ::2])     # a non-dense view
+    b = Bucket(device=w.device, dtype=w.dtype, params=[w.data], grads=[torch.ones_like(w)],
+               exp_avgs=[torch.zeros_like(w)], exp_avg_sqs=[torch.zeros_like(w)], weight_decays=[0.0])
+    with pytest.raises(ValueError, match="densely"):
+        be.grad_pass([b], ctl_of(), torch.tensor(1.0, dtype=torch.float64, device="cuda"), gpu_hp())
+    from alsals_fused import ALSALS
+    opt = ALSALS([w], backend="cuda")
+    with pytest.warns(UserWarning, match="backend='cuda' cannot take"):
+        opt.step(lambda: w.square().sum())
+    assert set(opt.chosen_backends.values()) == {"foreach"}
 
 
 @pytest.mark.cuda
@@ -967,7 +968,7 @@ def test_no_sync(be):
         be.step_pass([b], hp, ctl, searching=True, write_backup=True)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                        dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, beta3=0.99), out)
+        be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, smoothing=0.99), out)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                        dst_dir=Dir.UPDATE, from_backup=True)
         be.step_pass([b32], hp, ctl, searching=False, write_backup=False)

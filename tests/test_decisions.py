@@ -71,7 +71,7 @@ def check_verdict(verdict_fn, device="cpu"):
             loss = torch.tensor(loss_try, dtype=dtype, device=device)
             want_out, want_ctl = spec_verdict(ctl.tolist(), loss.item(), eta, c, beta3)
             c_ = ctl.clone()
-            verdict_fn(c_, loss, DecisionScalars(eta=eta, c=c, beta3=beta3), out)
+            verdict_fn(c_, loss, DecisionScalars(eta=eta, c=c, smoothing=beta3), out)
             got = out.tolist()
             assert same(got, want_out), (slots, loss_try, eta, beta3, c, got, want_out)
             assert same(c_.tolist(), want_ctl), (slots, loss_try, c_.tolist(), want_ctl)

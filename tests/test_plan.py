@@ -193,3 +193,70 @@ def test_sharded_with_one_rank_equals_unsharded(tmp_path, backend):
             assert torch.equal(p, q)
     finally:
         dist.destroy_process_group()
+
+
+# -- what a fused backend cannot take: one rule, decided by the driver (ALSALS._backend_for) ------
+def _triton_or_skip():
+    from alsals_fused.backends import unavailable_reason
+    reason = unavailable_reason("triton", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def _cannot_take(caught):
+    return [str(c.message) for c in caught if "cannot take" in str(c.message)]
+
+
+def test_fp64_on_a_named_fused_backend_runs_on_foreach_with_one_warning():
+    """fp64 follows the same rule as a layout the kernels cannot walk: foreach, shown in
+    chosen_backends, one warning because the user named the backend."""
+    _triton_or_skip()
+    import warnings
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    v = torch.nn.Parameter(torch.randn(5))
+    opt = ALSALS([w, v], backend="triton")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(lambda: w.square().sum() + v.double().square().sum())
+    assert opt.chosen_backends == {(torch.device("cpu"), torch.float64): "foreach",
+                                   (torch.device("cpu"), torch.float32): "triton"}
+    warned = _cannot_take(caught)
+    assert len(warned) == 1 and "backend='triton'" in warned[0] and "float64" in warned[0]
+
+
+def test_a_gradient_that_changes_layout_mid_run_moves_its_bucket_to_foreach():
+    """A gradient in another layout than its parameter after the plan was built (here a
+    column-major .grad of a row-major weight) makes a new plan, which asks the rule again: the
+    bucket runs on foreach from then on (one warning), and the step matches foreach's."""
+    _triton_or_skip()
+    import warnings
+    runs = {}
+    for backend in ("triton", "foreach"):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(6, 4))
+        x = torch.randn(3, 6)
+        opt = ALSALS([w], backend=backend, init_step_size=0.5)
+
+        def closure(x=x, w=w):
+            return ((x @ w) ** 2).mean()
+
+        def column_major(p):                              # same values, other strides
+            p.grad = p.grad.t().contiguous().t()
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(closure)
+            chosen_before = dict(opt.chosen_backends)
+            w.register_post_accumulate_grad_hook(column_major)
+            for _ in range(2):
+                opt.zero_grad()
+                opt.step(closure)
+            assert w.grad.stride() == (1, 6)
+        runs[backend] = (w.detach().clone(), chosen_before, opt.chosen_backends, _cannot_take(caught))
+    (w_tri, before, after, warned), (w_fe, _, _, none) = runs["triton"], runs["foreach"]
+    assert set(before.values()) == {"triton"} and set(after.values()) == {"foreach"}
+    assert len(warned) == 1 and "strides" in warned[0] and not none
+    torch.testing.assert_close(w_tri, w_fe, rtol=1e-5, atol=1e-6)

@@ -41,6 +41,7 @@ from alsals_fused.backends.base import (  # noqa: E402
     Verdict,
     new_ctl,
 )
+from alsals_fused.backends.host_table import HostTable  # noqa: E402
 from alsals_fused.backends.reference import ReferenceBackend  # noqa: E402
 
 # With its index: tensors on "cuda" report "cuda:0", and torch.device("cuda") != "cuda:0".
@@ -329,13 +330,33 @@ def test_bucket_lists_finish_once_over_every_bucket(finish):
     pair.move(hp, "restore", src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0, dst_dir=Dir.UPDATE)
 
 
+def test_each_bucket_list_keeps_its_partials_as_long_as_its_buckets():
+    """The partials and tickets of a list of several buckets (mixed dtypes) belong to that list
+    (kept with its first bucket, as long as the driver's plan), not to a bounded per-backend
+    cache: many lists through one backend (several optimizers, each possibly on its own
+    stream) never free or reuse a buffer another list's kernels may still be using."""
+    backend = tb.TritonBackend(**TINY)
+    lists = [[make_bucket(torch.float32, [(5,)], seed=k), make_bucket(torch.bfloat16, [(7,)], seed=k)]
+             for k in range(12)]
+    ctl, hp = make_ctl(), scalars(1)
+    held = []
+    for buckets in lists:
+        backend.grad_pass(buckets, ctl, f64(1.0), hp, finish=False)
+        ll = backend._launches(buckets, ctl)
+        held.append((ll.partials, ll.counters))
+    for buckets, (partials, counters) in zip(lists, held):
+        ll = backend._launches(buckets, ctl)
+        assert ll.partials is partials and ll.counters is counters
+    assert len({p.data_ptr() for p, _ in held}) == len(lists)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_unaligned_views_and_write_backup_variants(dtype):
     """Misaligned storage offsets take the masked path; step without search may write a backup."""
     backend = tb.TritonBackend()
     pair = Pair(backend, dtype, [(5,), (4097,), (1,), (1030,)], unaligned=True)
     assert any(p.data_ptr() % 16 for p in pair.tri[0].params)
-    plan = backend._plan(pair.tri, pair.ctl_tri).plans[0]
+    plan = backend._launches(pair.tri, pair.ctl_tri).tables[0]
     assert plan.n_fast == 0 and plan.n_prog == 1 + 2 + 1 + 1     # every chunk masked
     hp = scalars(2)
     pair.grad(hp)
@@ -353,7 +374,7 @@ def test_schedule_puts_aligned_full_chunks_first_and_tails_after():
     for name in ("grads", "exp_avgs", "exp_avg_sqs", "backups"):
         for i in (2, 3):
             getattr(b, name)[i] = _offset_view(getattr(b, name)[i])
-    plan = backend._bucket_plan(b)
+    plan = backend._table(b)
     rows = plan.sched.cpu().tolist()
     assert plan.n_prog == 3 + 1 + 1 + 2 and plan.n_fast == 2 + 1
     assert rows[:plan.n_fast] == [[0, 0], [0, 1], [1, 0]]           # aligned full chunks
@@ -409,7 +430,7 @@ def test_passes_with_nothing_to_do_touch_only_ctl(monkeypatch):
 
     monkeypatch.setattr(builder, "create_masked_load", load)
     monkeypatch.setattr(builder, "create_masked_store", store)
-    programs = backend._plan([b], ctl).plans[0].n_prog
+    programs = backend._launches([b], ctl).tables[0].n_prog
     ctl[Ctl.FALLBACK] = 0.0
     backend.move_pass([b], hp, ctl, src_eta=0.1, src_dir=Dir.MOMENTUM, dst_eta=0.1,
                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
@@ -490,7 +511,7 @@ def test_last_program_finisher_is_deterministic_and_resets_its_ticket():
         backend.step_pass([b], hp, ctl, searching=True, write_backup=True)
         ctls.append(ctl)
     assert torch.equal(ctls[0], ctls[1])
-    lp = backend._plan([b], ctls[0])
+    lp = backend._launches([b], ctls[0])
     assert lp.n_parts > 20 and lp.counters.tolist() == [0, 0]
     # the finisher's sum is the fp64 sum of the per-program fp32 partials the launch left
     parts = lp.partials[:2 * lp.n_parts].view(-1, 2).double()
@@ -514,7 +535,7 @@ def test_finisher_sums_in_its_own_fixed_order_over_several_rounds():
         g.copy_((torch.randn(n, generator=gen) * scale).view(g.shape))
     hp, ctl = scalars(3), make_ctl(s=0.1)
     sumsq = backend.grad_pass([b], ctl, f64(1.0), hp, finish=False)
-    lp = backend._plan([b], ctl)
+    lp = backend._launches([b], ctl)
     assert lp.n_parts > 2 * 4 * TINY["block"]       # three or more rounds of each accumulator
     grad_parts = lp.partials[:lp.n_parts].tolist()
     backend.grad_pass([b], ctl, f64(1.0), hp)
@@ -561,7 +582,7 @@ def _verdict_pair(ctl, loss_try, dp):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # numpy, in the interpreter
 def test_verdict_edge_cases():
-    dp = DecisionScalars(eta=0.1, c=0.5, beta3=0.99)
+    dp = DecisionScalars(eta=0.1, c=0.5, smoothing=0.99)
     nan, inf = math.nan, math.inf
     cases = [  # (ctl slots, loss_try, expected ACCEPT)
         (dict(LOSS0=1.0, S_NEW=0.1), 1.0, 1.0),                   # L == L0: accepted (guard 1)
@@ -613,7 +634,7 @@ def test_verdict_matches_decisions_on_random_inputs(loss_dtype):
             ctl[slot] = draw()
         loss_try = (loss0 if rng.random() < 0.15 else loss0 + draw(1e-2)) if math.isfinite(loss0) else draw()
         dp = DecisionScalars(eta=rng.uniform(1e-4, 1.0), c=rng.choice([0.1, 0.3, 0.5]),
-                             beta3=rng.choice([0.0, 0.99, 0.9]))
+                             smoothing=rng.choice([0.0, 0.99, 0.9]))
         lt = torch.tensor(loss_try, dtype=torch.float64).to(loss_dtype).to(DEVICE)
         _verdict_pair(ctl, lt, dp)
 
@@ -629,8 +650,8 @@ def test_tables_are_cached_and_only_the_grad_column_is_refreshed(monkeypatch):
     assert backend.table_builds == 1 and backend.grad_refreshes == 0
     # Unchanged grads_version: no table work at all, whatever the grads' addresses.
     uploads = []
-    real_upload = tb._HostTable.upload
-    monkeypatch.setattr(tb._HostTable, "upload", lambda self: uploads.append(1) or real_upload(self))
+    real_upload = HostTable.upload
+    monkeypatch.setattr(HostTable, "upload", lambda self: uploads.append(1) or real_upload(self))
     pair.grad(hp)
     pair.step(hp, searching=False)
     assert uploads == [] and backend.table_builds == 1
@@ -638,15 +659,15 @@ def test_tables_are_cached_and_only_the_grad_column_is_refreshed(monkeypatch):
     keep = list(pair.tri[0].grads)
     pair.tri[0].replace_grads([g.clone() * 1.5 for g in keep])
     pair.ref[0].grads = [g * 1.5 for g in pair.ref[0].grads]
-    table_before = backend._bucket_plan(pair.tri[0]).table.host.clone()
+    table_before = backend._table(pair.tri[0]).rows.host.clone()
     pair.grad(hp)
     pair.step(hp, searching=True)
     assert backend.table_builds == 1 and backend.grad_refreshes == 1 and len(uploads) == 1
-    table_after = backend._bucket_plan(pair.tri[0]).table.host
+    table_after = backend._table(pair.tri[0]).rows.host
     changed = (table_after != table_before).any(dim=0).tolist()
     assert changed[TableCol.G] and sum(changed) == 1
     # A misaligned gradient view moves that tensor's chunks to the masked programs.
-    plan = backend._bucket_plan(pair.tri[0])
+    plan = backend._table(pair.tri[0])
     n_fast = plan.n_fast
     grads = list(pair.tri[0].grads)
     grads[6] = _offset_view(grads[6])
@@ -758,7 +779,7 @@ def test_no_host_reads(monkeypatch):
         backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                           dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-        backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+        backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99), out)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                           dst_dir=Dir.UPDATE, from_backup=True)
 
@@ -789,7 +810,7 @@ def test_launches_go_through_the_hook_and_name_their_finishers(monkeypatch):
     backend.step_pass([b], hp, ctl, searching=True, write_backup=True)
     backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-    backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
+    backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),
                     torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     backend.step_pass([b], hp, ctl, searching=False, write_backup=False)
     assert [(x["kernel"], x["role"]) for x in seen] == [
@@ -911,7 +932,7 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
                                               only_if_fallback=oif)
     for loss_dtype in tl_names.values():
         backend.verdict(make_ctl(), torch.ones((), dtype=loss_dtype, device=DEVICE),
-                        DecisionScalars(eta=0.1, c=0.5, beta3=0.99),
+                        DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),
                         torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     assert launched and launched <= have, sorted(launched - have)
     assert options and all(o == K.COMPILE_OPTIONS for o in options), options
@@ -1072,7 +1093,7 @@ def test_offsets_beyond_int32():
                    (TableCol.BACKUP, tri.backups[0])):
         row[col] = t.data_ptr() - start * t.element_size()
     row[TableCol.NUMEL] = numel
-    row[TableCol.WD_BITS] = tb._bits(0.05)
+    row[TableCol.WD_BITS] = tb.float_bits(0.05)
     table = torch.tensor([row], dtype=torch.int64, device=DEVICE)
     sched = torch.tensor([[0, first], [0, last]], dtype=torch.int32, device=DEVICE)
     partials = torch.empty(4, dtype=torch.float32, device=DEVICE)
@@ -1082,7 +1103,7 @@ def test_offsets_beyond_int32():
     ctl = make_ctl(scale=0.5)
     K.step_kernel[(2,)](table, sched, ctl, partials, counters, out, 0, 2, 1, 2, 2, K.FINISH_SUM,
                         hp.eta, hp.beta1, hp.beta2, 1 - hp.beta1, 1 - hp.beta2, hp.eps,
-                        hp.bias_correction1, hp.bias_correction2, tb._bits(0.99), tb._bits(0.01),
+                        hp.bias_correction1, hp.bias_correction2, tb.float_bits(0.99), tb.float_bits(0.01),
                         num_warps=K.NUM_WARPS, **K.COMPILE_OPTIONS,
                         **K.step_constexprs("fp32", True, Dir.MOMENTUM, True))
     expected = REF.step_pass([ref], hp, ctl.clone(), searching=True, write_backup=True,
@@ -1131,20 +1152,20 @@ def test_verdict_launches_on_the_ctl_device_like_the_passes(monkeypatch):
 
     backend, ctl, out = tb.TritonBackend(), Ctl(), torch.zeros(VERDICT_SIZE, dtype=torch.float64)
     loss = torch.ones(())
-    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, beta3=0.99), out)
+    backend.verdict(ctl, loss, DecisionScalars(eta=0.1, c=0.5, smoothing=0.99), out)
     ((name, device, args),) = seen
     assert (name, device) == ("verdict_kernel", 1) and current[0] == 0
     assert args["ctl"] is ctl and args["loss_try"] is loss and args["out"] is out
     assert struct.unpack("<d", struct.pack("<q", args["c_eta_bits"]))[0] == 0.5 * 0.1
     # the passes' launches use the same launcher (a plan on cuda:1 launches on device 1)
-    plan = tb._ListPlan.__new__(tb._ListPlan)
+    plan = tb._ListLaunches.__new__(tb._ListLaunches)
     plan.cuda_index = 1
     backend._run(plan, [(K.grad_kernel, (1,), (), (), {})], ())
     assert seen[-1][:2] == ("grad_kernel", 1)
 
 
 def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeypatch):
-    """Bucket plans are shared by every backend instance with the same chunking (bucket.cache),
+    """Bucket tables are shared by every backend instance with the same chunking (bucket.cache),
     so a reschedule through one instance (a misaligned gradient) must reach the launch lists
     another instance cached: each launch carries the bucket's current schedule."""
     launched = []
@@ -1159,7 +1180,7 @@ def test_launch_lists_follow_a_schedule_another_backend_instance_changed(monkeyp
         launched.clear()
         backend.grad_pass([b], ctl, f64(1.0), hp)
         backend.step_pass([b], hp, ctl, searching=False, write_backup=False)
-        plan = backend._bucket_plan(b)
+        plan = backend._table(b)
         assert len(launched) == 2
         for grid, args in launched:
             assert grid == (plan.n_prog,) and args["sched"] is plan.sched

@@ -2,7 +2,8 @@
 
 ``reference`` (readable oracle) and ``foreach`` (multi-tensor PyTorch) run everywhere; ``triton``
 and ``cuda`` are the fused GPU paths.  ``auto`` prefers cuda, then triton, on a GPU, and foreach
-elsewhere.  Fused backends may hand dtypes they do not support (fp64) to foreach.
+elsewhere.  What a fused backend cannot take (fp64, a layout its kernels cannot walk:
+``fused_tables.unfusable_reason``) the optimizer runs on foreach (``ALSALS._backend_for``).
 """
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ class StepScalars(NamedTuple):
     eps: float
     bias_correction1: float   # 1 - beta1**t
     bias_correction2: float   # 1 - beta2**t
-    smoothing: float          # beta3 (used by the step finisher)
+    smoothing: float          # beta3 of the formulas (used by the step finisher)
     search_dir: Dir           # Dir.MOMENTUM for alsals, Dir.GRAD for adam_sls and salsa
     max_grad_norm: Optional[float] = None   # used by the grad finisher (None: no clipping)
 
@@ -199,7 +199,7 @@ class DecisionScalars(NamedTuple):
 
     eta: float     # the trial's step size
     c: float       # Armijo constant
-    beta3: float   # smoothing
+    smoothing: float   # beta3 of the formulas (StepScalars.smoothing; Hyper.smoothing)
 
 
 _bucket_ids = itertools.count(1)

@@ -54,7 +54,7 @@ def verdict(ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> 
     loss0 = ctl[Ctl.LOSS0]
     diff = loss0 - loss
     h_new = out[Verdict.H_NEW]
-    torch.add(ctl[Ctl.H] * dp.beta3, diff * (1 - dp.beta3), out=h_new)
+    torch.add(ctl[Ctl.H] * dp.smoothing, diff * (1 - dp.smoothing), out=h_new)
     fb = ctl[Ctl.FALLBACK] != 0
     # [SLOPE_USED, the test's slope] = fb ? [SLOPE_GRAD, SLOPE_GRAD] : [SLOPE, S_NEW]
     slopes = torch.where(fb, ctl[Ctl.SLOPE_GRAD], ctl[Ctl.SLOPE:Ctl.S_NEW + 1:2])

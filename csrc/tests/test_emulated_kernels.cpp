@@ -2,7 +2,7 @@
 // with the CUDA built-ins replaced by host threads (one std::thread per CUDA thread, a barrier per
 // block for __syncthreads and per warp for __shfl_down_sync; blocks run one after another, in an
 // order the test chooses).  It runs the real kernels on tables and schedules laid out as the
-// Python backend lays them out (backends/cuda_backend.py: build_schedule, TableCol) and checks,
+// Python backend lays them out (backends/fused_tables.py: schedule, TableCol) and checks,
 // against a plain per-element loop over the math header (alsals_math.h):
 //   - the vector path and the scalar tail/misaligned path, every dtype, every step and move mode;
 //   - fp32 partials + the last-program finisher (ticket): grad finisher, step finisher, sums
@@ -125,11 +125,20 @@ static int64_t f64_bits(double x) {
   return b;
 }
 
-// build_schedule of cuda_backend.py: (row, chunk) per program in tensor order; (-1, 0) if empty.
-static std::vector<int32_t> schedule(const std::vector<int64_t>& numels) {
+// schedule of fused_tables.py: (row, chunk) per program, the full chunks of aligned tensors
+// first, then tails and misaligned tensors' chunks, each in tensor order; (-1, 0) if empty.
+static std::vector<int32_t> schedule(const std::vector<int64_t>& numels, bool aligned) {
   std::vector<int32_t> s;
+  std::vector<int64_t> full(numels.size(), 0);
+  for (size_t i = 0; i < numels.size(); ++i) {
+    full[i] = aligned ? numels[i] / CHUNK : 0;
+    for (int64_t c = 0; c < full[i]; ++c) {
+      s.push_back(int32_t(i));
+      s.push_back(int32_t(c));
+    }
+  }
   for (size_t i = 0; i < numels.size(); ++i)
-    for (int64_t c = 0; c * CHUNK < numels[i]; ++c) {
+    for (int64_t c = full[i]; c * CHUNK < numels[i]; ++c) {
       s.push_back(int32_t(i));
       s.push_back(int32_t(c));
     }
@@ -188,7 +197,7 @@ struct HostBucket {
       row[TableCol::NUMEL] = numel[i];
       row[TableCol::WD_BITS] = f64_bits(wd[i]);
     }
-    sched = schedule(numel);
+    sched = schedule(numel, offset == 0);
   }
   int64_t programs() const { return int64_t(sched.size() / 2); }
 };
