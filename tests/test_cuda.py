@@ -123,17 +123,7 @@ def test_extension_calls_per_step():
 
 # ============================ CPU: tables, one call per pass, caching ==========================
 def cpu_bucket(shapes, dtype=torch.float32, backups=True, wds=(0.0, 0.01, 0.1)):
-    gen = torch.Generator().manual_seed(0)
-    b = Bucket(device=torch.device("cpu"), dtype=dtype)
-    for i, shape in enumerate(shapes):
-        b.params.append(torch.randn(shape, generator=gen).to(dtype))
-        b.grads.append(torch.randn(shape, generator=gen).to(dtype))
-        b.exp_avgs.append(torch.zeros(shape))
-        b.exp_avg_sqs.append(torch.zeros(shape))
-        if backups:
-            b.backups.append(torch.zeros(shape, dtype=dtype))
-        b.weight_decays.append(wds[i % len(wds)])
-    return b
+    return S.random_bucket(torch.device("cpu"), dtype, shapes, backups=backups, wds=wds)
 
 
 def test_table_layout():
