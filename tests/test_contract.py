@@ -5,14 +5,18 @@ the interpreter on CPU or compiled on a GPU, cuda on a GPU) and holds the backen
 
 1. the passes: ``grad_pass``, ``step_pass``, ``move_pass`` against the reference backend on the
    same device from identical inputs, on odd sizes (empty, one element, primes, more than one
-   CHUNK), every dtype the backend runs, one bucket or several; the finishers' control-vector
-   slots; a set skip flag writes nothing; every move the driver issues (a test records the
-   driver's moves and fails if it issues one this list does not cover);
+   CHUNK), aligned and misaligned (storage-offset) views, every dtype the backend runs, one
+   bucket or several (empty ones too), each configuration (triton-tiny); the driver's sequence of
+   passes for a step; the finishers' control-vector slots, to the bit; a set skip flag writes
+   nothing; every move the driver issues (a test records the driver's moves and fails if it
+   issues one this list does not cover);
 2. the per-trial verdict against ``decisions.verdict`` (the reference decision) and against
    hand-derived outcomes: the smoothed and the plain (fallback) test, the equality guard, NaN and
    infinite trial losses, a skipped step, pending skips, the commit of h and s;
-3. the whole optimizer: trajectories take the reference's decisions at every step (trials,
-   accepted, skipped, fallback, eta) with params and moments within the backend's tolerances;
+3. the whole optimizer: trajectories of every variant and dtype (and the hard cases that reach
+   the fallback and rejected steps) take the reference's decisions at every step (trials,
+   accepted, skipped, fallback, eta) with losses, params and moments within the backend's
+   tolerances;
    the behaviour every backend must keep (non-finite steps, NaN trials, a raising closure,
    rejected steps, the equality guard, one read per trial, RNG replay, buffers, unused
    parameters); a ``state_dict`` round trip resumes bit-identically.
