@@ -744,7 +744,8 @@ def test_trajectory_takes_the_reference_decisions(info, case, kw, expect, interp
     want = S.run_trajectory("reference", info.device, **kw)
     assert info.name in {b.name for b in got.opt._resolved.values()}, "the backend under test did not run"
     S.assert_same_run(got, want, info, memory_efficient=kw.get("memory_efficient", False),
-                      init_step_size=kw["init_step_size"], clipped=kw.get("max_grad_norm") is not None)
+                      init_step_size=kw["init_step_size"], clipped=kw.get("max_grad_norm") is not None,
+                      f64_run=kw.get("dtype") == torch.float64)
     trials = sum(d[0] for d in want.decisions)
     assert trials > info.traj_steps // 3, "the line search should have run"
     assert trials > sum(d[2] for d in want.decisions) or kw["variant"] == "salsa", "should backtrack"
