@@ -4,9 +4,10 @@
 
 The list is ``triton_kernels.kernels.specializations()`` (what the AOT tool compiles) for each
 chunk configuration in use: the backend's default (BLOCK x ITERS) and the tests' small one
-(``tests/test_triton.py``'s TINY, 16 x 2).  Each specialization is launched for real, once, with
-``n_prog = 0`` and ``finish = 0`` (no program touches memory; the verdict kernel writes its own
-scratch), in the dtypes, constexprs and compile options the backend uses, so that the JIT cache
+(``tests/backend_suite.py``'s TRITON_TINY, 16 x 2, the contract suite's triton-tiny rows).  Each
+specialization is launched for real, once, with ``n_prog = 0`` and ``finish = 0`` (no program
+touches memory; the verdict kernel writes its own scratch), in the dtypes, constexprs and
+compile options the backend uses, so that the JIT cache
 key is the one a real launch computes (every integer argument of the kernels is
 ``do_not_specialize``; the pointers are 16-byte aligned torch allocations).  The work is spread
 over ``--jobs`` processes (compiles are CPU-bound: LLVM and ptxas); the cache is shared through

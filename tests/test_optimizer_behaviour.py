@@ -1,9 +1,9 @@
-"""Driver behaviour shared by every backend: errors, safety, schedules, replay and state.
+"""Driver behaviour that does not depend on the backend: argument errors, search schedules,
+state_dict hyperparameters, moment dtypes, clipping.
 
-Parametrized over the CPU backends; the fused backends' test modules reuse these checks.
+What every backend must keep (non-finite steps, NaN trials, a raising closure, rejected steps,
+reads per trial, RNG replay, buffers, state_dict round trips) is in test_contract.py, run on each.
 """
-import copy
-import io
 import math
 
 import pytest
@@ -12,15 +12,9 @@ import torch
 from alsals_fused import ALSALS, BackendUnavailable
 from helpers import OddModel, make_data
 
-CPU_BACKENDS = ["reference", "foreach"]
-
 
 def mse_closure(model, x, y):
     return lambda: torch.nn.functional.mse_loss(model(x), y)
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
 # -- argument validation --------------------------------------------------------------------------
@@ -104,149 +98,7 @@ def test_unavailable_backend_says_why():
         opt.step(lambda: (w ** 2).sum())
 
 
-# -- non-finite losses and gradients, raising closures ---------------------------------------------
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("poison", ["loss", "grad"])
-def test_non_finite_step_is_skipped_entirely(backend, poison):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend)
-    opt.step(mse_closure(model, x, y))
-    state = copy.deepcopy(opt.state_dict()["state"])
-    before, eta, t = flat(model), opt.eta, opt.t
-
-    def bad():
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        if poison == "loss":
-            return loss + float("nan")
-        # A finite loss with an infinite gradient: d sqrt(x)/dx at x = 0.
-        return loss + torch.sqrt(model.scale - model.scale.detach()).sum()
-
-    opt.zero_grad()
-    if poison == "grad":
-        assert torch.isfinite(bad()) and not torch.isfinite(torch.autograd.grad(bad(), model.scale)[0]).all()
-        opt.zero_grad()
-    opt.step(bad)
-    assert torch.equal(flat(model), before)
-    assert (opt.eta, opt.t, opt.counters["skipped"]) == (eta, t, 1)
-    assert opt.last_step.skipped and not opt.last_step.accepted
-    for k, s in opt.state_dict()["state"].items():
-        assert all(torch.equal(s[n], state[k][n]) for n in ("exp_avg", "exp_avg_sq"))
-    opt.zero_grad()
-    opt.step(mse_closure(model, x, y))     # and training goes on
-    assert opt.t == t + 1 and not torch.equal(flat(model), before)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_non_finite_on_a_non_searching_step_is_absorbed_at_the_next_search(backend):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend, line_search_every=2)
-    opt.step(mse_closure(model, x, y))                  # t=1 searches
-    before, reads = flat(model), opt.reads
-    opt.zero_grad()
-    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y) * float("nan"))   # t=2: no search
-    assert torch.equal(flat(model), before) and opt.reads == reads   # skipped on the device, no read
-    opt.zero_grad()
-    opt.step(mse_closure(model, x, y))                  # t=3 (host); learns of the skip
-    assert opt.counters["skipped"] == 1 and opt.t == 2
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_trial_losses_backtrack_and_never_stay(backend):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend, init_step_size=0.05)
-    calls = {"n": 0}
-
-    def closure():
-        calls["n"] += 1
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        return loss * float("nan") if calls["n"] in (2, 3) else loss   # trials 1 and 2 are NaN
-
-    opt.step(closure)
-    assert opt.last_step.trials == 3 and opt.last_step.accepted
-    assert opt.eta == pytest.approx(0.05 / 0.999 * 0.9 ** 2)
-    assert torch.isfinite(flat(model)).all()
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("raise_at", [1, 3])
-def test_closure_raising_mid_search_restores_w0_eta_and_rng(backend, raise_at):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend)
-    opt.step(mse_closure(model, x, y))
-    before, eta, t = flat(model), opt.eta, opt.t
-    torch.manual_seed(5)
-    calls = {"n": 0}
-
-    def closure():
-        calls["n"] += 1
-        if calls["n"] == 1 + raise_at:
-            raise KeyError("data loader died")
-        loss = torch.nn.functional.mse_loss(model(x), y)   # dropout draws from the CPU generator
-        return loss if calls["n"] == 1 else loss + 1.0     # trials look worse: keep backtracking
-
-    opt.zero_grad()
-    with pytest.raises(KeyError, match="data loader died"):
-        opt.step(closure)
-    assert torch.equal(flat(model), before)
-    assert opt.eta == eta and opt.param_groups[0]["lr"] == eta
-    assert opt.t == t + 1, "m, v and t keep this step's update"
-    # The generator is where the gradient forward left it.
-    torch.manual_seed(5)
-    model(x)
-    expected = torch.rand(3)
-    torch.manual_seed(5)
-    opt.zero_grad()
-    calls["n"] = 0
-    with pytest.raises(KeyError):
-        opt.step(closure)
-    assert torch.equal(torch.rand(3), expected)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_rejected_search_returns_to_w0(backend, memory_efficient):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend, max_trials=3, memory_efficient=memory_efficient)
-    before = flat(model)
-    calls = {"n": 0}
-
-    def closure():
-        calls["n"] += 1
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        return loss if calls["n"] == 1 else loss + 1.0    # every trial looks worse
-
-    opt.step(closure)
-    assert not opt.last_step.accepted and opt.last_step.trials == 3
-    assert opt.counters["rejected"] == 1 and opt.t == 1
-    assert opt.eta == 0.1, "spec guard 2: a rejected step returns eta to its pre-step value"
-    assert opt.param_groups[0]["lr"] == opt.last_step.eta == 0.1
-    torch.testing.assert_close(flat(model), before, rtol=0, atol=0 if not memory_efficient else 1e-6)
-    assert any(s["exp_avg"].abs().sum() > 0 for s in opt.state.values())
-
-
-# -- reads, schedules, telemetry --------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_one_read_per_trial_and_none_without_search(backend):
-    model = OddModel()
-    x, y = make_data()
-    opt = ALSALS(model.parameters(), backend=backend, line_search_every=2, init_step_size=5.0)
-    for _ in range(4):
-        reads = opt.reads
-        opt.zero_grad()
-        opt.step(mse_closure(model, x, y))
-        info = opt.last_step
-        assert opt.reads - reads == info.trials
-        assert info.searched == (info.trials > 0)
-        assert opt.param_groups[0]["lr"] == opt.eta == info.eta
-    assert [opt.counters[k] for k in ("steps", "searches")] == [4, 2]
-
+# -- schedules ------------------------------------------------------------------------------------
 
 def test_a_deferred_skip_does_not_make_two_searches_in_a_row():
     model = OddModel()
@@ -324,86 +176,7 @@ def test_auto_schedule_searches_every_step_up_to_t_10_then_by_the_rule():
     assert opt.counters["searches"] == sum(pattern)
 
 
-# -- RNG replay, buffers ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_trial_forwards_see_the_gradient_forwards_random_numbers(backend):
-    w = torch.nn.Parameter(torch.ones(4))
-    opt = ALSALS([w], backend=backend, init_step_size=20.0)   # several trials
-    draws = []
-
-    def closure():
-        r = torch.rand(4)
-        draws.append(r)
-        return ((w - r) ** 2).sum()
-
-    torch.manual_seed(123)
-    opt.step(closure)
-    assert opt.last_step.trials > 2
-    assert all(torch.equal(d, draws[0]) for d in draws)
-    after = torch.rand(1)
-    torch.manual_seed(123)
-    torch.rand(4)
-    assert torch.equal(torch.rand(1), after), "the generator continues after one forward's draws"
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_batchnorm_running_stats_see_only_the_gradient_forward(backend):
-    torch.manual_seed(0)
-
-    def make():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
-
-    x, y = torch.randn(16, 5), torch.randn(16, 1)
-    model = make()
-    opt = ALSALS(model.parameters(), backend=backend, init_step_size=20.0, buffers=model)
-    opt.step(mse_closure(model, x, y))
-    assert opt.last_step.trials > 1
-    reference = make()
-    reference(x)                                    # one training-mode forward
-    for got, want in zip(model.buffers(), reference.buffers()):
-        assert torch.equal(got, want)
-    unprotected = make()
-    ALSALS(unprotected.parameters(), backend=backend, init_step_size=20.0).step(mse_closure(unprotected, x, y))
-    assert not torch.equal(unprotected[1].running_mean, reference[1].running_mean)
-
-
 # -- state_dict ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("variant", ["alsals", "salsa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_continues_bit_identically(backend, variant, dtype):
-    data = [make_data(dtype=dtype, seed=s) for s in range(3)]
-
-    def train(model, opt, steps, start):
-        for k in range(start, start + steps):
-            x, y = data[k % 3]
-            opt.zero_grad()
-            opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x).float(), y.float()))
-
-    torch.manual_seed(0)
-    model = OddModel(dtype)
-    opt = ALSALS(model.groups(), backend=backend, variant=variant, init_step_size=1.0)
-    train(model, opt, 12, 0)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buf)
-    train(model, opt, 12, 12)
-
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    resumed = OddModel(dtype, seed=99)
-    resumed.load_state_dict(saved["model"])
-    opt2 = ALSALS(resumed.groups(), backend=backend, variant=variant, init_step_size=1.0)
-    opt2.load_state_dict(saved["opt"])
-    assert all(s["exp_avg"].dtype == torch.float32 for s in opt2.state.values()), "moments stay fp32"
-    torch.set_rng_state(saved["rng"])
-    train(resumed, opt2, 12, 12)
-    assert torch.equal(flat(model), flat(resumed))
-    assert (opt.eta, opt.t, opt.counters) == (opt2.eta, opt2.t, opt2.counters)
-    assert torch.equal(opt._ctl, opt2._ctl), "h, s, pending skips and the step's slots agree"
-
 
 def test_load_state_dict_restores_hyperparameters_as_torch_optimizers_do():
     w = torch.nn.Parameter(torch.ones(3))
