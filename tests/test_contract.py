@@ -601,7 +601,7 @@ def test_empty_bucket_lists_and_empty_tensors(info, lists, s_prev):
 # == 2. the verdict ====================================================================================
 
 # Each case: ctl slots, the trial loss, and the outcome worked out by hand from base.py's formula
-# (eta = 0.1, c = 0.5, beta3 = 0.99; LOSS0 = 1.0, SLOPE = 0.05, SLOPE_GRAD = 0.08, S_NEW = 0.0105,
+# (eta = 0.1, c = 0.5, smoothing (b3) = 0.99; LOSS0 = 1.0, SLOPE = 0.05, SLOPE_GRAD = 0.08, S_NEW = 0.0105,
 # so the smoothed test needs h_new >= 5.25e-4 and the plain one diff >= 4e-3).
 BASE = dict(LOSS0=1.0, SLOPE=0.05, SLOPE_GRAD=0.08, S_NEW=0.0105, S=0.01, H=0.0)
 VERDICT_CASES = [  # id, extra slots, loss_try, (accept, finite, committed)
@@ -684,7 +684,7 @@ def test_verdict_matches_the_reference_on_random_inputs(info, loss_dtype):
                          PENDING=float(rng.randint(0, 2)), SLOPE=draw(), SLOPE_GRAD=draw(), S_NEW=draw())
         loss_try = (loss0 if rng.random() < 0.15 else loss0 + draw(1e-2)) if math.isfinite(loss0) else draw()
         dp = DecisionScalars(eta=rng.uniform(1e-4, 1.0), c=rng.choice([0.1, 0.3, 0.5]),
-                             beta3=rng.choice([0.0, 0.99, 0.9]))
+                             smoothing=rng.choice([0.0, 0.99, 0.9]))
         loss = torch.tensor(loss_try, dtype=F64).to(loss_dtype).to(info.device)
         c, cr = ctl.clone(), ctl.clone()
         out = torch.full((VERDICT_SIZE,), -7.0, dtype=F64, device=info.device)
