@@ -36,7 +36,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -107,6 +107,26 @@ _shape = operator.attrgetter("shape")
 _stride = Tensor.stride
 _is_contiguous = Tensor.is_contiguous
 _new_tuple = tuple.__new__    # StepScalars without its generated __new__ (see _step_scalars)
+
+
+class _Derived(NamedTuple):
+    """What every step reads from a Hyper, computed once per Hyper (``ALSALS.hyper``)."""
+
+    betas: Tuple[float, float]
+    eps: float
+    smoothing: float
+    search_dir: Dir
+    max_grad_norm: Optional[float]
+    cooldown_start: float          # the last step before the cooldown (inf: no cooldown)
+    cooldown_steps: int
+
+    @classmethod
+    def of(cls, hyper: Hyper) -> "_Derived":
+        steps = cooldown_steps(hyper)
+        start = hyper.total_steps - steps if hyper.total_steps is not None else math.inf
+        b1, b2 = hyper.betas
+        return cls((b1, b2), hyper.eps, hyper.smoothing, Dir.MOMENTUM if hyper.momentum_search else Dir.GRAD,
+                   hyper.max_grad_norm, start, steps)
 # _search unpacks the verdict by position (one unpacking instead of an enum lookup per slot)
 _VERDICT_ORDER = ("ACCEPT", "FINITE", "FALLBACK", "LOSS0", "LOSS_TRY", "SLOPE_USED", "PENDING", "H_NEW")
 if tuple(v.name for v in sorted(Verdict)) != _VERDICT_ORDER or VERDICT_SIZE != len(_VERDICT_ORDER):
@@ -373,7 +393,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             raise ValueError(f"ALSALS: backend={backend!r} is invalid; accepted: {' | '.join(BACKENDS)}")
         if sharded and process_group is None:
             raise ValueError("ALSALS: sharded=True needs process_group= (the group the shards span)")
-        self.hyper: Hyper = hyper
+        self.hyper = hyper
         self.backend_name = backend
         # Section 6: losses are averaged over process_group before any decision, so every rank
         # takes the same eta; with sharded parameters (FSDP) the local sums are added as well.
@@ -408,10 +428,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._slow: Optional[float] = None
         self._last_search_t = 0
         self._growth: Optional[float] = None       # adapted growth (growth_boost; None: hyper.growth)
-        self._fixed_scalars: tuple = (None,)       # (hyper, its part of every StepScalars)
         self._scale_found = False                  # a search has accepted (ends first_backtrack)
         self._cooldown_from: Optional[float] = None  # eta when the cooldown began (section 3)
-        self._cooldown: tuple = (None, math.inf, 0)  # (hyper, last step before it, its steps)
         self._warned_past_budget = False
         # Device state: the control vector (h, s and the count of non-finite steps the host has
         # not seen persist in it), the verdict and its host copy; on the parameters' device,
@@ -479,12 +497,21 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                              "process_group= (the data-parallel group the losses are averaged "
                              "over, e.g. torch.distributed.group.WORLD)")
 
+    # -- the hyperparameters and what every step derives from them -----------------------------
+    @property
+    def hyper(self) -> Hyper:
+        return self._hyper
+
+    @hyper.setter
+    def hyper(self, hyper: Hyper) -> None:
+        # Derived once per Hyper (frozen; replaced only by assignment, e.g. a checkpoint load),
+        # so that a step reads them without recomputing.
+        self._hyper = hyper
+        self._derived = _Derived.of(hyper)
+
     # -- the "auto" schedule, line_search_every and the cooldown (section 3) ---------------------
     def _searches_at(self, t: int) -> bool:
-        schedule = self._cooldown
-        if schedule[0] is not self.hyper:
-            schedule = self._cooldown_schedule()
-        if t > schedule[1]:
+        if t > self._derived.cooldown_start:
             return False                      # the cooldown takes no trial forwards
         k = self.hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
@@ -504,21 +531,10 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             return 10
         return min(10, max(1, math.floor(1 / (r - 1) + 0.5)))
 
-    def _cooldown_schedule(self) -> tuple:
-        """(hyper, the last step before the cooldown (inf: none), the cooldown's steps), cached
-        per Hyper (frozen; a checkpoint load may replace it)."""
-        schedule = self._cooldown
-        hyper = self.hyper
-        if schedule[0] is not hyper:
-            steps = cooldown_steps(hyper)
-            start = hyper.total_steps - steps if hyper.total_steps is not None else math.inf
-            schedule = self._cooldown = (hyper, start, steps)
-        return schedule
-
     def _cool(self, t: int) -> None:
         """Step t of the cooldown: eta falls linearly from the searches' last eta to 1/(n+1) of it
         at total_steps (n: the cooldown's steps) and stays there after (warned once)."""
-        _, start, steps = self._cooldown_schedule()
+        start, steps = self._derived.cooldown_start, self._derived.cooldown_steps
         if self._cooldown_from is None:
             self._cooldown_from = self.eta
         left = start + steps - t + 1          # steps of the budget left, this one included
@@ -848,28 +864,20 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return found.eta if found.accepted else eta_before
 
     def _step_scalars(self, plan: _Plan, searching: bool) -> StepScalars:
-        hyper, t = self.hyper, self.t + 1
-        schedule = self._cooldown
-        if schedule[0] is not hyper:
-            schedule = self._cooldown_schedule()
-        if t > schedule[1]:
+        hyper, derived, t = self._hyper, self._derived, self.t + 1
+        if t > derived.cooldown_start:
             self._cool(t)
         eta = self._first_trial_eta(searching)
         if hyper.memory_efficient and eta * plan.max_wd >= 0.5:
             raise ValueError(f"ALSALS: memory_efficient=True recovers w0 by dividing by "
                              f"(1 - eta*weight_decay), and eta*weight_decay = {eta * plan.max_wd:.3g} "
                              "is too large for that; lower weight_decay or use memory_efficient=False")
-        fixed = self._fixed_scalars
-        if fixed[0] is not hyper:         # once per Hyper (frozen; a checkpoint load may replace it)
-            fixed = self._fixed_scalars = (hyper, *hyper.betas, hyper.eps, hyper.smoothing,
-                                           Dir.MOMENTUM if hyper.momentum_search else Dir.GRAD,
-                                           hyper.max_grad_norm)
-        _, beta1, beta2, eps, smoothing, search_dir, max_grad_norm = fixed
+        beta1, beta2 = derived.betas
         # tuple.__new__ in StepScalars' field order is what its generated __new__ does, without
         # that Python function: this runs every step right after a backward has evicted the
         # caches, where keyword construction costs a few microseconds more.
-        return _new_tuple(StepScalars, (eta, beta1, beta2, eps, 1 - beta1 ** t, 1 - beta2 ** t,
-                                        smoothing, search_dir, max_grad_norm))
+        return _new_tuple(StepScalars, (eta, beta1, beta2, derived.eps, 1 - beta1 ** t, 1 - beta2 ** t,
+                                        derived.smoothing, derived.search_dir, derived.max_grad_norm))
 
     def _device_loss(self, loss: Tensor, plan: _Plan) -> Tensor:
         """A detached loss as the passes read it: a 0-dim tensor on the plan's device in the
