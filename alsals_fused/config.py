@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
@@ -86,6 +87,13 @@ def make_hyper(variant: str, **overrides) -> Hyper:
         _require(isinstance(b, (tuple, list)) and len(b) == 2 and all(_real(x) and 0 <= x < 1 for x in b),
                  "betas", b, "a pair (beta1, beta2) with 0 <= beta < 1")
         given["betas"] = (float(b[0]), float(b[1]))
+    for name in ("max_trials", "line_search_every", "total_steps"):   # numpy ints, 0-dim tensors
+        value = given.get(name)
+        if value is not None and not isinstance(value, (bool, int, str)) and hasattr(value, "__index__"):
+            try:
+                given[name] = operator.index(value)
+            except TypeError:                   # a float tensor: refused below, by name
+                pass
     h = replace(VARIANT_DEFAULTS[variant], **given)
     _require(_real(h.init_step_size) and h.init_step_size > 0, "init_step_size", h.init_step_size,
              "a finite float > 0")

@@ -5,6 +5,7 @@ trajectory."""
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,18 @@ def test_without_total_steps_nothing_changes():
 def test_bad_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ALSALS(OddModel().groups(), **kwargs)
+
+
+@pytest.mark.parametrize("budget", [np.int64(10), torch.tensor(10)], ids=["numpy-int", "int-tensor"])
+def test_integer_like_budgets_are_taken_as_ints(budget):
+    """A budget computed with numpy or torch (len(loader) * epochs) is an int to the optimizer:
+    stored as a plain int, so its checkpoint holds no numpy or tensor object."""
+    opt = ALSALS(OddModel().groups(), total_steps=budget, line_search_every=np.int64(2),
+                 max_trials=torch.tensor(5))
+    assert type(opt.hyper.total_steps) is int and opt.hyper.total_steps == 10
+    assert type(opt.hyper.line_search_every) is int and type(opt.hyper.max_trials) is int
+    with pytest.raises(ValueError, match="total_steps=tensor"):
+        ALSALS(OddModel().groups(), total_steps=torch.tensor(10.0))
 
 
 def test_a_checkpoint_inside_the_cooldown_resumes_bit_identically():
