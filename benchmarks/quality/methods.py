@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from alsals_fused import ALSALS
-from alsals_fused.config import VARIANTS
+from alsals_fused.config import VARIANTS, cooldown_steps, make_hyper
 
 # Keyword arguments of the experimental rules (rules.py); every other key is a field of Hyper.
 RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches",
@@ -50,7 +50,9 @@ class AdamAdapter(Adapter):
         self.opt = cls(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.lr, self.steps, self.cosine = lr, steps, cosine
         self.warmup = max(1, int(round(warmup * steps))) if cosine else 0
-        self.cooldown_steps = int(round(cooldown * steps))
+        # the cooldown's length as ALSALS counts it (config.cooldown_steps)
+        self.cooldown_steps = cooldown_steps(make_hyper("alsals", total_steps=steps, cooldown_fraction=cooldown)) \
+            if cooldown else 0
         self.t = 0
 
     def _lr(self) -> float:
@@ -263,8 +265,8 @@ def _peer_make(family: str) -> Callable[..., Adapter]:
 def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
     out = [Method(f"adam@{lr:g}", f"Adam {lr:g}", "adam", _adam_make(lr))
            for lr in ADAM_GRID]
-    # The same grid with the end-of-run cooldown that rules.Cooldown gives a line search: the fair
-    # baseline for a rule that knows the step budget.
+    # The same grid with the end-of-run cooldown that ALSALS's total_steps= gives a line search:
+    # the fair baseline for a rule that knows the step budget.
     out += [Method(f"adam_cd@{lr:g}", f"Adam {lr:g} + cooldown {ADAM_COOLDOWN:g}", "adam_cooldown",
                    _adam_make(lr, ADAM_COOLDOWN)) for lr in ADAM_GRID]
     cfg = ADAMW_COSINE
