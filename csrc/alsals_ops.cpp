@@ -236,7 +236,7 @@ void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
   launch_pass(b, a, launch_move_pass, stream, "move_pass_kernel");
 }
 
-void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double beta3, at::Tensor& out) {
+void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double smoothing, at::Tensor& out) {
   check_ctl(ctl);
   const at::Device device = ctl.device();
   check_scalar_tensor(loss_try, device, "loss_try");
@@ -250,7 +250,7 @@ void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, 
   a.loss_code = scalar_code(loss_try.scalar_type(), "loss_try");
   a.eta = eta;
   a.c = c;
-  a.beta3 = beta3;
+  a.smoothing = smoothing;
   a.out = out.data_ptr<double>();
   check_no_pending_error("verdict_kernel");
   check_launch(launch_verdict(a, at::cuda::getCurrentCUDAStream(device.index()).stream()), "verdict_kernel");
@@ -272,7 +272,7 @@ TORCH_LIBRARY(alsals_fused, m) {
   m.def("move_pass(Tensor[] tables, Tensor[] scheds, int[] storages, Tensor ctl, float eps, float bias_correction1, "
         "float bias_correction2, float src_eta, int src_dir, float dst_eta, int dst_dir, bool from_backup, "
         "bool only_if_fallback) -> ()");
-  m.def("verdict(Tensor(a!) ctl, Tensor loss_try, float eta, float c, float beta3, Tensor(b!) out) -> ()");
+  m.def("verdict(Tensor(a!) ctl, Tensor loss_try, float eta, float c, float smoothing, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alsals_fused, CUDA, m) {

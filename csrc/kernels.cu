@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) step_pass_kernel(const StepArgs a) {
   const double* ctl = a.p.ctl;
   if (ctl[Ctl::SKIP] != 0.0) {  // non-finite loss or gradient: no parameter or moment is written
     // The sums are zero; as in the reference, the finisher still runs on them (SLOPE = 0,
-    // S_NEW = beta3*S, FALLBACK = 0), written by one thread of the pass's first program.
+    // S_NEW = smoothing*S, FALLBACK = 0), written by one thread of the pass's first program.
     if (a.searching && a.p.program_base == 0 && blockIdx.x == 0 && threadIdx.x == 0) {
       if (a.p.finish) finish_step(a.p.ctl, 0.0, 0.0, a.smoothing);
       else a.p.out[0] = a.p.out[1] = 0.0;
@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) move_pass_kernel(const MoveArgs a) {
 // ---- verdict: the per-trial decision, one thread --------------------------------------------
 __global__ void verdict_kernel(const VerdictArgs a) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  verdict(a.ctl, load_scalar(a.loss_try, a.loss_code), a.eta, a.c, a.beta3, a.out);
+  verdict(a.ctl, load_scalar(a.loss_try, a.loss_code), a.eta, a.c, a.smoothing, a.out);
 }
 
 }  // namespace

@@ -56,7 +56,7 @@ struct StepArgs {
   PassArgs p;
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2;
   float eta;
-  double smoothing;         // beta3, for the step finisher
+  double smoothing;         // the EMA factor of h and s, for the step finisher
   int32_t searching, search_dir, write_backup;
 };
 
@@ -72,7 +72,7 @@ struct VerdictArgs {
   double* ctl;
   const void* loss_try;
   int32_t loss_code;
-  double eta, c, beta3;
+  double eta, c, smoothing;
   double* out;              // [VERDICT_SIZE]
 };
 

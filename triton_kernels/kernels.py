@@ -41,7 +41,7 @@ stream-ordered after it.  Nothing reads a partial before every program has taken
 
 Scalars that change every step (eta, betas, eps, bias corrections) are fp32 arguments: Triton
 specializes on integers and pointer alignment, never on float values, so they cause no
-recompilation.  Float64 host scalars of the finishers and the verdict (beta3, c*eta, the clip
+recompilation.  Float64 host scalars of the finishers and the verdict (smoothing, c*eta, the clip
 norm) travel as the int64 bit patterns of the doubles (``*_bits``, not specialized on), because
 a Python float argument is fp32 in Triton.  fp64 decision arithmetic uses correctly rounded,
 never-contracted operations (libdevice ``*_rn``; plain IEEE ops in the CPU interpreter), so the
@@ -393,11 +393,11 @@ def _step_chunk(w_addr, g_addr, m_addr, v_addr, b_addr, start, n, scale, wd, eta
 
 
 @triton.jit(do_not_specialize=["part_off", "n_parts", "n_fast", "n_prog", "n_grid", "finish",
-                               "beta3_bits", "one_minus_beta3_bits"])
+                               "smoothing_bits", "one_minus_smoothing_bits"])
 def step_kernel(table, sched, ctl, partials, counter, out, part_off, n_parts, n_fast, n_prog,
                 n_grid, finish, eta, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                bias_correction1, bias_correction2, beta3_bits: tl.int64,
-                one_minus_beta3_bits: tl.int64, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                bias_correction1, bias_correction2, smoothing_bits: tl.int64,
+                one_minus_smoothing_bits: tl.int64, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                 ITERS: tl.constexpr, SEARCHING: tl.constexpr, SEARCH_DIR: tl.constexpr,
                 WRITE_BACKUP: tl.constexpr):
     """m, v absorb g*SCALE; optional w0 backup; w = cand(eta, d) along MOMENTUM (not searching)
@@ -448,9 +448,9 @@ def step_kernel(table, sched, ctl, partials, counter, out, part_off, n_parts, n_
                     tl.store(out, slope)
                     tl.store(out + 1, slope_grad)
                 else:
-                    # as decisions.finish_slope: S*beta3 + SLOPE*(1 - beta3)
-                    s_new = _add64(_mul64(tl.load(ctl + _C_S), _f64(beta3_bits)),
-                                   _mul64(slope, _f64(one_minus_beta3_bits)))
+                    # as decisions.finish_slope: S*smoothing + SLOPE*(1 - smoothing)
+                    s_new = _add64(_mul64(tl.load(ctl + _C_S), _f64(smoothing_bits)),
+                                   _mul64(slope, _f64(one_minus_smoothing_bits)))
                     tl.store(ctl + _C_SLOPE, slope)
                     tl.store(ctl + _C_SLOPE_GRAD, slope_grad)
                     tl.store(ctl + _C_S_NEW, s_new)
@@ -578,13 +578,13 @@ def move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, src_eta, ds
 
 
 # -- the per-trial verdict ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["c_eta_bits", "beta3_bits", "one_minus_beta3_bits"])
-def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, beta3_bits: tl.int64,
-                   one_minus_beta3_bits: tl.int64):
+@triton.jit(do_not_specialize=["c_eta_bits", "smoothing_bits", "one_minus_smoothing_bits"])
+def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, smoothing_bits: tl.int64,
+                   one_minus_smoothing_bits: tl.int64):
     """The contract's per-trial decision (base.py), one program, written as
     ``decisions.verdict`` computes it (same operations, same rounding)::
 
-        L = float64(loss_try); diff = L0 - L; h_new = H*beta3 + diff*(1-beta3)
+        L = float64(loss_try); diff = L0 - L; h_new = H*smoothing + diff*(1-smoothing)
         test = (fb ? diff : h_new) >= (fb ? SLOPE_GRAD : S_NEW) * (c*eta)
         ok = (test | L == L0) & (diff - diff + SKIP == 0)   # not skipped and diff finite
         out = [ok, SKIP == 0, FALLBACK, L0, L, fb ? SLOPE_GRAD : SLOPE, PENDING, h_new]
@@ -597,8 +597,8 @@ def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, beta3_bits: tl.int6
     fb = fb_raw != 0.0
     slope_grad = tl.load(ctl + _C_SLOPE_GRAD)
     diff = l0 - lt
-    h_new = _add64(_mul64(tl.load(ctl + _C_H), _f64(beta3_bits)),
-                   _mul64(diff, _f64(one_minus_beta3_bits)))
+    h_new = _add64(_mul64(tl.load(ctl + _C_H), _f64(smoothing_bits)),
+                   _mul64(diff, _f64(one_minus_smoothing_bits)))
     lhs = tl.where(fb, diff, h_new)
     rhs = _mul64(tl.where(fb, slope_grad, tl.load(ctl + _C_S_NEW)), _f64(c_eta_bits))
     ok = ((lhs >= rhs) | (lt == l0)) & (_add64(diff - diff, skip) == 0.0)
@@ -682,7 +682,7 @@ _STEP_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "partials": "*fp3
              **{name: "fp32" for name in ("eta", "beta1", "beta2", "one_minus_beta1",
                                           "one_minus_beta2", "eps", "bias_correction1",
                                           "bias_correction2")},
-             "beta3_bits": "i64", "one_minus_beta3_bits": "i64"}
+             "smoothing_bits": "i64", "one_minus_smoothing_bits": "i64"}
 _MOVE_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "n_fast": "i32", "n_prog": "i32",
              "only_if_fallback": "i32",
              **{name: "fp32" for name in ("src_eta", "dst_eta", "delta_eta", "eps",
@@ -691,7 +691,7 @@ _MOVE_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "n_fast": "i32", 
 
 def _verdict_sig(loss_dtype: str) -> dict:
     return {"ctl": "*fp64", "loss_try": f"*{loss_dtype}", "out": "*fp64", "c_eta_bits": "i64",
-            "beta3_bits": "i64", "one_minus_beta3_bits": "i64"}
+            "smoothing_bits": "i64", "one_minus_smoothing_bits": "i64"}
 
 
 def specializations():

@@ -64,7 +64,7 @@ Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
 
         L0 = ctl[LOSS0]; L = float64(loss_try); diff = L0 - L
         fb = ctl[FALLBACK] != 0; finite = ctl[SKIP] == 0
-        h_new = beta3*ctl[H] + (1-beta3)*diff
+        h_new = smoothing*ctl[H] + (1-smoothing)*diff
         ok = finite & isfinite(L) & ((L == L0) | (fb ? diff >= c*eta*ctl[SLOPE_GRAD]
                                                       : h_new >= c*eta*ctl[S_NEW]))
         out = [ok, finite, fb, L0, L, fb ? ctl[SLOPE_GRAD] : ctl[SLOPE], ctl[PENDING], h_new]
@@ -107,7 +107,7 @@ class Ctl(enum.IntEnum):
     LOSS0 = 3       # L0 as float64 (averaged over ranks)
     SLOPE = 4       # sum(g*d) along the nominal search direction
     SLOPE_GRAD = 5  # sum(g*g*p)
-    S_NEW = 6       # beta3*S + (1-beta3)*SLOPE
+    S_NEW = 6       # smoothing*S + (1-smoothing)*SLOPE
     H = 7           # smoothed decrease (persistent)
     S = 8           # smoothed slope (persistent)
     PENDING = 9     # non-finite steps the host has not seen yet (persistent until a verdict)
@@ -189,7 +189,7 @@ class StepScalars(NamedTuple):
     eps: float
     bias_correction1: float   # 1 - beta1**t
     bias_correction2: float   # 1 - beta2**t
-    smoothing: float          # beta3 of the formulas (used by the step finisher)
+    smoothing: float          # the EMA factor of h and s (used by the step finisher)
     search_dir: Dir           # Dir.MOMENTUM for alsals, Dir.GRAD for adam_sls and salsa
     max_grad_norm: Optional[float] = None   # used by the grad finisher (None: no clipping)
 
@@ -199,7 +199,7 @@ class DecisionScalars(NamedTuple):
 
     eta: float     # the trial's step size
     c: float       # Armijo constant
-    smoothing: float   # beta3 of the formulas (StepScalars.smoothing; Hyper.smoothing)
+    smoothing: float   # the EMA factor of h and s (StepScalars.smoothing; Hyper.smoothing)
 
 
 _bucket_ids = itertools.count(1)

@@ -353,9 +353,9 @@ class TritonBackend:
         hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
         fixed = self._step_fixed
         if fixed[0] != hyper_key:         # the step's constants change only with the hyperparameters
-            b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
+            b1, b2, smoothing = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
             fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
-                                        (float_bits(b3), float_bits(1 - b3)))
+                                        (float_bits(smoothing), float_bits(1 - smoothing)))
         return (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
                 *fixed[2])
 
@@ -408,13 +408,14 @@ class TritonBackend:
                 for bt in ll.tables if bt.n_prog]
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
-        b3 = float(dp.smoothing)
+        smoothing = float(dp.smoothing)
         held = self._verdict_on
         if held[0] is not ctl:       # the device of the ctl seen last (one per optimizer)
             device = ctl.device
             held = self._verdict_on = (ctl, device.index if device.type == "cuda" else None)
         self._launch_on(held[1], ((_tk.verdict_kernel, (1,), (ctl, loss_try, out), (), self._verdict_meta),),
-                        (float_bits(float(dp.c) * float(dp.eta)), float_bits(b3), float_bits(1 - b3)))
+                        (float_bits(float(dp.c) * float(dp.eta)), float_bits(smoothing),
+                         float_bits(1 - smoothing)))
 
 
 __all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]

@@ -351,7 +351,7 @@ static void fresh_ctl(double* ctl, double scale = 1.0, double skip = 0.0, double
   ctl[Ctl::SCALE] = scale;
   ctl[Ctl::SKIP] = skip;
   ctl[Ctl::FALLBACK] = fallback;
-  ctl[Ctl::S] = -0.25;  // a previous smoothed slope, so S_NEW is not just (1-beta3)*SLOPE
+  ctl[Ctl::S] = -0.25;  // a previous smoothed slope, so S_NEW is not just (1-smoothing)*SLOPE
   ctl[Ctl::H] = 0.125;
 }
 
