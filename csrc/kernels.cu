@@ -415,9 +415,9 @@ __device__ __forceinline__ void move_chunk(const MoveArgs& a, const Chunk& c, in
 template <typename P>
 __global__ void __launch_bounds__(kThreads) move_pass_kernel(const MoveArgs a) {
   const double* ctl = a.p.ctl;
-  if (ctl[Ctl::SKIP] != 0.0) return;  // nothing to do: return before touching memory
+  // Nothing to do (skipped step, or the gating slot is 0): return before touching memory.
+  if (ctl[Ctl::SKIP] != 0.0 || (a.only_if >= 0 && ctl[a.only_if] == 0.0)) return;
   const bool fallback = ctl[Ctl::FALLBACK] != 0.0;
-  if (a.only_if_fallback && !fallback) return;
   const Chunk c = find_chunk(a.p);
   if (!c.row) return;
   const int src = resolve_dir(a.src_dir, fallback), dst = resolve_dir(a.dst_dir, fallback);

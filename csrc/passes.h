@@ -65,7 +65,8 @@ struct MoveArgs {
   float eps, bias_correction1, bias_correction2;
   float src_eta, dst_eta, eta_delta;   // eta_delta = dst_eta - src_eta, in double on the host
   double src_eta64;                    // for 1 - src_eta*wd, in double on the device
-  int32_t src_dir, dst_dir, from_backup, only_if_fallback;
+  int32_t src_dir, dst_dir, from_backup;
+  int32_t only_if;                     // the ctl slot that gates the move (Ctl::FALLBACK or Ctl::UNDO), -1: none
 };
 
 struct VerdictArgs {

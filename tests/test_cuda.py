@@ -206,7 +206,7 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
         backend.grad_pass([b], ctl, loss0, hp())
         backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
         backend.move_pass([b], hp(), ctl, src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.05,
-                          dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                          dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
         backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, smoothing=0.99), out)
         assert [c[0] for c in backend._ops.calls] == ["grad_pass", "step_pass", "move_pass", "verdict"]
     assert backend.table_builds == 1 and backend.grad_refreshes == 0
@@ -217,6 +217,20 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
     assert args[7] == -1.0                                            # max_grad_norm None
     step_args = backend._ops.calls[1][1]
     assert step_args[13] == int(Dir.MOMENTUM) and step_args[14] is True   # search_dir, searching
+
+
+def test_a_move_condition_reaches_the_op_as_its_ctl_slot():
+    b = cpu_bucket([(5,)])
+    backend = recording_backend()
+    kw = dict(src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.0, dst_dir=Dir.MOMENTUM, from_backup=True)
+    for only_if, slot in ((None, -1), (Ctl.FALLBACK, 2), (Ctl.UNDO, 10)):
+        backend._ops.calls.clear()
+        backend.move_pass([b], hp(), new_ctl("cpu"), only_if=only_if, **kw)
+        [(name, args)] = backend._ops.calls
+        assert name == "move_pass" and type(args[-1]) is int and args[-1] == slot, (only_if, args[-1])
+    for bad in (Ctl.SKIP, True, "UNDO"):
+        with pytest.raises(ValueError, match="only_if is None or a slot of MOVE_CONDITIONS"):
+            backend.move_pass([b], hp(), new_ctl("cpu"), only_if=bad, **kw)
 
 
 def test_grad_column_refreshed_only_when_grads_move():
@@ -670,11 +684,14 @@ def test_bad_arguments_have_clear_errors(be):
     ops = torch.ops.alsals_fused
     with pytest.raises((ValueError, RuntimeError), match="ctl"):
         ops.move_pass([t.table], [t.sched], [0], torch.zeros(3, device="cuda"), 1e-8, 0.1, 0.001,
-                      0.1, 0, 0.0, 0, True, False)
+                      0.1, 0, 0.0, 0, True, -1)
     with pytest.raises((ValueError, RuntimeError), match="storage code"):
-        ops.move_pass([t.table], [t.sched], [3], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, False)
+        ops.move_pass([t.table], [t.sched], [3], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, -1)
     with pytest.raises((ValueError, RuntimeError), match="Dir"):
-        ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 3, 0.0, 0, True, False)
+        ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 3, 0.0, 0, True, -1)
+    for bad in (int(Ctl.SKIP), CTL_SIZE, -2):       # only FALLBACK and UNDO gate a move
+        with pytest.raises((ValueError, RuntimeError), match="only_if is the ctl slot"):
+            ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, bad)
 
 
 @pytest.mark.cuda
@@ -692,7 +709,7 @@ def test_no_sync(be):
         be.grad_pass([b], ctl, loss0, hp)
         be.step_pass([b], hp, ctl, searching=True, write_backup=True)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                       dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
         be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, smoothing=0.99), out)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                        dst_dir=Dir.UPDATE, from_backup=True)

@@ -124,7 +124,7 @@ def test_cpu_backends_decide_as_decisions_does(backend):
 
 def test_slot_layout_is_the_contracts():
     assert [s.name for s in Ctl] == ["SCALE", "SKIP", "FALLBACK", "LOSS0", "SLOPE", "SLOPE_GRAD",
-                                     "S_NEW", "H", "S", "PENDING"] and list(Ctl) == list(range(10))
+                                     "S_NEW", "H", "S", "PENDING", "UNDO"] and list(Ctl) == list(range(11))
     assert [s.name for s in Verdict] == ["ACCEPT", "FINITE", "FALLBACK", "LOSS0", "LOSS_TRY",
                                          "SLOPE_USED", "PENDING", "H_NEW"]
     assert CTL_SIZE == 16 and VERDICT_SIZE == 8

@@ -80,6 +80,7 @@ _C_S_NEW = tl.constexpr(int(Ctl.S_NEW))
 _C_H = tl.constexpr(int(Ctl.H))
 _C_S = tl.constexpr(int(Ctl.S))
 _C_PENDING = tl.constexpr(int(Ctl.PENDING))
+_C_UNDO = tl.constexpr(int(Ctl.UNDO))    # the driver writes it; move_kernel gets it as only_if
 _V_ACCEPT = tl.constexpr(int(Verdict.ACCEPT))
 _V_FINITE = tl.constexpr(int(Verdict.FINITE))
 _V_FALLBACK = tl.constexpr(int(Verdict.FALLBACK))
@@ -529,18 +530,20 @@ def _move_chunk(w_addr, g_addr, m_addr, v_addr, b_addr, start, n, need_g, need_m
         tl.store(wp + offs, _to_param(w_new, W_DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_fast", "n_prog", "only_if_fallback"])
-def move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, src_eta, dst_eta, delta_eta,
+@triton.jit(do_not_specialize=["n_fast", "n_prog", "only_if"])
+def move_kernel(table, sched, ctl, n_fast, n_prog, only_if, src_eta, dst_eta, delta_eta,
                 eps, bias_correction1, bias_correction2, W_DTYPE: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr, FROM_BACKUP: tl.constexpr,
                 SRC_DIR: tl.constexpr, DST_DIR: tl.constexpr):
     """w: cand(src_eta, SRC_DIR) -> cand(dst_eta, DST_DIR); Dir.UPDATE resolved here from
-    ctl[FALLBACK].  Nothing to do (ctl[SKIP], or only_if_fallback without ctl[FALLBACK]): every
-    program returns after reading those two slots."""
+    ctl[FALLBACK].  ``only_if``: the ctl slot that gates the move (base.MOVE_CONDITIONS), -1 for
+    none.  Nothing to do (ctl[SKIP], or ctl[only_if] == 0): every program returns after reading
+    ctl[SKIP], ctl[FALLBACK] and ctl[only_if]."""
     pid = tl.program_id(0)
     not_skip = tl.load(ctl + _C_SKIP) == 0.0
     fallback = tl.load(ctl + _C_FALLBACK) != 0.0
-    live = not_skip & ((only_if_fallback == 0) | fallback) & (pid < n_prog)
+    gate = tl.load(ctl + only_if, mask=only_if >= 0, other=1.0) != 0.0
+    live = not_skip & gate & (pid < n_prog)
     if live:
         row, chunk = _row(table, sched, pid)
         w_addr = tl.load(row + _T_W)
@@ -684,7 +687,7 @@ _STEP_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "partials": "*fp3
                                           "bias_correction2")},
              "smoothing_bits": "i64", "one_minus_smoothing_bits": "i64"}
 _MOVE_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "n_fast": "i32", "n_prog": "i32",
-             "only_if_fallback": "i32",
+             "only_if": "i32",
              **{name: "fp32" for name in ("src_eta", "dst_eta", "delta_eta", "eps",
                                           "bias_correction1", "bias_correction2")}}
 

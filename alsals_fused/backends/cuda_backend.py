@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .._source_tree import CSRC, build_settings, finished_jit_build
-from .base import CHUNK, Bucket, DecisionScalars, Dir, StepScalars, TableCol
+from .base import CHUNK, Bucket, Ctl, DecisionScalars, Dir, StepScalars, TableCol, condition_slot
 from .cuda_tools import THREADS, layout_digest
 from .fused_tables import BucketTable, list_scratch, unfusable_reason
 
@@ -249,13 +249,13 @@ class CudaBackend:
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None:
+                  only_if: Optional[Ctl] = None) -> None:
         tables = self._tables(buckets)
         if from_backup and not all(t.has_backups for t in tables):
             raise ValueError("ALSALS cuda backend: from_backup=True for a bucket without backups")
         self._ops.move_pass(*self._args(tables), ctl, hp.eps, hp.bias_correction1,
                             hp.bias_correction2, float(src_eta), int(src_dir), float(dst_eta),
-                            int(dst_dir), from_backup, only_if_fallback)
+                            int(dst_dir), from_backup, condition_slot(only_if))
         return None
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
