@@ -9,8 +9,8 @@ a ``torch.ops.alsals_fused`` op with those few tensors (not the parameter lists)
 one kernel per bucket (one per pass in the usual single-dtype case); the sums are fp32 partials
 per chunk, added in float64 in a fixed order by the program that arrives last (a ticket), which
 also runs the finisher, so the grad finisher, step finisher and verdict run on the device
-without extra launches.  ``cuda_tools.plan_launches`` says, on any machine, what the kernels will
-launch.
+without extra launches.  ``cuda_tools.describe_launches`` says, on any machine, what the kernels
+will launch.
 
 Caching: the tables live in ``bucket.cache["cuda"]``; the gradient column is rewritten on the host (or
 by the driver's native reader, through ``grad_sink``) and uploaded with one non-blocking copy
@@ -31,7 +31,7 @@ is missing and ``ALSALS_FUSED_JIT=1``, it is compiled on first use with
 source) is loaded as it is (``finished_jit_build``): the GPU suite turns JIT off after a cut build
 phase, and an extension built before the cut stays usable.
 
-The header generator, the launch planner and the command line are in ``cuda_tools.py``.
+The header generator, the launch description and the command line are in ``cuda_tools.py``.
 """
 from __future__ import annotations
 
