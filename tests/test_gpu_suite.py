@@ -1,7 +1,8 @@
 """The GPU suite's plumbing on a CPU: its output directory, its raw bundle, its --quick plan.
 
 The suite itself (benchmarks/gpu_suite.py) runs on a GPU machine; here a dry run of a few fast
-phases checks what it leaves in ``--out DIR`` (issue 8: at most 8 files, the raw ones bundled).
+phases checks what it leaves in ``--out DIR`` (at most ``MAX_OUT_FILES`` files, the raw ones
+bundled, so that a run's record stays small enough to commit and read).
 """
 import json
 import os
