@@ -22,7 +22,10 @@ The host state lives inside ``param_groups[0]`` (not at the top level) because
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
 keep only ``state`` and ``param_groups`` (and every key of a group).  The device scalars h, s and
 the pending-skip count are stored as Python numbers (exact: they are float64 on the device), so
-the checkpoint does not depend on the device or the backend that wrote it.
+the checkpoint does not depend on the device or the backend that wrote it.  They are the only
+persistent slots of the control vector (``Ctl.H``, ``Ctl.S``, ``Ctl.PENDING``): every other slot,
+``Ctl.UNDO`` included, is written within a step before it is read, so none is saved and a load
+starts them at zero.
 
 Format 1 (written by the first release): the same ``state`` and ``param_groups`` plus a top-level
 ``"alsals"`` entry with h, s and pending_skips as 0-dim tensors (or None before the first step);

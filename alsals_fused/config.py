@@ -20,7 +20,7 @@ class Hyper:
     c: float = 0.5
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    smoothing: float = 0.99                     # beta3
+    smoothing: float = 0.99                     # b3 in docs/algorithm.md
     growth: float = 1 / 0.999
     backtrack: float = 0.9
     max_trials: int = 100

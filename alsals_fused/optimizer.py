@@ -926,13 +926,13 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         decisions.finish_slope(ctl, sums, hp.smoothing)
 
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
-              dst_dir: Dir, only_if_fallback: bool = False) -> None:
+              dst_dir: Dir, only_if: Optional[Ctl] = None) -> None:
         from_backup = not self.hyper.memory_efficient
         ctl = self._step_ctl()
         for backend, buckets in plan.groups:
             backend.move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
                               dst_eta=dst_eta, dst_dir=dst_dir, from_backup=from_backup,
-                              only_if_fallback=only_if_fallback)
+                              only_if=only_if)
 
     def _decide(self, plan: _Plan, loss_try: Tensor, eta: float) -> List[float]:
         """One trial's verdict on the device, then its one read."""
@@ -957,7 +957,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         snapshotted = False
         try:
             if hp.search_dir is Dir.MOMENTUM:   # the step pass wrote m_hat*p; g*p if it fell back
-                self._move(plan, hp, hp.eta, Dir.MOMENTUM, hp.eta, Dir.UPDATE, only_if_fallback=True)
+                self._move(plan, hp, hp.eta, Dir.MOMENTUM, hp.eta, Dir.UPDATE, only_if=Ctl.FALLBACK)
             self._snapshot_buffers()
             snapshotted = True
             fsdp = plan.fsdp
@@ -1057,10 +1057,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                             direction: Dir) -> None:
         """Back to w0 (a device-side decision) when a written candidate is not finite."""
         ctl = self._step_ctl()
-        fallback = ctl[Ctl.FALLBACK].clone()
-        ctl[Ctl.FALLBACK] = (self._non_finite_params(plan, guarded) > 0).to(ctl.dtype)
-        self._move(plan, hp, eta, direction, 0.0, direction, only_if_fallback=True)
-        ctl[Ctl.FALLBACK] = fallback
+        torch.gt(self._non_finite_params(plan, guarded), 0, out=ctl[Ctl.UNDO])
+        self._move(plan, hp, eta, direction, 0.0, direction, only_if=Ctl.UNDO)
 
     def _absorb_skips(self, n: int) -> None:
         """Steps the device skipped for a non-finite loss/gradient: they count for nothing.

@@ -591,7 +591,7 @@ class Suite:
         backend, the ones with targets first, so a cut keeps the backends measured before it."""
         steps = self.args.hot_path_steps or HOT_PATH_STEPS[self.mode]
         backends = ["cuda", "triton", "foreach", "reference"]
-        if self.mode == "quick":   # the backends with issue 8's targets only
+        if self.mode == "quick":   # only the backends with hot-path targets (_report.py's goals)
             backends = ["cuda", "triton"]
             self.doc["cuts"].append("hot-path: --quick measures the cuda and triton rows only "
                                     "(no foreach, reference)")

@@ -4,7 +4,7 @@
 
 The measurement behind the hot-path targets, runnable on a CPU.  For every backend whose host
 code can run here (reference and foreach for real; triton with its kernel launches stubbed through
-the ``TritonBackend._launch`` hook; cuda from its host-side launch planner), at GPT-2 small's tensor
+the ``TritonBackend._launch`` hook; cuda from its host-side launch description), at GPT-2 small's tensor
 count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
 
 - ``ops_searching_step`` (default variant, first trial accepted), ``ops_extra_trial`` and
@@ -275,8 +275,8 @@ def stub_triton(counter_box: list, setattr=setattr) -> Optional[str]:
 
 
 def cuda_row(tensors: int) -> Dict:
-    """The cuda backend's planner: launches per pass and extension calls per step (its torch ops
-    on the host and its host time need the extension, i.e. a GPU)."""
+    """The cuda backend's launch description: launches per pass and extension calls per step (its
+    torch ops on the host and its host time need the extension, i.e. a GPU)."""
     row = {k: None for k in KEYS}
     row.update(backend="cuda", tensors=tensors)
     try:
@@ -284,12 +284,11 @@ def cuda_row(tensors: int) -> Dict:
     except Exception as exc:  # noqa: BLE001 (any import failure is reported, not raised)
         row["note"] = f"cuda_tools not importable: {exc}"
         return row
-    planner = cuda_tools.plan_launches
     numels = [int(torch.Size(s).numel()) for s in gpt2_shapes(**SETS[tensors])]
-    plan = planner(numels, torch.float32)
-    launches = plan.get("launches") if isinstance(plan, dict) else None
+    described = cuda_tools.describe_launches(numels, torch.float32)
+    launches = described.get("launches") if isinstance(described, dict) else None
     row["launches_per_pass"] = launches
-    row["programs"] = plan.get("programs") if isinstance(plan, dict) else None
+    row["programs"] = described.get("programs") if isinstance(described, dict) else None
     per_step = cuda_tools.extension_calls_per_step
     row["extension_calls_searching_step"] = per_step(searching=True, trials=1)
     row["extension_calls_nonsearching_step"] = per_step(searching=False)
@@ -303,7 +302,8 @@ def cuda_row(tensors: int) -> Dict:
             row["ops_searching_step"] = g + s + m + v + 1
             row["ops_extra_trial"] = m + v + 1
             row["ops_nonsearching_step"] = g + s
-    row["note"] = "launches from the planner (no torch ops counted: needs the extension); host time needs a GPU"
+    row["note"] = ("launches from cuda_tools.describe_launches (no torch ops counted: needs the extension); "
+                   "host time needs a GPU")
     return row
 
 

@@ -209,19 +209,19 @@ ALSALS_HD void finish_grad(double* ctl, double sumsq, double loss0, double max_g
 }
 
 // Step finisher (searching steps): the two slopes, the smoothed slope and the fallback flag.
-ALSALS_HD void finish_step(double* ctl, double slope, double slope_grad, double beta3) {
+ALSALS_HD void finish_step(double* ctl, double slope, double slope_grad, double smoothing) {
   ctl[Ctl::SLOPE] = slope;
   ctl[Ctl::SLOPE_GRAD] = slope_grad;
-  const double s_new = add_rn(mul_rn(beta3, ctl[Ctl::S]), mul_rn(sub_rn(1.0, beta3), slope));
+  const double s_new = add_rn(mul_rn(smoothing, ctl[Ctl::S]), mul_rn(sub_rn(1.0, smoothing), slope));
   ctl[Ctl::S_NEW] = s_new;
   ctl[Ctl::FALLBACK] = (ctl[Ctl::SKIP] == 0.0 && s_new <= 0.0) ? 1.0 : 0.0;
 }
 
 // The per-trial decision (base.py, verdict): writes out[VERDICT_SIZE], updates H, S, PENDING.
-ALSALS_HD void verdict(double* ctl, double loss_try, double eta, double c, double beta3, double* out) {
+ALSALS_HD void verdict(double* ctl, double loss_try, double eta, double c, double smoothing, double* out) {
   const double l0 = ctl[Ctl::LOSS0], l = loss_try, diff = sub_rn(l0, l);
   const bool fb = ctl[Ctl::FALLBACK] != 0.0, finite = ctl[Ctl::SKIP] == 0.0;
-  const double h_new = add_rn(mul_rn(beta3, ctl[Ctl::H]), mul_rn(sub_rn(1.0, beta3), diff));
+  const double h_new = add_rn(mul_rn(smoothing, ctl[Ctl::H]), mul_rn(sub_rn(1.0, smoothing), diff));
   const double ce = mul_rn(c, eta);
   const bool armijo = fb ? diff >= mul_rn(ce, ctl[Ctl::SLOPE_GRAD]) : h_new >= mul_rn(ce, ctl[Ctl::S_NEW]);
   const bool ok = finite && finite64(l) && (l == l0 || armijo);

@@ -210,12 +210,15 @@ void step_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
 
 void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64_t> storages, const at::Tensor& ctl,
                double eps, double bias_correction1, double bias_correction2, double src_eta, int64_t src_dir,
-               double dst_eta, int64_t dst_dir, bool from_backup, bool only_if_fallback) {
+               double dst_eta, int64_t dst_dir, bool from_backup, int64_t only_if) {
   check_ctl(ctl);
   auto valid = [](int64_t d) { return d == Dir::MOMENTUM || d == Dir::GRAD || d == Dir::UPDATE; };
   TORCH_CHECK_VALUE(valid(src_dir) && valid(dst_dir),
                     "alsals_fused: directions are Dir values (0 MOMENTUM, 1 GRAD, 2 UPDATE); got ", src_dir,
                     " and ", dst_dir);
+  TORCH_CHECK_VALUE(only_if == -1 || only_if == Ctl::FALLBACK || only_if == Ctl::UNDO,
+                    "alsals_fused: only_if is the ctl slot that gates the move (", int(Ctl::FALLBACK),
+                    " FALLBACK, ", int(Ctl::UNDO), " UNDO) or -1 for none; got ", only_if);
   const at::Device device = ctl.device();
   const Buckets b = gather(tables, scheds, storages, device);
   const c10::cuda::CUDAGuard guard(device);
@@ -232,11 +235,11 @@ void move_pass(at::TensorList tables, at::TensorList scheds, c10::ArrayRef<int64
   a.src_dir = int32_t(src_dir);
   a.dst_dir = int32_t(dst_dir);
   a.from_backup = from_backup;
-  a.only_if_fallback = only_if_fallback;
+  a.only_if = int32_t(only_if);
   launch_pass(b, a, launch_move_pass, stream, "move_pass_kernel");
 }
 
-void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double beta3, at::Tensor& out) {
+void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, double smoothing, at::Tensor& out) {
   check_ctl(ctl);
   const at::Device device = ctl.device();
   check_scalar_tensor(loss_try, device, "loss_try");
@@ -250,7 +253,7 @@ void verdict(at::Tensor& ctl, const at::Tensor& loss_try, double eta, double c, 
   a.loss_code = scalar_code(loss_try.scalar_type(), "loss_try");
   a.eta = eta;
   a.c = c;
-  a.beta3 = beta3;
+  a.smoothing = smoothing;
   a.out = out.data_ptr<double>();
   check_no_pending_error("verdict_kernel");
   check_launch(launch_verdict(a, at::cuda::getCurrentCUDAStream(device.index()).stream()), "verdict_kernel");
@@ -271,8 +274,8 @@ TORCH_LIBRARY(alsals_fused, m) {
         "Tensor(d!)? out) -> ()");
   m.def("move_pass(Tensor[] tables, Tensor[] scheds, int[] storages, Tensor ctl, float eps, float bias_correction1, "
         "float bias_correction2, float src_eta, int src_dir, float dst_eta, int dst_dir, bool from_backup, "
-        "bool only_if_fallback) -> ()");
-  m.def("verdict(Tensor(a!) ctl, Tensor loss_try, float eta, float c, float beta3, Tensor(b!) out) -> ()");
+        "int only_if) -> ()");
+  m.def("verdict(Tensor(a!) ctl, Tensor loss_try, float eta, float c, float smoothing, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(alsals_fused, CUDA, m) {

@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) step_pass_kernel(const StepArgs a) {
   const double* ctl = a.p.ctl;
   if (ctl[Ctl::SKIP] != 0.0) {  // non-finite loss or gradient: no parameter or moment is written
     // The sums are zero; as in the reference, the finisher still runs on them (SLOPE = 0,
-    // S_NEW = beta3*S, FALLBACK = 0), written by one thread of the pass's first program.
+    // S_NEW = smoothing*S, FALLBACK = 0), written by one thread of the pass's first program.
     if (a.searching && a.p.program_base == 0 && blockIdx.x == 0 && threadIdx.x == 0) {
       if (a.p.finish) finish_step(a.p.ctl, 0.0, 0.0, a.smoothing);
       else a.p.out[0] = a.p.out[1] = 0.0;
@@ -415,9 +415,9 @@ __device__ __forceinline__ void move_chunk(const MoveArgs& a, const Chunk& c, in
 template <typename P>
 __global__ void __launch_bounds__(kThreads) move_pass_kernel(const MoveArgs a) {
   const double* ctl = a.p.ctl;
-  if (ctl[Ctl::SKIP] != 0.0) return;  // nothing to do: return before touching memory
+  // Nothing to do (skipped step, or the gating slot is 0): return before touching memory.
+  if (ctl[Ctl::SKIP] != 0.0 || (a.only_if >= 0 && ctl[a.only_if] == 0.0)) return;
   const bool fallback = ctl[Ctl::FALLBACK] != 0.0;
-  if (a.only_if_fallback && !fallback) return;
   const Chunk c = find_chunk(a.p);
   if (!c.row) return;
   const int src = resolve_dir(a.src_dir, fallback), dst = resolve_dir(a.dst_dir, fallback);
@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) move_pass_kernel(const MoveArgs a) {
 // ---- verdict: the per-trial decision, one thread --------------------------------------------
 __global__ void verdict_kernel(const VerdictArgs a) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  verdict(a.ctl, load_scalar(a.loss_try, a.loss_code), a.eta, a.c, a.beta3, a.out);
+  verdict(a.ctl, load_scalar(a.loss_try, a.loss_code), a.eta, a.c, a.smoothing, a.out);
 }
 
 }  // namespace

@@ -56,7 +56,7 @@ struct StepArgs {
   PassArgs p;
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2;
   float eta;
-  double smoothing;         // beta3, for the step finisher
+  double smoothing;         // the EMA factor of h and s, for the step finisher
   int32_t searching, search_dir, write_backup;
 };
 
@@ -65,14 +65,15 @@ struct MoveArgs {
   float eps, bias_correction1, bias_correction2;
   float src_eta, dst_eta, eta_delta;   // eta_delta = dst_eta - src_eta, in double on the host
   double src_eta64;                    // for 1 - src_eta*wd, in double on the device
-  int32_t src_dir, dst_dir, from_backup, only_if_fallback;
+  int32_t src_dir, dst_dir, from_backup;
+  int32_t only_if;                     // the ctl slot that gates the move (Ctl::FALLBACK or Ctl::UNDO), -1: none
 };
 
 struct VerdictArgs {
   double* ctl;
   const void* loss_try;
   int32_t loss_code;
-  double eta, c, beta3;
+  double eta, c, smoothing;
   double* out;              // [VERDICT_SIZE]
 };
 

@@ -277,9 +277,9 @@ def test_the_driver_sequence_matches_reference(info, dtype, search_dir, memory_e
         if search_dir is Dir.MOMENTUM:   # the fix-up move: a no-op unless FALLBACK is set
             before = S.clone_all(chain.b)
             chain.move(f"fix-up fb={fb}", hp, src_eta=eta, src_dir=Dir.MOMENTUM, dst_eta=eta, dst_dir=Dir.UPDATE,
-                       only_if_fallback=True, **fb_kw)
+                       only_if=Ctl.FALLBACK, **fb_kw)
             if not fb:
-                S.assert_buckets_equal(chain.b, before, "only_if_fallback without the fallback")
+                S.assert_buckets_equal(chain.b, before, "a fix-up without the fallback")
         e1, e2 = eta * 0.9, eta * 0.81
         chain.move(f"trial 1 fb={fb}", hp, src_eta=eta, src_dir=trial_dir, dst_eta=e1, dst_dir=trial_dir, **fb_kw)
         chain.move(f"trial 2 fb={fb}", hp, src_eta=e1, src_dir=trial_dir, dst_eta=e2, dst_dir=trial_dir, **fb_kw)
@@ -462,21 +462,22 @@ def test_skip_flag_writes_nothing(info, dtype, memory_efficient):
 
 
 class Move:
-    """One kind of move_pass call the driver makes (eta: 'same', 'backtrack' or 'restore')."""
+    """One kind of move_pass call the driver makes (eta: 'same', 'backtrack' or 'restore'; only_if:
+    the ctl slot that gates it, or None)."""
 
-    def __init__(self, name, src_dir, dst_dir, eta, only_if_fallback=False, search_dirs=(Dir.MOMENTUM, Dir.GRAD)):
+    def __init__(self, name, src_dir, dst_dir, eta, only_if=None, search_dirs=(Dir.MOMENTUM, Dir.GRAD)):
         self.name, self.src_dir, self.dst_dir, self.eta = name, src_dir, dst_dir, eta
-        self.only_if_fallback, self.search_dirs = only_if_fallback, search_dirs
+        self.only_if, self.search_dirs = only_if, search_dirs
 
     def key(self):
-        return (self.src_dir, self.dst_dir, self.eta, self.only_if_fallback)
+        return (self.src_dir, self.dst_dir, self.eta, self.only_if)
 
     def dst_eta(self, src_eta):
         return {"same": src_eta, "backtrack": src_eta * 0.9, "restore": 0.0}[self.eta]
 
     def kwargs(self, src_eta, *, from_backup):
         return dict(src_eta=src_eta, src_dir=self.src_dir, dst_eta=self.dst_eta(src_eta), dst_dir=self.dst_dir,
-                    from_backup=from_backup, only_if_fallback=self.only_if_fallback)
+                    from_backup=from_backup, only_if=self.only_if)
 
 
 def _eta_kind(src_eta, dst_eta):
@@ -486,20 +487,25 @@ def _eta_kind(src_eta, dst_eta):
 
 
 MOVES = [  # filled from what the driver issues (test_the_driver_issues_only_the_moves_tested_here)
-    Move("fixup", Dir.MOMENTUM, Dir.UPDATE, "same", only_if_fallback=True, search_dirs=(Dir.MOMENTUM,)),
+    Move("fixup", Dir.MOMENTUM, Dir.UPDATE, "same", only_if=Ctl.FALLBACK, search_dirs=(Dir.MOMENTUM,)),
     Move("backtrack-update", Dir.UPDATE, Dir.UPDATE, "backtrack", search_dirs=(Dir.MOMENTUM,)),
     Move("restore-update", Dir.UPDATE, Dir.UPDATE, "restore", search_dirs=(Dir.MOMENTUM,)),
     Move("backtrack-grad", Dir.GRAD, Dir.GRAD, "backtrack", search_dirs=(Dir.GRAD,)),
     Move("restore-grad", Dir.GRAD, Dir.GRAD, "restore", search_dirs=(Dir.GRAD,)),
     Move("update-from-grad", Dir.GRAD, Dir.UPDATE, "same", search_dirs=(Dir.GRAD,)),
+    # the fp16 overflow guard: back to w0 when the written candidate is not finite
+    Move("undo-step", Dir.MOMENTUM, Dir.MOMENTUM, "restore", only_if=Ctl.UNDO),
+    Move("undo-update", Dir.UPDATE, Dir.UPDATE, "restore", only_if=Ctl.UNDO, search_dirs=(Dir.GRAD,)),
 ]
 
 
 def _move_cases():
+    """ctl[UNDO] is always the opposite of ctl[FALLBACK]: a move gated on the wrong slot differs."""
     for move in MOVES:
         for fallback in (0.0, 1.0):
-            for me in (False, True):
-                where = f"{'fallback' if fallback else 'nominal'}-{'inplace' if me else 'backup'}"
+            # the guarded moves are fp16 only, never in place
+            for me in (False,) if move.only_if is Ctl.UNDO else (False, True):
+                where = f"{'fallback' if fallback else 'undo'}-{'inplace' if me else 'backup'}"
                 yield pytest.param(move, fallback, me, id=f"{move.name}-{where}")
 
 
@@ -516,7 +522,7 @@ def test_move_pass_matches_reference_and_lands_on_the_candidate(info, dtype, mov
     w0 = [p.clone() for p in start[0].params]
     grads = [g.clone() for g in start[0].grads]
     scale = 0.5
-    ctl = S.make_ctl(info.device, SCALE=scale, FALLBACK=fallback)
+    ctl = S.make_ctl(info.device, SCALE=scale, FALLBACK=fallback, UNDO=1.0 - fallback)
     # The step pass (reference) updates m, v and writes the backup; then put the params exactly at
     # the move's source candidate, computed here.
     ref.step_pass(start, hp, S.make_ctl(info.device, SCALE=scale), searching=True,
@@ -531,7 +537,7 @@ def test_move_pass_matches_reference_and_lands_on_the_candidate(info, dtype, mov
     kw = move.kwargs(src_eta, from_backup=not memory_efficient)
     be.move_pass(b, hp, ctl.clone(), **kw)
     ref.move_pass(r, hp, ctl.clone(), **kw)
-    if move.only_if_fallback and not fallback:
+    if move.only_if is not None and ctl[move.only_if] == 0:
         S.assert_buckets_equal(b, start, "a move with nothing to do")
         S.assert_buckets_equal(r, start, "a move with nothing to do (reference)")
         return
@@ -1030,16 +1036,17 @@ def test_a_parameter_without_a_gradient_is_neither_updated_nor_decayed(info):
 
 def test_the_driver_issues_only_the_moves_tested_here(monkeypatch):
     """Record every move_pass the driver makes over runs that reach every branch (variants,
-    in-place moves, backtracking, rejection, the fallback, a raising closure)."""
+    in-place moves, backtracking, rejection, the fallback, a raising closure, fp16's overflow
+    guard)."""
     from alsals_fused.backends.reference import ReferenceBackend
     seen = set()
     original = ReferenceBackend.move_pass
 
     def recording(self, buckets, hp, ctl, *, src_eta, src_dir, dst_eta, dst_dir, from_backup,
-                  only_if_fallback=False):
-        seen.add((Dir(src_dir), Dir(dst_dir), _eta_kind(src_eta, dst_eta), bool(only_if_fallback), hp.search_dir))
+                  only_if=None):
+        seen.add((Dir(src_dir), Dir(dst_dir), _eta_kind(src_eta, dst_eta), only_if, hp.search_dir))
         return original(self, buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir, dst_eta=dst_eta,
-                        dst_dir=dst_dir, from_backup=from_backup, only_if_fallback=only_if_fallback)
+                        dst_dir=dst_dir, from_backup=from_backup, only_if=only_if)
 
     monkeypatch.setattr(ReferenceBackend, "move_pass", recording)
     for variant in ("alsals", "adam_sls", "salsa"):
@@ -1067,8 +1074,14 @@ def test_the_driver_issues_only_the_moves_tested_here(monkeypatch):
                 assert opt.last_step.fallback, "s_new <= 0 should have made this step fall back"
             with pytest.raises(KeyError):                                             # a raising trial
                 step(lambda w=w: (w ** 2).sum() if torch.is_grad_enabled() else {}["boom"])
-    tested = {(m.src_dir, m.dst_dir, m.eta, m.only_if_fallback, sd) for m in MOVES for sd in m.search_dirs}
+        # fp16: the overflow guard after a step without a search, and after adam_sls/salsa's update
+        w16 = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float16))
+        opt = ALSALS([w16], backend="reference", variant=variant, line_search_every=2)
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(lambda w16=w16: (w16.float() ** 2).sum())
+    tested = {(m.src_dir, m.dst_dir, m.eta, m.only_if, sd) for m in MOVES for sd in m.search_dirs}
     assert seen, "the driver made no move"
     untested, unissued = seen - tested, tested - seen
-    assert not untested, f"the driver issues moves test_contract.MOVES does not cover: {sorted(untested)}"
-    assert not unissued, f"test_contract.MOVES tests moves the driver no longer issues: {sorted(unissued)}"
+    assert not untested, f"the driver issues moves test_contract.MOVES does not cover: {sorted(untested, key=str)}"
+    assert not unissued, f"test_contract.MOVES tests moves the driver no longer issues: {sorted(unissued, key=str)}"

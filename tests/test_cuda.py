@@ -2,7 +2,7 @@
 
 Two kinds of tests:
 
-- CPU tests (run everywhere): the launch planner (one launch per pass at 148 and 580 tensors,
+- CPU tests (run everywhere): the launch description (one launch per pass at 148 and 580 tensors,
   odd sizes, empty tensors, tensors above 2**31 elements), the schedule and table layout the
   backend builds, "one extension call per pass" and the table cache (with a recording stand-in
   for ``torch.ops.alsals_fused``), the generated layout header, the build settings (toolkit found
@@ -19,6 +19,7 @@ tests/test_contract.py over backend_suite.INFOS, rows ``cuda-cuda`` (tolerances 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import stat
@@ -49,10 +50,10 @@ GPT2_SMALL = cuda_tools._gpt2_like_numels(148)
 GPT2_XL_COUNT = cuda_tools._gpt2_like_numels(580)
 
 
-# ================================ CPU: the launch planner ======================================
+# ================================ CPU: the launch description ===================================
 @pytest.mark.parametrize("numels", [GPT2_SMALL, GPT2_XL_COUNT], ids=["148", "580"])
 def test_one_launch_per_pass(numels):
-    plan = cuda_tools.plan_launches(numels, torch.float32)
+    plan = cuda_tools.describe_launches(numels, torch.float32)
     assert plan["tensors"] == len(numels)
     assert plan["launches"] == {"grad_pass": 1, "step_pass": 1, "move_pass": 1, "verdict": 1}
     assert plan["extension_calls"] == plan["launches"]
@@ -69,29 +70,29 @@ def test_gpt2_small_shapes_are_gpt2():
 @pytest.mark.parametrize("dtype,vec,groups", [(torch.float32, 4, 4), (torch.bfloat16, 8, 2),
                                               (torch.float16, 8, 2)])
 def test_vector_loop_keeps_bytes_in_flight(dtype, vec, groups):
-    plan = cuda_tools.plan_launches([CHUNK * 3], dtype)
+    plan = cuda_tools.describe_launches([CHUNK * 3], dtype)
     assert plan["vector_bytes"] == 16 and plan["elements_per_access"] == vec
     assert plan["groups_per_thread"] == groups
     assert plan["threads_per_program"] * vec * groups == CHUNK     # a chunk is one pass of the loop
     assert plan["loads_in_flight"]["step_pass"] >= 12               # 16-byte loads per thread
 
 
-def test_planner_odd_and_empty_tensors():
+def test_launch_description_odd_and_empty_tensors():
     numels = [0, 1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 0, 3 * CHUNK + 5]
-    plan = cuda_tools.plan_launches(numels)
+    plan = cuda_tools.describe_launches(numels)
     assert plan["chunks"] == [0, 1, 1, 1, 1, 2, 0, 4]
     assert plan["programs"] == 10 and plan["empty_tensors"] == 2
     assert plan["full_chunks"] == 1 + 1 + 3 and plan["tail_chunks"] == 5
-    only_empty = cuda_tools.plan_launches([0, 0])
+    only_empty = cuda_tools.describe_launches([0, 0])
     assert only_empty["programs"] == 1        # one program with no work runs the finisher
     assert only_empty["launches"]["grad_pass"] == 1
     with pytest.raises(ValueError, match="float64"):
-        cuda_tools.plan_launches([4], torch.float64)
+        cuda_tools.describe_launches([4], torch.float64)
 
 
-def test_planner_tensor_above_2_to_31_elements():
+def test_launch_description_tensor_above_2_to_31_elements():
     big = 2 ** 31 + 5
-    plan = cuda_tools.plan_launches([big, 10])
+    plan = cuda_tools.describe_launches([big, 10])
     assert plan["int64_offsets"] and plan["max_numel"] == big
     assert plan["chunks"] == [-(-big // CHUNK), 1]
     assert plan["launches"]["step_pass"] == 1
@@ -206,7 +207,7 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
         backend.grad_pass([b], ctl, loss0, hp())
         backend.step_pass([b], hp(), ctl, searching=True, write_backup=True)
         backend.move_pass([b], hp(), ctl, src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.05,
-                          dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                          dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
         backend.verdict(ctl, loss0, DecisionScalars(eta=0.05, c=0.5, smoothing=0.99), out)
         assert [c[0] for c in backend._ops.calls] == ["grad_pass", "step_pass", "move_pass", "verdict"]
     assert backend.table_builds == 1 and backend.grad_refreshes == 0
@@ -217,6 +218,20 @@ def test_one_extension_call_per_pass_and_cached_tables(tensors):
     assert args[7] == -1.0                                            # max_grad_norm None
     step_args = backend._ops.calls[1][1]
     assert step_args[13] == int(Dir.MOMENTUM) and step_args[14] is True   # search_dir, searching
+
+
+def test_a_move_condition_reaches_the_op_as_its_ctl_slot():
+    b = cpu_bucket([(5,)])
+    backend = recording_backend()
+    kw = dict(src_eta=0.05, src_dir=Dir.MOMENTUM, dst_eta=0.0, dst_dir=Dir.MOMENTUM, from_backup=True)
+    for only_if, slot in ((None, -1), (Ctl.FALLBACK, 2), (Ctl.UNDO, 10)):
+        backend._ops.calls.clear()
+        backend.move_pass([b], hp(), new_ctl("cpu"), only_if=only_if, **kw)
+        [(name, args)] = backend._ops.calls
+        assert name == "move_pass" and type(args[-1]) is int and args[-1] == slot, (only_if, args[-1])
+    for bad in (Ctl.SKIP, True, "UNDO"):
+        with pytest.raises(ValueError, match="only_if is None or a slot of MOVE_CONDITIONS"):
+            backend.move_pass([b], hp(), new_ctl("cpu"), only_if=bad, **kw)
 
 
 def test_grad_column_refreshed_only_when_grads_move():
@@ -349,6 +364,14 @@ def test_check_header_command(tmp_path, monkeypatch, capsys):
     assert cuda_tools.main(["--check-header"]) == 1
     assert cuda_tools.main(["--write-header", "--check-header"]) == 0
     assert (tmp_path / "alsals_layout.h").read_text() == cuda_tools.layout_header()
+
+
+def test_describe_launches_command(capsys):
+    assert cuda_tools.main(["--describe-launches", "148"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = cuda_tools.describe_launches(GPT2_SMALL)
+    want.pop("chunks")
+    assert printed == want and printed["tensors"] == 148
 
 
 def test_kernel_sources_use_the_generated_names():
@@ -670,11 +693,14 @@ def test_bad_arguments_have_clear_errors(be):
     ops = torch.ops.alsals_fused
     with pytest.raises((ValueError, RuntimeError), match="ctl"):
         ops.move_pass([t.table], [t.sched], [0], torch.zeros(3, device="cuda"), 1e-8, 0.1, 0.001,
-                      0.1, 0, 0.0, 0, True, False)
+                      0.1, 0, 0.0, 0, True, -1)
     with pytest.raises((ValueError, RuntimeError), match="storage code"):
-        ops.move_pass([t.table], [t.sched], [3], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, False)
+        ops.move_pass([t.table], [t.sched], [3], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, -1)
     with pytest.raises((ValueError, RuntimeError), match="Dir"):
-        ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 3, 0.0, 0, True, False)
+        ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 3, 0.0, 0, True, -1)
+    for bad in (int(Ctl.SKIP), CTL_SIZE, -2):       # only FALLBACK and UNDO gate a move
+        with pytest.raises((ValueError, RuntimeError), match="only_if is the ctl slot"):
+            ops.move_pass([t.table], [t.sched], [0], ctl_of(), 1e-8, 0.1, 0.001, 0.1, 0, 0.0, 0, True, bad)
 
 
 @pytest.mark.cuda
@@ -692,7 +718,7 @@ def test_no_sync(be):
         be.grad_pass([b], ctl, loss0, hp)
         be.step_pass([b], hp, ctl, searching=True, write_backup=True)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                       dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                       dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
         be.verdict(ctl, loss0, DecisionScalars(eta=hp.eta, c=0.5, smoothing=0.99), out)
         be.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                        dst_dir=Dir.UPDATE, from_backup=True)

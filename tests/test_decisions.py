@@ -16,13 +16,13 @@ from alsals_fused.backends.base import CTL_SIZE, VERDICT_SIZE, Ctl, DecisionScal
 NAN, INF = math.nan, math.inf
 
 
-def spec_verdict(ctl, loss_try, eta, c, beta3):
+def spec_verdict(ctl, loss_try, eta, c, smoothing):
     """PLAN.md / base.py's verdict, in Python floats: (out, ctl after)."""
     ctl = list(ctl)
     l0, loss = ctl[Ctl.LOSS0], float(loss_try)
     diff = l0 - loss
     fb, finite = ctl[Ctl.FALLBACK] != 0, ctl[Ctl.SKIP] == 0
-    h_new = beta3 * ctl[Ctl.H] + (1 - beta3) * diff
+    h_new = smoothing * ctl[Ctl.H] + (1 - smoothing) * diff
     test = diff >= c * eta * ctl[Ctl.SLOPE_GRAD] if fb else h_new >= c * eta * ctl[Ctl.S_NEW]
     ok = finite and math.isfinite(loss) and (loss == l0 or test)
     out = [float(ok), float(finite), float(fb), l0, loss,
@@ -64,16 +64,16 @@ VERDICT_CASES = [
 
 
 def check_verdict(verdict_fn, device="cpu"):
-    for (slots, loss_try, eta), beta3, c in itertools.product(VERDICT_CASES, (0.0, 0.99), (0.1, 0.5)):
+    for (slots, loss_try, eta), smoothing, c in itertools.product(VERDICT_CASES, (0.0, 0.99), (0.1, 0.5)):
         ctl = make_ctl(**slots).to(device)
         out = torch.full((VERDICT_SIZE,), -7.0, dtype=torch.float64, device=device)
         for dtype in (torch.float32, torch.float64):
             loss = torch.tensor(loss_try, dtype=dtype, device=device)
-            want_out, want_ctl = spec_verdict(ctl.tolist(), loss.item(), eta, c, beta3)
+            want_out, want_ctl = spec_verdict(ctl.tolist(), loss.item(), eta, c, smoothing)
             c_ = ctl.clone()
-            verdict_fn(c_, loss, DecisionScalars(eta=eta, c=c, smoothing=beta3), out)
+            verdict_fn(c_, loss, DecisionScalars(eta=eta, c=c, smoothing=smoothing), out)
             got = out.tolist()
-            assert same(got, want_out), (slots, loss_try, eta, beta3, c, got, want_out)
+            assert same(got, want_out), (slots, loss_try, eta, smoothing, c, got, want_out)
             assert same(c_.tolist(), want_ctl), (slots, loss_try, c_.tolist(), want_ctl)
 
 
@@ -94,14 +94,14 @@ def check_finish_grad(fn, device="cpu"):
 
 
 def check_finish_slope(fn, device="cpu"):
-    for skip, slope, slope_grad, s, beta3 in itertools.product(
+    for skip, slope, slope_grad, s, smoothing in itertools.product(
             (0.0, 1.0), (2.0, -3.0, 0.0, NAN), (1.0, 0.0), (0.0, 1.0, -5.0), (0.0, 0.99)):
         ctl = make_ctl(SKIP=skip, S=s, H=0.25, PENDING=1.0).to(device)
-        fn(ctl, torch.tensor([slope, slope_grad], dtype=torch.float64, device=device), beta3)
-        s_new = beta3 * s + (1 - beta3) * slope
+        fn(ctl, torch.tensor([slope, slope_grad], dtype=torch.float64, device=device), smoothing)
+        s_new = smoothing * s + (1 - smoothing) * slope
         got = ctl.tolist()
         assert same([got[Ctl.SLOPE], got[Ctl.SLOPE_GRAD], got[Ctl.S_NEW]], [slope, slope_grad, s_new])
-        assert got[Ctl.FALLBACK] == float(skip == 0 and s_new <= 0), (skip, slope, s, beta3)
+        assert got[Ctl.FALLBACK] == float(skip == 0 and s_new <= 0), (skip, slope, s, smoothing)
         assert (got[Ctl.H], got[Ctl.S], got[Ctl.PENDING]) == (0.25, s, 1.0)
 
 
@@ -124,7 +124,7 @@ def test_cpu_backends_decide_as_decisions_does(backend):
 
 def test_slot_layout_is_the_contracts():
     assert [s.name for s in Ctl] == ["SCALE", "SKIP", "FALLBACK", "LOSS0", "SLOPE", "SLOPE_GRAD",
-                                     "S_NEW", "H", "S", "PENDING"] and list(Ctl) == list(range(10))
+                                     "S_NEW", "H", "S", "PENDING", "UNDO"] and list(Ctl) == list(range(11))
     assert [s.name for s in Verdict] == ["ACCEPT", "FINITE", "FALLBACK", "LOSS0", "LOSS_TRY",
                                          "SLOPE_USED", "PENDING", "H_NEW"]
     assert CTL_SIZE == 16 and VERDICT_SIZE == 8

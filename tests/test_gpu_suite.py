@@ -1,7 +1,8 @@
 """The GPU suite's plumbing on a CPU: its output directory, its raw bundle, its --quick plan.
 
 The suite itself (benchmarks/gpu_suite.py) runs on a GPU machine; here a dry run of a few fast
-phases checks what it leaves in ``--out DIR`` (issue 8: at most 8 files, the raw ones bundled).
+phases checks what it leaves in ``--out DIR`` (at most ``MAX_OUT_FILES`` files, the raw ones
+bundled, so that a run's record stays small enough to commit and read).
 """
 import json
 import os
@@ -180,11 +181,11 @@ def test_hot_path_rows_render():
                 "host_us_nonsearching_step": 70.0, "detail": {"x": 1}},
                {"backend": "cuda", "tensors": 580, "ops_searching_step": 5, "ops_extra_trial": 3,
                 "ops_nonsearching_step": 2, "host_us_searching_step": None,
-                "host_us_nonsearching_step": None, "note": "planner only"}]
+                "host_us_nonsearching_step": None, "note": "launch description only"}]
     rows = _report.hot_path_rows(records, steps=200)
     assert all(r["kind"] == "hot-path" and "detail" not in r for r in rows)
     table = _report.markdown_tables(rows)
-    assert "| triton | 148 | 6 | 3 | 3 | 120 | 70 |" in table and "planner only" in table
+    assert "| triton | 148 | 6 | 3 | 3 | 120 | 70 |" in table and "launch description only" in table
     met = {(t["target"], t["set"]): t["met"] for t in _report.targets(rows)}
     assert met[("triton: device ops, searching step", "148 tensors")] is True
     assert met[("triton: host us, searching step", "148 tensors")] is True

@@ -151,8 +151,9 @@ def test_schedule_puts_aligned_full_chunks_first_and_tails_after():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the interpreter's memory accesses")
 def test_passes_with_nothing_to_do_touch_only_ctl(monkeypatch):
-    """A skipped step and an only_if_fallback move without fallback read two ctl slots at most
-    and write nothing (the finishing program of the skipped step writes its ctl slots)."""
+    """A skipped step, and a move whose gating slot (only_if) is 0, read ctl alone and write
+    nothing (the finishing program of the skipped step writes its ctl slots): a gated move reads
+    SKIP, FALLBACK and its own slot, whatever the other gating slot holds."""
     from triton.runtime import interpreter
     backend = tb.TritonBackend(**TINY)
     b = make_bucket(torch.float32, SHAPES_TINY)
@@ -175,12 +176,13 @@ def test_passes_with_nothing_to_do_touch_only_ctl(monkeypatch):
     monkeypatch.setattr(builder, "create_masked_load", load)
     monkeypatch.setattr(builder, "create_masked_store", store)
     programs = backend._launches([b], ctl).tables[0].n_prog
-    ctl[Ctl.FALLBACK] = 0.0
-    backend.move_pass([b], hp, ctl, src_eta=0.1, src_dir=Dir.MOMENTUM, dst_eta=0.1,
-                      dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
-    assert stores == [] and len(loads) == 2 * programs
-    assert all(ctl_lo <= a < ctl_hi for a in loads)
-    loads.clear()
+    for only_if, other in ((Ctl.FALLBACK, Ctl.UNDO), (Ctl.UNDO, Ctl.FALLBACK)):
+        ctl[only_if], ctl[other] = 0.0, 1.0
+        backend.move_pass([b], hp, ctl, src_eta=0.1, src_dir=Dir.MOMENTUM, dst_eta=0.0,
+                          dst_dir=Dir.MOMENTUM, from_backup=True, only_if=only_if)
+        assert stores == [], only_if
+        assert sorted((a - ctl_lo) // 8 for a in loads) == sorted([Ctl.SKIP, Ctl.FALLBACK, only_if] * programs)
+        loads.clear()
     ctl[Ctl.SKIP] = 1.0
     backend.move_pass([b], hp, ctl, src_eta=0.1, src_dir=Dir.UPDATE, dst_eta=0.0,
                       dst_dir=Dir.UPDATE, from_backup=True)
@@ -360,7 +362,9 @@ def test_no_host_reads(monkeypatch):
         backend.step_pass([b], hp, ctl, searching=True, write_backup=True)
         backend.step_pass([b], hp, ctl, searching=True, write_backup=True, finish=False)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                          dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                          dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
+        backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=0.0,
+                          dst_dir=Dir.MOMENTUM, from_backup=True, only_if=Ctl.UNDO)
         backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99), out)
         backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.UPDATE, dst_eta=0.0,
                           dst_dir=Dir.UPDATE, from_backup=True)
@@ -391,7 +395,7 @@ def test_launches_go_through_the_hook_and_name_their_finishers(monkeypatch):
     backend.grad_pass([b], ctl, f64(1.0), hp)
     backend.step_pass([b], hp, ctl, searching=True, write_backup=True)
     backend.move_pass([b], hp, ctl, src_eta=hp.eta, src_dir=Dir.MOMENTUM, dst_eta=hp.eta,
-                      dst_dir=Dir.UPDATE, from_backup=True, only_if_fallback=True)
+                      dst_dir=Dir.UPDATE, from_backup=True, only_if=Ctl.FALLBACK)
     backend.verdict(ctl, f64(0.5), DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),
                     torch.zeros(VERDICT_SIZE, dtype=torch.float64, device=DEVICE))
     backend.step_pass([b], hp, ctl, searching=False, write_backup=False)
@@ -508,11 +512,11 @@ def test_aot_specializations_cover_every_launch(monkeypatch):
                                           write_backup=wb)
                 for src in Dir:
                     for dst in Dir:
-                        for oif in (False, True):
+                        for only_if in (None, Ctl.FALLBACK, Ctl.UNDO):
                             backend.move_pass(buckets, hp, ctl, src_eta=0.1, src_dir=src,
                                               dst_eta=0.0, dst_dir=dst,
                                               from_backup=not memory_efficient,
-                                              only_if_fallback=oif)
+                                              only_if=only_if)
     for loss_dtype in tl_names.values():
         backend.verdict(make_ctl(), torch.ones((), dtype=loss_dtype, device=DEVICE),
                         DecisionScalars(eta=0.1, c=0.5, smoothing=0.99),

@@ -41,7 +41,7 @@ stream-ordered after it.  Nothing reads a partial before every program has taken
 
 Scalars that change every step (eta, betas, eps, bias corrections) are fp32 arguments: Triton
 specializes on integers and pointer alignment, never on float values, so they cause no
-recompilation.  Float64 host scalars of the finishers and the verdict (beta3, c*eta, the clip
+recompilation.  Float64 host scalars of the finishers and the verdict (smoothing, c*eta, the clip
 norm) travel as the int64 bit patterns of the doubles (``*_bits``, not specialized on), because
 a Python float argument is fp32 in Triton.  fp64 decision arithmetic uses correctly rounded,
 never-contracted operations (libdevice ``*_rn``; plain IEEE ops in the CPU interpreter), so the
@@ -80,6 +80,7 @@ _C_S_NEW = tl.constexpr(int(Ctl.S_NEW))
 _C_H = tl.constexpr(int(Ctl.H))
 _C_S = tl.constexpr(int(Ctl.S))
 _C_PENDING = tl.constexpr(int(Ctl.PENDING))
+_C_UNDO = tl.constexpr(int(Ctl.UNDO))    # the driver writes it; move_kernel gets it as only_if
 _V_ACCEPT = tl.constexpr(int(Verdict.ACCEPT))
 _V_FINITE = tl.constexpr(int(Verdict.FINITE))
 _V_FALLBACK = tl.constexpr(int(Verdict.FALLBACK))
@@ -393,11 +394,11 @@ def _step_chunk(w_addr, g_addr, m_addr, v_addr, b_addr, start, n, scale, wd, eta
 
 
 @triton.jit(do_not_specialize=["part_off", "n_parts", "n_fast", "n_prog", "n_grid", "finish",
-                               "beta3_bits", "one_minus_beta3_bits"])
+                               "smoothing_bits", "one_minus_smoothing_bits"])
 def step_kernel(table, sched, ctl, partials, counter, out, part_off, n_parts, n_fast, n_prog,
                 n_grid, finish, eta, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                bias_correction1, bias_correction2, beta3_bits: tl.int64,
-                one_minus_beta3_bits: tl.int64, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                bias_correction1, bias_correction2, smoothing_bits: tl.int64,
+                one_minus_smoothing_bits: tl.int64, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                 ITERS: tl.constexpr, SEARCHING: tl.constexpr, SEARCH_DIR: tl.constexpr,
                 WRITE_BACKUP: tl.constexpr):
     """m, v absorb g*SCALE; optional w0 backup; w = cand(eta, d) along MOMENTUM (not searching)
@@ -448,9 +449,9 @@ def step_kernel(table, sched, ctl, partials, counter, out, part_off, n_parts, n_
                     tl.store(out, slope)
                     tl.store(out + 1, slope_grad)
                 else:
-                    # as decisions.finish_slope: S*beta3 + SLOPE*(1 - beta3)
-                    s_new = _add64(_mul64(tl.load(ctl + _C_S), _f64(beta3_bits)),
-                                   _mul64(slope, _f64(one_minus_beta3_bits)))
+                    # as decisions.finish_slope: S*smoothing + SLOPE*(1 - smoothing)
+                    s_new = _add64(_mul64(tl.load(ctl + _C_S), _f64(smoothing_bits)),
+                                   _mul64(slope, _f64(one_minus_smoothing_bits)))
                     tl.store(ctl + _C_SLOPE, slope)
                     tl.store(ctl + _C_SLOPE_GRAD, slope_grad)
                     tl.store(ctl + _C_S_NEW, s_new)
@@ -529,18 +530,20 @@ def _move_chunk(w_addr, g_addr, m_addr, v_addr, b_addr, start, n, need_g, need_m
         tl.store(wp + offs, _to_param(w_new, W_DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_fast", "n_prog", "only_if_fallback"])
-def move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, src_eta, dst_eta, delta_eta,
+@triton.jit(do_not_specialize=["n_fast", "n_prog", "only_if"])
+def move_kernel(table, sched, ctl, n_fast, n_prog, only_if, src_eta, dst_eta, delta_eta,
                 eps, bias_correction1, bias_correction2, W_DTYPE: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr, FROM_BACKUP: tl.constexpr,
                 SRC_DIR: tl.constexpr, DST_DIR: tl.constexpr):
     """w: cand(src_eta, SRC_DIR) -> cand(dst_eta, DST_DIR); Dir.UPDATE resolved here from
-    ctl[FALLBACK].  Nothing to do (ctl[SKIP], or only_if_fallback without ctl[FALLBACK]): every
-    program returns after reading those two slots."""
+    ctl[FALLBACK].  ``only_if``: the ctl slot that gates the move (base.MOVE_CONDITIONS), -1 for
+    none.  Nothing to do (ctl[SKIP], or ctl[only_if] == 0): every program returns after reading
+    ctl[SKIP], ctl[FALLBACK] and ctl[only_if]."""
     pid = tl.program_id(0)
     not_skip = tl.load(ctl + _C_SKIP) == 0.0
     fallback = tl.load(ctl + _C_FALLBACK) != 0.0
-    live = not_skip & ((only_if_fallback == 0) | fallback) & (pid < n_prog)
+    gate = tl.load(ctl + only_if, mask=only_if >= 0, other=1.0) != 0.0
+    live = not_skip & gate & (pid < n_prog)
     if live:
         row, chunk = _row(table, sched, pid)
         w_addr = tl.load(row + _T_W)
@@ -578,13 +581,13 @@ def move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, src_eta, ds
 
 
 # -- the per-trial verdict ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["c_eta_bits", "beta3_bits", "one_minus_beta3_bits"])
-def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, beta3_bits: tl.int64,
-                   one_minus_beta3_bits: tl.int64):
+@triton.jit(do_not_specialize=["c_eta_bits", "smoothing_bits", "one_minus_smoothing_bits"])
+def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, smoothing_bits: tl.int64,
+                   one_minus_smoothing_bits: tl.int64):
     """The contract's per-trial decision (base.py), one program, written as
     ``decisions.verdict`` computes it (same operations, same rounding)::
 
-        L = float64(loss_try); diff = L0 - L; h_new = H*beta3 + diff*(1-beta3)
+        L = float64(loss_try); diff = L0 - L; h_new = H*smoothing + diff*(1-smoothing)
         test = (fb ? diff : h_new) >= (fb ? SLOPE_GRAD : S_NEW) * (c*eta)
         ok = (test | L == L0) & (diff - diff + SKIP == 0)   # not skipped and diff finite
         out = [ok, SKIP == 0, FALLBACK, L0, L, fb ? SLOPE_GRAD : SLOPE, PENDING, h_new]
@@ -597,8 +600,8 @@ def verdict_kernel(ctl, loss_try, out, c_eta_bits: tl.int64, beta3_bits: tl.int6
     fb = fb_raw != 0.0
     slope_grad = tl.load(ctl + _C_SLOPE_GRAD)
     diff = l0 - lt
-    h_new = _add64(_mul64(tl.load(ctl + _C_H), _f64(beta3_bits)),
-                   _mul64(diff, _f64(one_minus_beta3_bits)))
+    h_new = _add64(_mul64(tl.load(ctl + _C_H), _f64(smoothing_bits)),
+                   _mul64(diff, _f64(one_minus_smoothing_bits)))
     lhs = tl.where(fb, diff, h_new)
     rhs = _mul64(tl.where(fb, slope_grad, tl.load(ctl + _C_S_NEW)), _f64(c_eta_bits))
     ok = ((lhs >= rhs) | (lt == l0)) & (_add64(diff - diff, skip) == 0.0)
@@ -682,16 +685,16 @@ _STEP_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "partials": "*fp3
              **{name: "fp32" for name in ("eta", "beta1", "beta2", "one_minus_beta1",
                                           "one_minus_beta2", "eps", "bias_correction1",
                                           "bias_correction2")},
-             "beta3_bits": "i64", "one_minus_beta3_bits": "i64"}
+             "smoothing_bits": "i64", "one_minus_smoothing_bits": "i64"}
 _MOVE_SIG = {"table": "*i64", "sched": "*i32", "ctl": "*fp64", "n_fast": "i32", "n_prog": "i32",
-             "only_if_fallback": "i32",
+             "only_if": "i32",
              **{name: "fp32" for name in ("src_eta", "dst_eta", "delta_eta", "eps",
                                           "bias_correction1", "bias_correction2")}}
 
 
 def _verdict_sig(loss_dtype: str) -> dict:
     return {"ctl": "*fp64", "loss_try": f"*{loss_dtype}", "out": "*fp64", "c_eta_bits": "i64",
-            "beta3_bits": "i64", "one_minus_beta3_bits": "i64"}
+            "smoothing_bits": "i64", "one_minus_smoothing_bits": "i64"}
 
 
 def specializations():

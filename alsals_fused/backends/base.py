@@ -9,8 +9,10 @@ The control vector ``ctl``
 --------------------------
 One float64 device vector of ``CTL_SIZE`` per optimizer, on the parameters' device, slots named
 by ``Ctl``.  ``H``, ``S`` and ``PENDING`` persist across steps (they are optimizer state); the
-other slots are rewritten every step.  Nothing in a backend reads ``ctl`` on the host unless the
-backend is meant to sync (the reference and foreach backends may; see their docstrings).
+other slots are rewritten every step.  ``UNDO`` is written by the driver alone, right before the
+one move that reads it (the fp16 overflow guard), so it is never saved.  Nothing in a backend
+reads ``ctl`` on the host unless the backend is meant to sync (the reference and foreach backends
+may; see their docstrings).
 
 Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
 ---------------------------------------------------------------------
@@ -49,14 +51,17 @@ Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
     of a step's buckets run on this backend unsharded, so that the two passes cost one host call
     (the triton and cuda backends have it; the driver makes the two calls for one without it).
 
-``move_pass(buckets, hp, ctl, *, src_eta, src_dir, dst_eta, dst_dir, from_backup, only_if_fallback=False)``
+``move_pass(buckets, hp, ctl, *, src_eta, src_dir, dst_eta, dst_dir, from_backup, only_if=None)``
     Rewrites the params from ``cand(src_eta, src_dir)`` to ``cand(dst_eta, dst_dir)``;
     ``dst_eta == 0`` is the restore to w0.  ``from_backup`` reads w0 from the backups; otherwise
     (memory_efficient) the move is in place, ``w -= (dst_eta - src_eta) * (d + wd*w0)`` when the
     resolved directions agree, recovering ``w0 = (w + src_eta*d_src) / (1 - src_eta*wd)`` where
-    needed.  ``Dir.UPDATE`` resolves on the device (GRAD if ctl[FALLBACK] else MOMENTUM).  A
-    pass with nothing to do (ctl[SKIP] set, or ``only_if_fallback`` and ctl[FALLBACK] == 0)
-    returns before touching memory.
+    needed.  ``Dir.UPDATE`` resolves on the device (GRAD if ctl[FALLBACK] else MOMENTUM).
+    ``only_if`` (one of ``MOVE_CONDITIONS``, or None: unconditional) names the ctl slot that
+    gates the move: ``Ctl.FALLBACK`` for the fix-up of a step that fell back, ``Ctl.UNDO`` for
+    the restore of an fp16 candidate that is not finite; kernels take it as the slot index, -1
+    for None (``condition_slot``).  A pass with nothing to do (ctl[SKIP] set, or ctl[only_if]
+    == 0) returns before touching memory.
 
 ``verdict(ctl, loss_try, dp, out) -> None``
     The per-trial decision (``dp`` a ``DecisionScalars``; ``out`` float64[VERDICT_SIZE] on the
@@ -64,7 +69,7 @@ Passes (``buckets`` is a list of ``Bucket``; ``hp`` a ``StepScalars``)
 
         L0 = ctl[LOSS0]; L = float64(loss_try); diff = L0 - L
         fb = ctl[FALLBACK] != 0; finite = ctl[SKIP] == 0
-        h_new = beta3*ctl[H] + (1-beta3)*diff
+        h_new = smoothing*ctl[H] + (1-smoothing)*diff
         ok = finite & isfinite(L) & ((L == L0) | (fb ? diff >= c*eta*ctl[SLOPE_GRAD]
                                                       : h_new >= c*eta*ctl[S_NEW]))
         out = [ok, finite, fb, L0, L, fb ? ctl[SLOPE_GRAD] : ctl[SLOPE], ctl[PENDING], h_new]
@@ -107,13 +112,27 @@ class Ctl(enum.IntEnum):
     LOSS0 = 3       # L0 as float64 (averaged over ranks)
     SLOPE = 4       # sum(g*d) along the nominal search direction
     SLOPE_GRAD = 5  # sum(g*g*p)
-    S_NEW = 6       # beta3*S + (1-beta3)*SLOPE
+    S_NEW = 6       # smoothing*S + (1-smoothing)*SLOPE
     H = 7           # smoothed decrease (persistent)
     S = 8           # smoothed slope (persistent)
     PENDING = 9     # non-finite steps the host has not seen yet (persistent until a verdict)
+    UNDO = 10       # 1.0: a written fp16 candidate is not finite: the guarded move goes back to w0
 
 
-CTL_SIZE = 16  # slots 10..15 reserved
+CTL_SIZE = 16  # slots 11..15 reserved
+
+# The slots a move can be conditioned on (``move_pass(only_if=...)``).
+MOVE_CONDITIONS = (Ctl.FALLBACK, Ctl.UNDO)
+
+
+def condition_slot(only_if: Optional[Ctl]) -> int:
+    """The ctl slot a move's ``only_if`` names, as the kernels take it: -1 for None."""
+    if only_if is None:
+        return -1
+    if only_if not in MOVE_CONDITIONS:
+        raise ValueError("move_pass: only_if is None or a slot of MOVE_CONDITIONS (Ctl.FALLBACK, "
+                         f"Ctl.UNDO), not {only_if!r}")
+    return int(only_if)
 
 
 class Verdict(enum.IntEnum):
@@ -189,7 +208,7 @@ class StepScalars(NamedTuple):
     eps: float
     bias_correction1: float   # 1 - beta1**t
     bias_correction2: float   # 1 - beta2**t
-    smoothing: float          # beta3 of the formulas (used by the step finisher)
+    smoothing: float          # the EMA factor of h and s (used by the step finisher)
     search_dir: Dir           # Dir.MOMENTUM for alsals, Dir.GRAD for adam_sls and salsa
     max_grad_norm: Optional[float] = None   # used by the grad finisher (None: no clipping)
 
@@ -199,7 +218,7 @@ class DecisionScalars(NamedTuple):
 
     eta: float     # the trial's step size
     c: float       # Armijo constant
-    smoothing: float   # beta3 of the formulas (StepScalars.smoothing; Hyper.smoothing)
+    smoothing: float   # the EMA factor of h and s (StepScalars.smoothing; Hyper.smoothing)
 
 
 _bucket_ids = itertools.count(1)
@@ -265,7 +284,7 @@ class Backend(Protocol):
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None: ...
+                  only_if: Optional[Ctl] = None) -> None: ...
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None: ...
 

@@ -9,8 +9,8 @@ a ``torch.ops.alsals_fused`` op with those few tensors (not the parameter lists)
 one kernel per bucket (one per pass in the usual single-dtype case); the sums are fp32 partials
 per chunk, added in float64 in a fixed order by the program that arrives last (a ticket), which
 also runs the finisher, so the grad finisher, step finisher and verdict run on the device
-without extra launches.  ``cuda_tools.plan_launches`` says, on any machine, what the kernels will
-launch.
+without extra launches.  ``cuda_tools.describe_launches`` says, on any machine, what the kernels
+will launch.
 
 Caching: the tables live in ``bucket.cache["cuda"]``; the gradient column is rewritten on the host (or
 by the driver's native reader, through ``grad_sink``) and uploaded with one non-blocking copy
@@ -31,7 +31,7 @@ is missing and ``ALSALS_FUSED_JIT=1``, it is compiled on first use with
 source) is loaded as it is (``finished_jit_build``): the GPU suite turns JIT off after a cut build
 phase, and an extension built before the cut stays usable.
 
-The header generator, the launch planner and the command line are in ``cuda_tools.py``.
+The header generator, the launch description and the command line are in ``cuda_tools.py``.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .._source_tree import CSRC, build_settings, finished_jit_build
-from .base import CHUNK, Bucket, DecisionScalars, Dir, StepScalars, TableCol
+from .base import CHUNK, Bucket, Ctl, DecisionScalars, Dir, StepScalars, TableCol, condition_slot
 from .cuda_tools import THREADS, layout_digest
 from .fused_tables import BucketTable, list_scratch, unfusable_reason
 
@@ -249,13 +249,13 @@ class CudaBackend:
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None:
+                  only_if: Optional[Ctl] = None) -> None:
         tables = self._tables(buckets)
         if from_backup and not all(t.has_backups for t in tables):
             raise ValueError("ALSALS cuda backend: from_backup=True for a bucket without backups")
         self._ops.move_pass(*self._args(tables), ctl, hp.eps, hp.bias_correction1,
                             hp.bias_correction2, float(src_eta), int(src_dir), float(dst_eta),
-                            int(dst_dir), from_backup, only_if_fallback)
+                            int(dst_dir), from_backup, condition_slot(only_if))
         return None
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:

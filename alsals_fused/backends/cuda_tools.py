@@ -3,11 +3,11 @@
 - The layout header: ``csrc/alsals_layout.h`` holds the constants of ``base.py`` for C++
   (``layout_header``); ``layout_digest`` lets the backend refuse an extension built from
   another layout.
-- The launch planner: ``plan_launches`` says what the kernels launch for one bucket;
+- The launch description: ``describe_launches`` says what the kernels launch for one bucket;
   ``extension_calls_per_step`` what one optimizer step issues.
 - The command line: ``python -m alsals_fused.backends.cuda_tools --write-header`` regenerates
-  the header; ``--check-header`` checks it; ``--plan N`` prints ``plan_launches`` for N fp32
-  tensors of GPT-2-like sizes.
+  the header; ``--check-header`` checks it; ``--describe-launches N`` prints
+  ``describe_launches`` for N fp32 tensors of GPT-2-like sizes.
 """
 from __future__ import annotations
 
@@ -58,12 +58,12 @@ def layout_header() -> str:
     ])
 
 
-# ---- the launch planner (host only, runs anywhere) ------------------------------------------
+# ---- the launch description (host only, runs anywhere) --------------------------------------
 def chunks_of(numel: int) -> int:
     return -(-int(numel) // CHUNK)
 
 
-def plan_launches(numels: Iterable[int], dtype: torch.dtype = torch.float32) -> Dict[str, object]:
+def describe_launches(numels: Iterable[int], dtype: torch.dtype = torch.float32) -> Dict[str, object]:
     """What the extension launches for one bucket of tensors with these element counts.
 
     Host arithmetic only (no extension, no GPU).  Keys: ``tensors``, ``empty_tensors``,
@@ -162,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alsals_fused.backends.cuda_tools")
     parser.add_argument("--write-header", action="store_true", help=f"regenerate {LAYOUT_HEADER}")
     parser.add_argument("--check-header", action="store_true", help="exit 1 if the header is stale")
-    parser.add_argument("--plan", type=int, metavar="N", help="plan_launches for N GPT-2-like fp32 tensors")
+    parser.add_argument("--describe-launches", type=int, metavar="N",
+                        help="describe_launches for N GPT-2-like fp32 tensors")
     args = parser.parse_args(argv)
     if args.write_header:
         LAYOUT_HEADER.write_text(layout_header())
@@ -173,10 +174,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{LAYOUT_HEADER} is stale: run python -m alsals_fused.backends.cuda_tools --write-header")
             return 1
         print(f"{LAYOUT_HEADER} is current")
-    if args.plan:
-        plan = plan_launches(_gpt2_like_numels(args.plan))
-        plan.pop("chunks")
-        print(json.dumps(plan, indent=1))
+    if args.describe_launches:
+        launches = describe_launches(_gpt2_like_numels(args.describe_launches))
+        launches.pop("chunks")
+        print(json.dumps(launches, indent=1))
     return 0
 
 

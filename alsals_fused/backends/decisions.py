@@ -38,11 +38,11 @@ def finish_grad(ctl: Tensor, sumsq: Tensor, loss0: Tensor, max_grad_norm: Option
         ctl[Ctl.SCALE].copy_(scale.masked_fill_(skip, 1.0))
 
 
-def finish_slope(ctl: Tensor, sums: Tensor, beta3: float) -> None:
+def finish_slope(ctl: Tensor, sums: Tensor, smoothing: float) -> None:
     """The step finisher: sums = float64[2] [sum(g*d_search), sum(g*g*p)] over every bucket."""
     ctl[Ctl.SLOPE:Ctl.SLOPE_GRAD + 1].copy_(sums)
     s_new = ctl[Ctl.S_NEW]
-    torch.add(ctl[Ctl.S] * beta3, ctl[Ctl.SLOPE] * (1 - beta3), out=s_new)
+    torch.add(ctl[Ctl.S] * smoothing, ctl[Ctl.SLOPE] * (1 - smoothing), out=s_new)
     # FALLBACK = !SKIP & (S_NEW <= 0); SKIP is 0 or 1, so max(S_NEW, SKIP) <= 0 says both.
     ctl[Ctl.FALLBACK].copy_(torch.maximum(s_new, ctl[Ctl.SKIP]) <= 0)
 

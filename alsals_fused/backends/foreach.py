@@ -5,9 +5,10 @@ no per-tensor Python loop on the hot path; each op below covers every tensor of 
 applies the same element-wise operations in the same order as the reference, so on CPU it agrees
 with it to the last bit except for the order of the fp64 slope sums.
 
-Like the reference it reads ``ctl`` (clip scale, skip and fallback flags) on the host, once per
-pass: free on CPU; on CUDA that is one small sync per pass, which the fused backends avoid.  The
-decisions (finishers, verdict) are ``decisions.py``'s, shared with the reference.
+Like the reference it reads ``ctl`` (clip scale, skip, fallback and a move's condition) on the
+host, once per pass: free on CPU; on CUDA that is one small sync per pass, which the fused
+backends avoid.  The decisions (finishers, verdict) are ``decisions.py``'s, shared with the
+reference.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import decisions
-from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, math_dtype
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, condition_slot, math_dtype
 from .reference import resolve
 
 # What torch._foreach_* take and return: the out-of-place ops return tuples.
@@ -193,10 +194,12 @@ class ForeachBackend:
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None:
-        scale, skip, fallback = ctl[Ctl.SCALE:Ctl.FALLBACK + 1].tolist()
-        if skip or (only_if_fallback and not fallback):
-            return
+                  only_if: Optional[Ctl] = None) -> None:
+        gate = condition_slot(only_if)
+        flags = ctl.tolist()                                # one read: the slots below
+        scale, skip, fallback = flags[Ctl.SCALE], flags[Ctl.SKIP], flags[Ctl.FALLBACK]
+        if skip or (gate >= 0 and not flags[gate]):
+            return                                          # nothing to do
         src_dir, dst_dir = resolve(src_dir, bool(fallback)), resolve(dst_dir, bool(fallback))
         for group in _groups(buckets):
             self._move_group(group, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)

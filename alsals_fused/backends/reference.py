@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import decisions
-from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, math_dtype
+from .base import Bucket, Ctl, DecisionScalars, Dir, StepScalars, condition_slot, math_dtype
 
 
 def resolve(direction: Dir, fallback: bool) -> Dir:
@@ -95,10 +95,11 @@ class ReferenceBackend:
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None:
-        scale, skip, fallback = (ctl[s].item() for s in (Ctl.SCALE, Ctl.SKIP, Ctl.FALLBACK))
-        if skip or (only_if_fallback and not fallback):
-            return
+                  only_if: Optional[Ctl] = None) -> None:
+        gate = condition_slot(only_if)
+        if ctl[Ctl.SKIP].item() or (gate >= 0 and not ctl[gate].item()):
+            return                                          # nothing to do
+        scale, fallback = ctl[Ctl.SCALE].item(), ctl[Ctl.FALLBACK].item()
         src_dir, dst_dir = resolve(src_dir, bool(fallback)), resolve(dst_dir, bool(fallback))
         for bucket in buckets:
             self._move_bucket(bucket, hp, scale, src_eta, src_dir, dst_eta, dst_dir, from_backup)

@@ -37,7 +37,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Bucket, DecisionScalars, Dir, StepScalars, TableCol
+from .base import (
+    CTL_SIZE,
+    TABLE_COLS,
+    VERDICT_SIZE,
+    Bucket,
+    Ctl,
+    DecisionScalars,
+    Dir,
+    StepScalars,
+    TableCol,
+    condition_slot,
+)
 from .fused_tables import (
     FUSED_DTYPES,
     BucketTable,
@@ -353,9 +364,9 @@ class TritonBackend:
         hyper_key = (hp.beta1, hp.beta2, hp.eps, hp.smoothing)
         fixed = self._step_fixed
         if fixed[0] != hyper_key:         # the step's constants change only with the hyperparameters
-            b1, b2, b3 = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
+            b1, b2, smoothing = float(hp.beta1), float(hp.beta2), float(hp.smoothing)
             fixed = self._step_fixed = (hyper_key, (b1, b2, 1 - b1, 1 - b2, float(hp.eps)),
-                                        (float_bits(b3), float_bits(1 - b3)))
+                                        (float_bits(smoothing), float_bits(1 - smoothing)))
         return (float(hp.eta), *fixed[1], float(hp.bias_correction1), float(hp.bias_correction2),
                 *fixed[2])
 
@@ -381,20 +392,20 @@ class TritonBackend:
 
     def move_pass(self, buckets: Sequence[Bucket], hp: StepScalars, ctl: Tensor, *, src_eta: float,
                   src_dir: Dir, dst_eta: float, dst_dir: Dir, from_backup: bool,
-                  only_if_fallback: bool = False) -> None:
+                  only_if: Optional[Ctl] = None) -> None:
         ll = self._launches(buckets, ctl)
-        # (Dir members and their int values make the same key: IntEnum hashes as int)
-        key = ("move", bool(from_backup), src_dir, dst_dir, bool(only_if_fallback))
+        # (Dir and Ctl members and their int values make the same key: IntEnum hashes as int)
+        key = ("move", bool(from_backup), src_dir, dst_dir, only_if)
         calls = ll.calls.get(key)
         if calls is None:
             calls = ll.calls[key] = self._move_calls(ll, bool(from_backup), Dir(src_dir), Dir(dst_dir),
-                                                     bool(only_if_fallback))
+                                                     condition_slot(only_if))
         self._run(ll, calls, (float(src_eta), float(dst_eta), float(dst_eta - src_eta), float(hp.eps),
                               float(hp.bias_correction1), float(hp.bias_correction2)))
 
     def _move_calls(self, ll: _ListLaunches, from_backup: bool, src_dir: Dir, dst_dir: Dir,
-                    only_if_fallback: bool) -> List[tuple]:
-        """move_kernel(table, sched, ctl, n_fast, n_prog, only_if_fallback, *scalars) per bucket."""
+                    only_if: int) -> List[tuple]:
+        """move_kernel(table, sched, ctl, n_fast, n_prog, only_if, *scalars) per bucket."""
         if from_backup and not all(bt.has_backups for bt in ll.tables):
             raise ValueError("ALSALS triton backend: from_backup=True but the bucket has no backups")
         if not from_backup and any(FUSED_DTYPES[bt.dtype] != "fp32" for bt in ll.tables):
@@ -403,18 +414,19 @@ class TritonBackend:
                              + ", ".join(FUSED_DTYPES[bt.dtype] for bt in ll.tables
                                          if bt.dtype != torch.float32))
         return [(_tk.move_kernel, (bt.n_prog,), (bt.table, bt.sched, ll.ctl, bt.n_fast, bt.n_prog,
-                                                 int(only_if_fallback)), (),
+                                                 only_if), (),
                  self._constexprs("move", FUSED_DTYPES[bt.dtype], from_backup, src_dir, dst_dir))
                 for bt in ll.tables if bt.n_prog]
 
     def verdict(self, ctl: Tensor, loss_try: Tensor, dp: DecisionScalars, out: Tensor) -> None:
-        b3 = float(dp.smoothing)
+        smoothing = float(dp.smoothing)
         held = self._verdict_on
         if held[0] is not ctl:       # the device of the ctl seen last (one per optimizer)
             device = ctl.device
             held = self._verdict_on = (ctl, device.index if device.type == "cuda" else None)
         self._launch_on(held[1], ((_tk.verdict_kernel, (1,), (ctl, loss_try, out), (), self._verdict_meta),),
-                        (float_bits(float(dp.c) * float(dp.eta)), float_bits(b3), float_bits(1 - b3)))
+                        (float_bits(float(dp.c) * float(dp.eta)), float_bits(smoothing),
+                         float_bits(1 - smoothing)))
 
 
 __all__ = ["TritonBackend", "unavailable_reason", "VERDICT_SIZE"]

@@ -8,7 +8,8 @@
 //   - fp32 partials + the last-program finisher (ticket): grad finisher, step finisher, sums
 //     bit-identical whatever the block order, over one or several buckets (launches), the
 //     ticket back at 0 after each pass, finish=false sums, and after a pass whose later launch failed;
-//   - ctl[SKIP] (nothing written), only_if_fallback, Dir::UPDATE resolved from ctl[FALLBACK];
+//   - ctl[SKIP] (nothing written), a move gated on ctl[FALLBACK] or ctl[UNDO] (only_if), Dir::UPDATE
+//     resolved from ctl[FALLBACK];
 //   - an all-empty pass (one program with no work still runs the finisher);
 //   - int64 element offsets past 2**31 (a table row whose chunk starts at element 2**31);
 //   - the verdict kernel against alsals::verdict.
@@ -294,7 +295,7 @@ static void plain_step(HostBucket<P>& hb, const StepArgs& s, const double* ctl, 
 }
 
 static MoveArgs move_args(const StepArgs& s, int src_dir, double src_eta, int dst_dir, double dst_eta,
-                          bool from_backup, bool only_if_fallback) {
+                          bool from_backup, int only_if) {
   MoveArgs a{};
   a.eps = s.eps;
   a.bias_correction1 = s.bias_correction1;
@@ -306,7 +307,7 @@ static MoveArgs move_args(const StepArgs& s, int src_dir, double src_eta, int ds
   a.src_dir = src_dir;
   a.dst_dir = dst_dir;
   a.from_backup = from_backup;
-  a.only_if_fallback = only_if_fallback;
+  a.only_if = only_if;
   return a;
 }
 
@@ -323,8 +324,8 @@ static void emulated_move(HostBucket<P>& hb, MoveArgs a, double* ctl, unsigned o
 
 template <typename P>
 static void plain_move(HostBucket<P>& hb, const MoveArgs& s, const double* ctl) {
+  if (ctl[Ctl::SKIP] != 0.0 || (s.only_if >= 0 && ctl[s.only_if] == 0.0)) return;
   const bool fallback = ctl[Ctl::FALLBACK] != 0.0;
-  if (ctl[Ctl::SKIP] != 0.0 || (s.only_if_fallback && !fallback)) return;
   const int src = resolve_dir(s.src_dir, fallback), dst = resolve_dir(s.dst_dir, fallback);
   const float scale = float(ctl[Ctl::SCALE]);
   for (size_t i = 0; i < hb.numel.size(); ++i)
@@ -351,7 +352,7 @@ static void fresh_ctl(double* ctl, double scale = 1.0, double skip = 0.0, double
   ctl[Ctl::SCALE] = scale;
   ctl[Ctl::SKIP] = skip;
   ctl[Ctl::FALLBACK] = fallback;
-  ctl[Ctl::S] = -0.25;  // a previous smoothed slope, so S_NEW is not just (1-beta3)*SLOPE
+  ctl[Ctl::S] = -0.25;  // a previous smoothed slope, so S_NEW is not just (1-smoothing)*SLOPE
   ctl[Ctl::H] = 0.125;
 }
 
@@ -405,23 +406,29 @@ static void test_step_and_moves(const char* name) {
       }
 
       // Moves from the state the step left (backup path; in place for fp32 only).
-      struct Move { int src_dir; double src_f; int dst_dir; double dst_f; int only; };
-      const Move moves[] = {{Dir::MOMENTUM, 1.0, Dir::UPDATE, 1.0, 1},  // the fallback fix-up
-                            {Dir::UPDATE, 1.0, Dir::UPDATE, 0.9, 0},    // backtrack
-                            {Dir::UPDATE, 1.0, Dir::UPDATE, 0.0, 0},    // restore to w0
-                            {Dir::GRAD, 1.0, Dir::UPDATE, 1.0, 0},      // adam_sls: update from w0
-                            {Dir::GRAD, 1.0, Dir::MOMENTUM, 0.5, 0}};
+      // only_if: the gating ctl slot, -1 for none.  Each move runs with FALLBACK and UNDO set to
+      // opposite values, both ways round, so a move that read the wrong slot would differ.
+      struct Move { int src_dir; double src_f; int dst_dir; double dst_f; int only_if; };
+      const Move moves[] = {{Dir::MOMENTUM, 1.0, Dir::UPDATE, 1.0, Ctl::FALLBACK},  // the fallback fix-up
+                            {Dir::UPDATE, 1.0, Dir::UPDATE, 0.9, -1},              // backtrack
+                            {Dir::UPDATE, 1.0, Dir::UPDATE, 0.0, -1},              // restore to w0
+                            {Dir::GRAD, 1.0, Dir::UPDATE, 1.0, -1},                // adam_sls: update from w0
+                            {Dir::GRAD, 1.0, Dir::MOMENTUM, 0.5, -1},
+                            {Dir::MOMENTUM, 1.0, Dir::MOMENTUM, 0.0, Ctl::UNDO},   // fp16 guard, no search
+                            {Dir::UPDATE, 1.0, Dir::UPDATE, 0.0, Ctl::UNDO}};      // fp16 guard, adam_sls
       for (const Move& mv : moves)
         for (int fb = 0; fb < 2; ++fb) {
           if (!backup && sizeof(P) != 4) continue;
           HostBucket<P> x = a, y = a;
-          const MoveArgs ms = move_args(s, mv.src_dir, s.eta * mv.src_f, mv.dst_dir, s.eta * mv.dst_f, backup, mv.only);
+          const MoveArgs ms =
+              move_args(s, mv.src_dir, s.eta * mv.src_f, mv.dst_dir, s.eta * mv.dst_f, backup, mv.only_if);
           double mctl[CTL_SIZE];
           fresh_ctl(mctl, variant == 2 ? 0.5 : 1.0, 0.0, fb);
+          mctl[Ctl::UNDO] = fb ? 0.0 : 1.0;
           emulated_move(x, ms, mctl, fb ? 1 : 0);
           plain_move(y, ms, mctl);
           expect_equal(x, y, "move");
-          if (mv.only && !fb) expect_equal(x, a, "only_if_fallback without fallback wrote something");
+          if (mv.only_if >= 0 && mctl[mv.only_if] == 0.0) expect_equal(x, a, "a move whose gate is 0 wrote something");
           if (&mv == moves + 1 && fb) {
             double skip_ctl[CTL_SIZE];
             fresh_ctl(skip_ctl, 1.0, 1.0, 1.0);

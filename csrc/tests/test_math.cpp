@@ -206,13 +206,13 @@ static void test_decisions() {
   const double slopes[] = {0.3, -0.3, 0.0, 1e-300, nan};
   for (double slope : slopes)
     for (double s_old : {0.0, 0.2, -0.5})
-      for (double beta3 : {0.0, 0.99})
+      for (double smoothing : {0.0, 0.99})
         for (int skip = 0; skip < 2; ++skip) {
           double ctl[CTL_SIZE] = {};
           ctl[Ctl::S] = s_old;
           ctl[Ctl::SKIP] = skip;
-          finish_step(ctl, slope, 0.7, beta3);
-          const double s_new = beta3 * s_old + (1 - beta3) * slope;
+          finish_step(ctl, slope, 0.7, smoothing);
+          const double s_new = smoothing * s_old + (1 - smoothing) * slope;
           EXPECT(ctl[Ctl::SLOPE] == slope || slope != slope, "SLOPE");
           EXPECT(ctl[Ctl::SLOPE_GRAD] == 0.7 && same64(ctl[Ctl::S_NEW], s_new), "S_NEW %g vs %g", ctl[Ctl::S_NEW], s_new);
           EXPECT(ctl[Ctl::FALLBACK] == ((!skip && s_new <= 0) ? 1.0 : 0.0), "FALLBACK");
@@ -223,7 +223,7 @@ static void test_decisions() {
   for (double l : tries)
     for (int fb = 0; fb < 2; ++fb)
       for (int skip = 0; skip < 2; ++skip)
-        for (double beta3 : {0.0, 0.99}) {
+        for (double smoothing : {0.0, 0.99}) {
           double ctl[CTL_SIZE] = {}, out[VERDICT_SIZE];
           ctl[Ctl::LOSS0] = 1.0;
           ctl[Ctl::FALLBACK] = fb;
@@ -235,11 +235,12 @@ static void test_decisions() {
           ctl[Ctl::S] = 0.1;
           ctl[Ctl::PENDING] = 1.0;
           const double eta = 0.05, c = 0.5;
-          verdict(ctl, l, eta, c, beta3, out);
-          const double diff = 1.0 - l, h_new = 0.01 * beta3 + diff * (1 - beta3);
+          verdict(ctl, l, eta, c, smoothing, out);
+          const double diff = 1.0 - l, h_new = 0.01 * smoothing + diff * (1 - smoothing);
           const bool test = fb ? diff >= 0.4 * (c * eta) : h_new >= 0.2 * (c * eta);
           const bool ok = !skip && std::isfinite(l) && (l == 1.0 || test);
-          EXPECT(out[Verdict::ACCEPT] == (ok ? 1.0 : 0.0), "ACCEPT (L %g fb %d skip %d beta3 %g)", l, fb, skip, beta3);
+          EXPECT(out[Verdict::ACCEPT] == (ok ? 1.0 : 0.0), "ACCEPT (L %g fb %d skip %d smoothing %g)", l, fb, skip,
+                 smoothing);
           EXPECT(out[Verdict::FINITE] == (skip ? 0.0 : 1.0) && out[Verdict::FALLBACK] == fb, "FINITE/FALLBACK");
           EXPECT(out[Verdict::LOSS0] == 1.0 && same64(out[Verdict::LOSS_TRY], l), "losses");
           EXPECT(out[Verdict::SLOPE_USED] == (fb ? 0.4 : 0.3) && out[Verdict::PENDING] == 1.0, "SLOPE_USED/PENDING");
