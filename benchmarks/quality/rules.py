@@ -174,3 +174,85 @@ class NextBatchProbe(ALSALS):
 
 
 RULES["next_batch_probe"] = NextBatchProbe
+
+
+def _quad_min(L0: float, L1: float, G1: float) -> float:
+    """Minimizer in s of the quadratic with f(0) = L0, f(1) = L1, f'(1) = G1; inf when it is not
+    convex, nan when an input is not finite."""
+    if not all(math.isfinite(v) for v in (L0, L1, G1)):
+        return math.nan
+    a = G1 - (L1 - L0)
+    return (G1 - 2 * (L1 - L0)) / (2 * a) if a > 0 else math.inf
+
+
+class QuadProbe(ALSALS):
+    """Steer eta by a quadratic model of the next mini-batch's loss along the last displacement.
+
+    An anchor w (the parameters) is kept ``probe_horizon`` steps before a probe; the probe step's
+    batch is evaluated once more at w (the gradient forward's random numbers and buffers), and
+    with the gradient forward's loss and gradient at the current point w' it gives the quadratic
+    along w -> w' (value at both ends, slope at w'), whose minimizer s_q is in units of the
+    displacement.  eta *= clip(kappa * s_q, 1/max_change, max_change) ** probe_gain: uphill
+    (s_q <= 0) at the low clip, a non-convex fit at the high one.  One probe forward every
+    ``probe_every`` steps; the searches run as ``line_search_every`` says (the first one finds
+    the scale).  ``kappa`` is where the diagnostic (probe.py --mode next) puts the best Adam
+    rate: s_q at that rate is about 1 / kappa."""
+
+    def __init__(self, params, *, probe_every: int = 4, probe_horizon: int | None = None, kappa: float = 1.0,
+                 probe_gain: float = 0.3, max_change: float = 4.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.probe_every, self.kappa, self.probe_gain, self.max_change = probe_every, kappa, probe_gain, max_change
+        self.probe_horizon = probe_every if probe_horizon is None else probe_horizon
+        if not 1 <= self.probe_horizon <= probe_every:
+            raise ValueError(f"probe_horizon must be in [1, probe_every], got {self.probe_horizon}")
+        self.probe_forwards = 0
+        self._anchor: list = []            # the parameters probe_horizon steps before the next probe
+        self._anchor_n = -1                # the step (count from 0) they were saved before
+        self._n = 0
+        self._g1: float | None = None
+        self.estimates: list = []          # (t, s_q): for the record
+
+    def _update(self, closure, loss0, searching, rng_before):
+        if self._g1 is not None:           # the gradient at w' along w' - w, before the update moves w'
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._g1 = float(sum((p.grad * (p - w)).sum() for p, w in zip(params, self._anchor)
+                                 if p.grad is not None))
+        super()._update(closure, loss0, searching, rng_before)
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        module = self._buffer_module
+        loss0, n, k = None, self._n, self.probe_every
+        anchor = ([p.detach().clone() for p in params] if n % k == (k - self.probe_horizon) % k else None)
+        if self._anchor and n - self._anchor_n == self.probe_horizon:
+            with torch.no_grad():
+                now = [p.detach().clone() for p in params]
+                buffers = [b.detach().clone() for b in module.buffers()] if module is not None else []
+                for p, w in zip(params, self._anchor):
+                    p.copy_(w)
+                rng = torch.get_rng_state()
+                loss0 = float(closure())
+                torch.set_rng_state(rng)       # the gradient forward draws the same dropout masks
+                for p, w in zip(params, now):
+                    p.copy_(w)
+                if module is not None:
+                    for b, v in zip(module.buffers(), buffers):
+                        b.copy_(v)
+            self.probe_forwards += 1
+            self._g1 = 0.0
+        loss = super().step(closure)
+        if loss0 is not None:
+            s_q = _quad_min(loss0, float(loss.detach()), self._g1)
+            self._g1, self._anchor = None, []
+            if not math.isnan(s_q):
+                r = min(self.max_change, max(1 / self.max_change, self.kappa * s_q))
+                self.eta = self.eta * r ** self.probe_gain
+                self._sync_lr()
+                self.estimates.append((self.t, s_q))
+        if anchor is not None:
+            self._anchor, self._anchor_n = anchor, n
+        self._n += 1
+        return loss
+
+
+RULES["quad_probe"] = QuadProbe
