@@ -37,7 +37,9 @@ a sequence of passes, setting both sides to the reference's values after each):
   the verdict is ``decisions.verdict``, to the bit.
 - ``traj``: params and moments after each step of a trajectory (rounding differences drift
   through the steps, in-place moves by a few ulps of eta per move); the decisions (trials,
-  accepted, searched, skipped, fallback, eta) and the counters must be identical.
+  accepted, searched, skipped, fallback, eta) and the counters must be identical.  Where a deleted
+  copy checked a run more closely for some steps, ``assert_same_run(strict_steps=, strict=)``
+  holds those steps to its tolerance as well (no allowances).
 """
 from __future__ import annotations
 

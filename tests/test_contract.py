@@ -16,7 +16,10 @@ the interpreter on CPU or compiled on a GPU, cuda on a GPU) and holds the backen
 3. the whole optimizer: trajectories of every variant and dtype (and the hard cases that reach
    the fallback and rejected steps) take the reference's decisions at every step (trials,
    accepted, skipped, fallback, eta) with losses, params and moments within the backend's
-   tolerances;
+   tolerances (and, where a deleted copy checked a run more closely, within its tolerance for
+   the steps it checked: ``STRICT``); on a GPU the deleted test_triton / test_cuda trajectories
+   also run as they were, on their own models (``S.TanhMLP``, ``S.LinearNet``) with their
+   tolerances (the interpreter runs test_triton's alsals-clip-tight);
    the behaviour every backend must keep (non-finite steps, NaN trials, a raising closure,
    rejected steps, the equality guard, one read per trial, RNG replay, buffers, unused
    parameters); a ``state_dict`` round trip resumes bit-identically.
