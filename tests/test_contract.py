@@ -16,7 +16,10 @@ the interpreter on CPU or compiled on a GPU, cuda on a GPU) and holds the backen
 3. the whole optimizer: trajectories of every variant and dtype (and the hard cases that reach
    the fallback and rejected steps) take the reference's decisions at every step (trials,
    accepted, skipped, fallback, eta) with losses, params and moments within the backend's
-   tolerances;
+   tolerances (and, where a deleted copy checked a run more closely, within its tolerance for
+   the steps it checked: ``STRICT``); on a GPU the deleted test_triton / test_cuda trajectories
+   also run as they were, on their own models (``S.TanhMLP``, ``S.LinearNet``) with their
+   tolerances (the interpreter runs test_triton's alsals-clip-tight);
    the behaviour every backend must keep (non-finite steps, NaN trials, a raising closure,
    rejected steps, the equality guard, one read per trial, RNG replay, buffers, unused
    parameters); a ``state_dict`` round trip resumes bit-identically.
@@ -740,6 +743,18 @@ def _traj_cases():
 
 
 TRAJ = list(_traj_cases())
+# Runs a deleted copy checked more closely than the allowances for clipped and in-place runs
+# (traj_clip, traj_inplace, drift) allow, for that many steps; those steps are held to both.
+# (case, backend): (steps, tolerance fields; {} = the row's own trajectory tolerance, no drift).
+# - test_triton's shared-odd-model test: 22 steps, 1e-5|b| + 1e-6, no drift;
+# - test_triton's trajectories: 1e-4|b| + 1e-5 max|b| (16-bit params one ulp), 24 steps; OddModel's
+#   clipping norm drifts alsals-clip-tight past it at step 22 (TANH_MLP runs it as it was);
+# - test_foreach_vs_reference's in-place trajectories: 22 steps, (1e-6, 1e-7), no drift.
+SHARED_ODD_TOL = dict(traj_rtol=1e-5, traj_atol=1e-6, traj_max_rtol=None)
+TEST_TRITON_TOL = dict(traj_rtol=1e-4, traj_atol=math.inf, traj_max_rtol=1e-5, traj_half="ulp")
+STRICT = {("alsals-inplace", "triton"): (22, SHARED_ODD_TOL), ("salsa-inplace", "triton"): (22, SHARED_ODD_TOL),
+          ("alsals-clip-tight", "triton"): (22, TEST_TRITON_TOL), ("salsa-bf16-clip", "triton"): (24, TEST_TRITON_TOL),
+          ("alsals-inplace", "foreach"): (22, {}), ("adam_sls-inplace", "foreach"): (22, {})}
 
 
 @pytest.mark.parametrize("info", OPT_PASS)
@@ -750,12 +765,14 @@ def test_trajectory_takes_the_reference_decisions(info, case, kw, expect, interp
     kw = dict(dict(init_step_size=0.5, big=not info.slow), **kw, steps=info.traj_steps)
     if "total_steps" in kw:                  # counted back from the run's end
         kw["total_steps"] += info.traj_steps
+    strict_steps, strict_tol = STRICT.get((case, info.name), (0, {}))
     got = S.run_trajectory(info.name, info.device, **kw)
     want = S.run_trajectory("reference", info.device, **kw)
     assert info.name in {b.name for b in got.opt._resolved.values()}, "the backend under test did not run"
     S.assert_same_run(got, want, info, memory_efficient=kw.get("memory_efficient", False),
                       init_step_size=kw["init_step_size"], clipped=kw.get("max_grad_norm") is not None,
-                      f64_run=kw.get("dtype") == torch.float64)
+                      f64_run=kw.get("dtype") == torch.float64, strict_steps=strict_steps,
+                      strict=dataclasses.replace(info, **strict_tol))
     trials = sum(d[0] for d in want.decisions)
     assert trials > info.traj_steps // 3, "the line search should have run"
     assert trials > sum(d[2] for d in want.decisions) or kw["variant"] == "salsa", "should backtrack"
@@ -768,6 +785,79 @@ def test_trajectory_takes_the_reference_decisions(info, case, kw, expect, interp
         assert not any(d[2] for d in want.decisions[start:]), "the cooldown searched"
         etas = [d[-1] for d in want.decisions[start - 1:]]
         assert etas == sorted(etas, reverse=True) and etas[-1] == etas[-2] < etas[0], "no cooldown"
+
+
+# test_triton's trajectories on its own problem (S.TanhMLP, fp64 loss), as it ran them: 24 steps,
+# its tolerance |a - b| <= 1e-4|b| + 1e-5 max|b| (plus the drift allowance on in-place params),
+# 16-bit params one ulp.  The interpreter runs alsals-clip-tight, which OddModel holds to that
+# tolerance for 22 steps only; OddModel's runs of the others hold to it (or closer) throughout.
+# (id, kwargs, counters that must be > 0, run under Triton's interpreter)
+TANH_MLP = [
+    ("alsals", dict(variant="alsals"), (), False),
+    ("alsals-inplace", dict(variant="alsals", memory_efficient=True, weight_decay=0.01), (), False),
+    ("alsals-clip-tight", dict(variant="alsals", max_grad_norm=0.05, weight_decay=0.1), (), True),
+    ("alsals-hard", dict(variant="alsals", **HARD), ("fallbacks", "rejected"), False),
+    ("alsals-hard-inplace", dict(variant="alsals", memory_efficient=True, weight_decay=0.01, **HARD),
+     ("fallbacks", "rejected"), False),
+    ("adam_sls", dict(variant="adam_sls"), (), False),
+    ("adam_sls-inplace-rejects", dict(variant="adam_sls", memory_efficient=True, weight_decay=0.01,
+                                      init_step_size=3.0, max_trials=2), ("rejected",), False),
+    ("salsa", dict(variant="salsa", weight_decay=0.01), (), False),
+    ("salsa-inplace", dict(variant="salsa", memory_efficient=True), (), False),
+    ("alsals-every3-nan", dict(variant="alsals", line_search_every=3, poison_at=(5,)), ("skipped",), False),
+    ("alsals-hard-bf16", dict(variant="alsals", dtype=BF16, weight_decay=0.01, **HARD), ("fallbacks", "rejected"),
+     False),
+    ("adam_sls-fp16", dict(variant="adam_sls", dtype=F16), (), False),
+    ("salsa-bf16-clip", dict(variant="salsa", dtype=BF16, max_grad_norm=0.05), (), False),
+]
+
+
+@pytest.mark.parametrize("info", S.params(oracle=False, where=lambda i: _default(i) and i.name == "triton"))
+@pytest.mark.parametrize("case, kw, expect, interpreter", TANH_MLP, ids=[t[0] for t in TANH_MLP])
+def test_trajectory_on_test_tritons_problem(info, case, kw, expect, interpreter):
+    if info.slow and not interpreter:
+        pytest.skip("the interpreter runs alsals-clip-tight (OddModel runs the others)")
+    kw = dict(kw, model="mlp", steps=24)
+    got = S.run_trajectory(info.name, info.device, **kw)
+    want = S.run_trajectory("reference", info.device, **kw)
+    assert info.name in {b.name for b in got.opt._resolved.values()}, "the backend under test did not run"
+    S.assert_same_run(got, want, dataclasses.replace(info, **TEST_TRITON_TOL, traj_clip=(), traj_inplace=()),
+                      memory_efficient=kw.get("memory_efficient", False), init_step_size=kw.get("init_step_size", 0.1))
+    assert sum(d[0] for d in want.decisions) > 24 // 3, "the line search should have run"
+    for name in expect:
+        assert want.counters[name] > 0, f"the case should reach {name}: {want.counters}"
+
+
+CUDA_ROWS = S.params(oracle=False, where=lambda i: _default(i) and i.name == "cuda")
+
+
+# test_cuda's trajectories on its own network (S.LinearNet), with its checks: 24 steps, the same
+# trials and accepted steps, eta rel 1e-12, losses rel 1e-4 abs 1e-6, the final params (1e-4, 1e-5).
+@pytest.mark.parametrize("info", CUDA_ROWS)
+@pytest.mark.parametrize("variant", ["alsals", "adam_sls", "salsa"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["backup", "inplace"])
+@pytest.mark.parametrize("wd, max_grad_norm", [(0.0, None), (0.05, 0.5)], ids=["noclip", "wd-clip"])
+def test_trajectory_on_test_cudas_network(info, variant, memory_efficient, wd, max_grad_norm):
+    kw = dict(model="linear", steps=24, variant=variant, memory_efficient=memory_efficient, weight_decay=wd,
+              max_grad_norm=max_grad_norm)
+    got = S.run_trajectory(info.name, info.device, **kw)
+    want = S.run_trajectory("reference", info.device, **kw)
+    assert info.name in {b.name for b in got.opt._resolved.values()}, "the backend under test did not run"
+    assert [d[:2] for d in got.decisions] == [d[:2] for d in want.decisions], "(trials, accepted) differ"
+    assert [d[-1] for d in got.decisions] == pytest.approx([d[-1] for d in want.decisions], rel=1e-12)
+    assert got.losses == pytest.approx(want.losses, rel=1e-4, abs=1e-6)
+    for i, (x, y) in enumerate(zip(got.params[-1], want.params[-1], strict=True)):
+        S.assert_close(x, y, rtol=1e-4, atol=1e-5, where=f"final params[{i}]")
+
+
+@pytest.mark.parametrize("info", CUDA_ROWS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_trajectory_on_test_cudas_network_16bit(info, dtype):
+    """(test_cuda's 16-bit check; the contract's bf16/fp16 trajectories hold every step to one eps.)"""
+    got = S.run_trajectory(info.name, info.device, model="linear", steps=20, dtype=dtype)
+    want = S.run_trajectory("reference", info.device, model="linear", steps=20, dtype=dtype)
+    assert [d[0] for d in got.decisions[:3]] == [d[0] for d in want.decisions[:3]]
+    assert got.losses[-1] == pytest.approx(want.losses[-1], rel=0.05) and got.losses[-1] < got.losses[0]
 
 
 @pytest.mark.parametrize("info", OPT)
