@@ -749,12 +749,17 @@ TRAJ = list(_traj_cases())
 # - test_triton's shared-odd-model test: 22 steps, 1e-5|b| + 1e-6, no drift;
 # - test_triton's trajectories: 1e-4|b| + 1e-5 max|b| (16-bit params one ulp), 24 steps; OddModel's
 #   clipping norm drifts alsals-clip-tight past it at step 22 (TANH_MLP runs it as it was);
-# - test_foreach_vs_reference's in-place trajectories: 22 steps, (1e-6, 1e-7), no drift.
+# - test_foreach_vs_reference's in-place trajectories: 22 steps, (1e-6, 1e-7), no drift;
+# - this suite's own GPU rows before the merge: in-place runs 16 steps at the row's tolerance with
+#   4 ulps of drift; held here without drift (1e-5 of atol is 40x those ulps at eta 0.5).
 SHARED_ODD_TOL = dict(traj_rtol=1e-5, traj_atol=1e-6, traj_max_rtol=None)
 TEST_TRITON_TOL = dict(traj_rtol=1e-4, traj_atol=math.inf, traj_max_rtol=1e-5, traj_half="ulp")
+OLD_TRITON_INPLACE_TOL = dict(traj_rtol=1e-4, traj_atol=1e-5, traj_max_rtol=None)
 STRICT = {("alsals-inplace", "triton"): (22, SHARED_ODD_TOL), ("salsa-inplace", "triton"): (22, SHARED_ODD_TOL),
           ("alsals-clip-tight", "triton"): (22, TEST_TRITON_TOL), ("salsa-bf16-clip", "triton"): (24, TEST_TRITON_TOL),
-          ("alsals-inplace", "foreach"): (22, {}), ("adam_sls-inplace", "foreach"): (22, {})}
+          ("alsals-inplace", "foreach"): (22, {}), ("adam_sls-inplace", "foreach"): (22, {}),
+          ("adam_sls-inplace", "triton"): (16, OLD_TRITON_INPLACE_TOL),
+          ("alsals-inplace", "cuda"): (16, {}), ("adam_sls-inplace", "cuda"): (16, {})}
 
 
 @pytest.mark.parametrize("info", OPT_PASS)
