@@ -148,3 +148,45 @@ def test_adaptive_state_round_trips():
     other = ALSALS(model.parameters(), variant="adaptive")
     other.load_state_dict(sd)
     assert other._scale_found and other._growth == opt._growth and other.eta == opt.eta
+
+
+def test_statistical_drop_quantiles_and_interval_test():
+    from benchmarks.quality.rules import _LeakyBucket, _stationary, _still_decreasing, _t_quantile
+    for p, dof, table in ((0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 10, 2.228), (0.95, 30, 1.697)):
+        assert _t_quantile(p, dof) == pytest.approx(table, abs=1e-3)
+    assert _t_quantile(0.05, 30) == pytest.approx(-1.697, abs=1e-3)
+    bucket = _LeakyBucket(4)                 # keeps the most recent ceil(n / 4) samples
+    for i in range(9):
+        bucket.add(i)
+    assert bucket.values == [6, 7, 8]
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(3)).tolist()
+    # mean 0.1 + noise: inside the interval (its halves' means share a sign); mean 1: outside
+    for composite in (False, True):
+        assert [_stationary([x + shift for x in noise], 0.05, composite) for shift in (0.1, 1.0)] == [True, False]
+    assert not _stationary([x + (0.5 if i < 100 else -0.5) for i, x in enumerate(noise)], 0.05, False)
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(0)).tolist()
+    assert _still_decreasing([(i, 1 - 0.002 * i + 0.1 * x) for i, x in enumerate(noise)], 0.05)
+    assert not _still_decreasing([(i, 1 + 0.1 * x) for i, x in enumerate(noise)], 0.05)
+
+
+def test_statistical_drop_searches_as_the_driver_until_it_switches():
+    from benchmarks.quality.rules import StatisticalDrop
+    model, closure = _problem(3)
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(64, 8)
+    y = x[:, :1].sin()
+    rule = StatisticalDrop(model.parameters(), line_search_every=2, min_samples=10 ** 6)
+    plain = ALSALS(twin.parameters(), line_search_every=2)
+    for _ in range(6):
+        for opt, net in ((rule, model), (plain, twin)):
+            opt.zero_grad()
+            opt.step(lambda net=net: torch.nn.functional.mse_loss(net(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert rule.switched_at is None and rule._samples.total == 6     # one sample per step
+    rule.switched_at = rule.t                 # after the switch: constant eta, no trial forwards
+    eta = rule.eta
+    for _ in range(3):
+        rule.zero_grad()
+        rule.step(closure)
+        assert rule.last_step.trials == 0 and rule.eta == eta

@@ -19,7 +19,9 @@ from alsals_fused.config import VARIANTS, cooldown_steps, make_hyper
 
 # Keyword arguments of the experimental rules (rules.py); every other key is a field of Hyper.
 RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches",
-                  "probe_every", "probe_factor", "probe_gain", "probe_gain_down", "probe_horizon")
+                  "probe_every", "probe_factor", "probe_gain", "probe_gain_down", "probe_horizon",
+                  "drop_factor", "significance", "leak_ratio", "min_samples", "test_every", "loss_switch",
+                  "drop_test")
 # A candidate's "total_steps": "budget" is replaced by the run's step budget (the cooldown option).
 BUDGET = "budget"
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -123,9 +125,13 @@ class AlsalsAdapter(Adapter):
 
     def summary(self):
         c = self.opt.counters
-        return dict(first_step_trials=self.first_trials, rejected=c["rejected"],
-                    max_consecutive_rejected=self.max_rejected_run, searches=c["searches"],
-                    fallbacks=c["fallbacks"], skipped=c["skipped"])
+        out = dict(first_step_trials=self.first_trials, rejected=c["rejected"],
+                   max_consecutive_rejected=self.max_rejected_run, searches=c["searches"],
+                   fallbacks=c["fallbacks"], skipped=c["skipped"])
+        events = getattr(self.opt, "events", None)      # a rule's record (rules.py), into the JSON rows
+        if events is not None:
+            out["rule_events"] = events
+        return out
 
 
 class SalsaPackageAdapter(Adapter):

@@ -13,6 +13,7 @@ line puts the edge at eta * (1 - c) / (1 - q); the next search starts there (cli
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -256,3 +257,204 @@ class QuadProbe(ALSALS):
 
 
 RULES["quad_probe"] = QuadProbe
+
+
+# -- a statistical stationarity test that drops eta (Zhang, Lang, Liu and Xiao 2020, "SALSA") ----
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (continued fraction, modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):           # the fraction converges fast below this point
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+                     + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return front * f
+
+
+@functools.lru_cache(maxsize=None)
+def _t_quantile(p: float, dof: int) -> float:
+    """q with P(T <= q) = p for Student's t with ``dof`` degrees of freedom (bisection)."""
+    if p < 0.5:
+        return -_t_quantile(1.0 - p, dof)
+    lo, hi = 0.0, 1.0
+    while 1.0 - 0.5 * _betainc(dof / 2, 0.5, dof / (dof + hi * hi)) < p:
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if 1.0 - 0.5 * _betainc(dof / 2, 0.5, dof / (dof + mid * mid)) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class _LeakyBucket:
+    """The samples since the last reset, of which the most recent ceil(n / ratio) are kept."""
+
+    def __init__(self, ratio: int):
+        self.ratio, self.values, self.total = ratio, [], 0
+
+    def add(self, value) -> None:
+        self.total += 1
+        self.values.append(value)
+        keep = -(-self.total // self.ratio)
+        del self.values[:-keep]
+
+    def reset(self) -> None:
+        self.values, self.total = [], 0
+
+
+def _stationary(window: list, significance: float, composite: bool) -> bool:
+    """The batch-means confidence interval test of a zero mean.  The mean of ``window`` has a
+    1 - significance interval from non-overlapping batch means (batch size floor(sqrt(n)), which
+    accounts for the samples' correlation along the run); stationary when it contains 0 and the
+    two halves' means have the same sign.  ``composite`` (the first test): the interval of the
+    same width around each half's mean must contain 0, which refuses a transient that crosses 0."""
+    n = len(window)
+    size = math.isqrt(n)
+    k = n // size
+    mean = sum(window) / n
+    means = [sum(window[i * size:(i + 1) * size]) / size for i in range(k)]
+    std = math.sqrt(size * sum((m - mean) ** 2 for m in means) / (k - 1))
+    half_width = std * _t_quantile(1 - significance / 2, k - 1) / math.sqrt(n)
+    m1, m2 = sum(window[:n // 2]) / (n // 2), sum(window[n // 2:]) / (n - n // 2)
+    if composite:
+        return abs(m1) < half_width and abs(m2) < half_width and m1 * m2 > 0
+    return abs(mean) < half_width and m1 * m2 > 0
+
+
+def _still_decreasing(points: list, significance: float) -> bool:
+    """One-sided t-test of a negative slope of the losses against the step number."""
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    sxx = sum((t - mx) ** 2 for t, _ in points)
+    syy = sum((v - my) ** 2 for _, v in points)
+    sxy = sum((t - mx) * (v - my) for t, v in points)
+    if sxx <= 0 or syy <= 0:
+        return False
+    r = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+    dof = n - 2
+    t_stat = r * math.sqrt(dof / max((1 - r) * (1 + r), 1e-300))
+    return t_stat < _t_quantile(significance, dof)
+
+
+class StatisticalDrop(ALSALS):
+    """The driver's own search warms eta up (phase 1); then eta is held constant with no trial
+    forwards, and dropped by ``drop_factor`` whenever a statistical test finds the iterates
+    stationary (Zhang, Lang, Liu and Xiao 2020, arXiv 2002.10597, "SALSA", after Lang, Zhang
+    and Xiao 2019, "SASA").
+
+    The test holds for any update x' = x + D: at a stationary distribution E||x'||^2 = E||x||^2,
+    so the per-step samples z = -(2<x, D> + ||D||^2) / (2 eta) have mean 0 (for D = -eta*d this
+    is the reference code's <x', d> + eta/2 ||d||^2).  They go into a leaky bucket that keeps the
+    most recent 1/``leak_ratio`` of the samples since the last drop; every ``test_every`` steps,
+    once it holds more than ``min_samples``, the batch-means interval test (``_stationary``) runs
+    at ``significance``, the composite form before the first drop.  A drop resets the bucket.
+
+    The switch from the search to the constant rate is the reference's automatic one: the first
+    drop (the test runs from step 1, during the search too), or, when ``loss_switch``, a one-sided
+    regression test that no longer finds the training loss decreasing (a leaky bucket of the
+    losses, as large, at the same significance).  Substitute: the losses are every step's
+    gradient-forward loss, where the reference records the line search's f0 and searches at
+    every step (the cheap search here runs every ``line_search_every`` steps).  Deviation: the
+    reference also zeroes SGD's momentum buffer at a drop; Adam's moments are left as they are
+    (host decisions only).
+
+    ``drop_test="loss"`` (not the paper's test): the drops come from the loss regression test
+    instead, every ``test_every`` steps on the losses since the last drop (the same condition,
+    E f(x') = E f(x), with the training loss as the test function); the first drop is the
+    switch.  Tried because without weight decay ||x||^2 grows through every run here (the norm
+    test's samples have a clearly negative mean: results/experiments.md, round 7).
+
+    Prototype: z is computed here from the parameters before and after the step (a host clone
+    per step).  A fused build needs two more reductions in the step pass, sum(w0 * d) and
+    sum(d * d) along the direction the step takes (z = sum(w0*d) - eta/2 * sum(d*d) for the
+    step w0 - eta*d, whichever eta the search accepts), read with the step's verdict.
+    """
+
+    def __init__(self, params, *, drop_factor: float = 10.0, significance: float = 0.05, leak_ratio: int = 8,
+                 min_samples: int = 1000, test_every: int = 100, loss_switch: bool = True, drop_test: str = "norm",
+                 **kwargs):
+        super().__init__(params, **kwargs)
+        if drop_test not in ("norm", "loss"):
+            raise ValueError(f"StatisticalDrop: drop_test must be 'norm' or 'loss', got {drop_test!r}")
+        if not drop_factor > 1 or not 0 < significance < 1:
+            raise ValueError(f"StatisticalDrop: drop_factor must be > 1 and 0 < significance < 1, got "
+                             f"{drop_factor}, {significance}")
+        if leak_ratio < 1 or min_samples < 4 or test_every < 1:
+            raise ValueError(f"StatisticalDrop: leak_ratio >= 1, min_samples >= 4 and test_every >= 1 are "
+                             f"needed, got {leak_ratio}, {min_samples}, {test_every}")
+        self.drop_factor, self.significance, self.min_samples = drop_factor, significance, min_samples
+        self.test_every, self.loss_switch, self.drop_test = test_every, loss_switch, drop_test
+        self._samples, self._losses = _LeakyBucket(leak_ratio), _LeakyBucket(leak_ratio)
+        self._composite = True
+        self.switched_at: int | None = None      # the step after which eta is constant
+        self.switch_reason = ""
+        self.drops: list = []                    # (step, eta after the drop)
+
+    @property
+    def events(self) -> dict:
+        return dict(switched_at=self.switched_at, switch_reason=self.switch_reason, drops=self.drops)
+
+    def _searches_at(self, t: int) -> bool:
+        return self.switched_at is None and super()._searches_at(t)
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        loss = super().step(closure)
+        info, t = self.last_step, self.t
+        if info.accepted and not info.skipped and info.eta > 0:
+            with torch.no_grad():
+                cross = sq = 0.0
+                for p, w in zip(params, before):
+                    delta = (p.detach() - w).double()
+                    cross += float((w.double() * delta).sum())
+                    sq += float((delta * delta).sum())
+            z = -(2 * cross + sq) / (2 * float(info.eta))
+            if math.isfinite(z):
+                self._samples.add(z)
+        by_loss = self.drop_test == "loss"
+        if by_loss or (self.switched_at is None and self.loss_switch):
+            self._losses.add((t, float(info.loss)))
+        if not by_loss and self.switched_at is None and self.loss_switch and \
+                len(self._losses.values) > self.min_samples and \
+                not _still_decreasing(self._losses.values, self.significance):
+            self.switched_at, self.switch_reason = t, "loss"
+        if t % self.test_every == 0 and self._drop_now():
+            self.eta /= self.drop_factor
+            self._sync_lr()
+            self._samples.reset()
+            self._losses.reset()
+            self._composite = False
+            self.drops.append((t, self.eta))
+            if self.switched_at is None:
+                self.switched_at, self.switch_reason = t, self.drop_test
+        return loss
+
+    def _drop_now(self) -> bool:
+        if self.drop_test == "loss":     # E f(x') = E f(x) with the loss as the test function
+            points = self._losses.values
+            return len(points) > self.min_samples and not _still_decreasing(points, self.significance)
+        window = self._samples.values
+        return len(window) > self.min_samples and _stationary(window, self.significance, self._composite)
+
+
+RULES["statistical_drop"] = StatisticalDrop
