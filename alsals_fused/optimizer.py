@@ -480,7 +480,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._groups_version = getattr(self, "_groups_version", 0) + 1
 
     def _check_memory_efficient_dtype(self, dtype: torch.dtype) -> None:
-        if self.hyper.memory_efficient and dtype not in (torch.float32, torch.float64):
+        if self._hyper.memory_efficient and dtype not in (torch.float32, torch.float64):
             raise ValueError("ALSALS: memory_efficient=True supports fp32 and fp64 parameters "
                              f"only (in-place trial moves would drift in {dtype}); got {dtype}")
 
@@ -500,6 +500,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     # -- the hyperparameters and what every step derives from them -----------------------------
     @property
     def hyper(self) -> Hyper:
+        # The step path reads self._hyper: a property read is a Python call per access.
         return self._hyper
 
     @hyper.setter
@@ -513,7 +514,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _searches_at(self, t: int) -> bool:
         if t > self._derived.cooldown_start:
             return False                      # the cooldown takes no trial forwards
-        k = self.hyper.line_search_every
+        k = self._hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
             assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
             return self._last_search_t == 0 or t - self._last_search_t >= k
@@ -540,7 +541,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         left = start + steps - t + 1          # steps of the budget left, this one included
         if left < 1 and not self._warned_past_budget:
             self._warned_past_budget = True
-            warnings.warn(f"ALSALS: step {t} is past total_steps={self.hyper.total_steps}; the "
+            warnings.warn(f"ALSALS: step {t} is past total_steps={self._hyper.total_steps}; the "
                           f"cooldown has ended and the steps go on at its last step size",
                           stacklevel=_user_stacklevel())
         self.eta = self._cooldown_from * max(left, 1) / (steps + 1)
@@ -586,7 +587,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         buckets: Dict[tuple, Bucket] = {}
         owners: Dict[tuple, List[Tensor]] = {}
         others: List[Tensor] = []
-        keep_backup = not self.hyper.memory_efficient
+        keep_backup = not self._hyper.memory_efficient
         backups: Dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -838,20 +839,20 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _first_trial_eta(self, searching: bool) -> float:
         """The step size of the step's candidate: eta*growth on a searching step (section 1);
         with ``growth_boost`` the growth is the adapted one (``_adapt_growth``)."""
-        growth = self._growth if self._growth is not None else self.hyper.growth
+        growth = self._growth if self._growth is not None else self._hyper.growth
         return min(self.eta * growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
 
     # -- the adaptive variant's host-side search rules (neutral for the paper variants) ----------
     def _backtrack_factor(self) -> float:
         """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
         (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
-        fb = self.hyper.first_backtrack
-        return fb if (fb is not None and not self._scale_found) else self.hyper.backtrack
+        fb = self._hyper.first_backtrack
+        return fb if (fb is not None and not self._scale_found) else self._hyper.backtrack
 
     def _adapt_growth(self, accepted: bool, trials: int) -> None:
         """After a search: a first trial that passed multiplies the next growth by
         ``growth_boost`` (at most ``growth_max``); a backtrack or a rejection resets it."""
-        hyper = self.hyper
+        hyper = self._hyper
         self._scale_found = self._scale_found or accepted
         if hyper.growth_boost <= 1:
             return
@@ -896,7 +897,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         the slopes).  A plan of one backend makes them one call (``update_pass``) when it has it."""
         ctl = self._step_ctl()
         guarded = plan.guarded
-        write_backup = (searching or bool(guarded)) and not self.hyper.memory_efficient
+        write_backup = (searching or bool(guarded)) and not self._hyper.memory_efficient
         if plan.update_pass is not None:
             plan.update_pass(plan.groups[0][1], ctl, loss0, hp, searching=searching,
                              write_backup=write_backup)
@@ -927,7 +928,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _move(self, plan: _Plan, hp: StepScalars, src_eta: float, src_dir: Dir, dst_eta: float,
               dst_dir: Dir, only_if: Optional[Ctl] = None) -> None:
-        from_backup = not self.hyper.memory_efficient
+        from_backup = not self._hyper.memory_efficient
         ctl = self._step_ctl()
         for backend, buckets in plan.groups:
             backend.move_pass(buckets, hp, ctl, src_eta=src_eta, src_dir=src_dir,
@@ -936,7 +937,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _decide(self, plan: _Plan, loss_try: Tensor, eta: float) -> List[float]:
         """One trial's verdict on the device, then its one read."""
-        hyper = self.hyper
+        hyper = self._hyper
         dp = DecisionScalars(eta, hyper.c, hyper.smoothing)
         ctl, out = self._step_ctl(), self._verdict
         assert out is not None                 # created with ctl by _ensure_device_state
@@ -949,7 +950,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _search(self, plan: _Plan, hp: StepScalars, closure, rng_before: _RngState,
                 eta_before: float) -> _Search:
         """The trial loop (section 1): params are at cand(eta) along the search direction."""
-        hyper = self.hyper
+        hyper = self._hyper
         # alsals searches along UPDATE (m_hat*p, or g*p after the fallback); the others along g*p.
         search_dir = Dir.UPDATE if hp.search_dir is Dir.MOMENTUM else Dir.GRAD
         found = _Search(hp.eta)
@@ -1017,7 +1018,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             self.counters["searches"] += 1
             self.counters["fallbacks"] += found.fallback
             if found.accepted:
-                if not self.hyper.update_is_trial_point and not found.fallback:
+                if not self._hyper.update_is_trial_point and not found.fallback:
                     # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
                     self._move(plan, hp, found.eta, search_dir, found.eta, Dir.UPDATE)
                     guarded = plan.guarded
@@ -1098,7 +1099,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     def _host_state(self) -> dict:
         ctl = self._ctl
         return _checkpoint.host_state(
-            hyper=self.hyper, eta=self.eta, t=self.t, counters=self.counters, fast=self._fast,
+            hyper=self._hyper, eta=self.eta, t=self.t, counters=self.counters, fast=self._fast,
             slow=self._slow, last_search_t=self._last_search_t,
             h=0.0 if ctl is None else float(ctl[Ctl.H]), s=0.0 if ctl is None else float(ctl[Ctl.S]),
             pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]),
@@ -1122,7 +1123,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 state_dict = result
         self._apply_checkpoint(_checkpoint.validate(self, state_dict))
         for group in self.param_groups:      # the betas mirror follows the loaded hyperparameters
-            group["betas"] = tuple(self.hyper.betas)
+            group["betas"] = tuple(self._hyper.betas)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -239,6 +239,7 @@ class UserGradientsMixin(_MixinBase):
 
     # Set by ALSALS.__init__ (optimizer.py); declared here for the methods below.
     hyper: Hyper
+    _hyper: Hyper        # what the hyper property returns (read directly on the per-step path)
     eta: float
     t: int
     _buffers: List[Tensor]
@@ -285,7 +286,7 @@ class UserGradientsMixin(_MixinBase):
     def _check_mirrors(self) -> None:
         """param_groups[i]['lr'] mirrors eta and ['betas'] the global betas; a write means someone
         (a scheduler, SWALR, the user) expects it to do something: say so instead of ignoring it."""
-        eta, betas = self.eta, self.hyper.betas
+        eta, betas = self.eta, self._hyper.betas
         for i, group in enumerate(self.param_groups):
             lr = group.get("lr")
             g_betas = group.get("betas", betas)
