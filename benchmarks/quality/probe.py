@@ -74,7 +74,9 @@ def probe_once(model, params, opt, closure, loss0: float, rng, buffers) -> dict:
     return out
 
 
-def run(wl_name: str, lr: float, every: int, seed: int, steps: int) -> list:
+def _adam_run(wl_name: str, lr: float, seed: int, steps: int):
+    """A workload's data, model (in training mode), float buffers, Adam at ``lr`` and batch
+    indices, seeded as the harness seeds a run."""
     wl = WORKLOADS[wl_name]
     data = wl.make_data(seed)
     torch.manual_seed(seed)
@@ -86,6 +88,11 @@ def run(wl_name: str, lr: float, every: int, seed: int, steps: int) -> list:
     gen = torch.Generator().manual_seed(10_000 + seed)
     batches = torch.randint(0, data.n_train, (steps, wl.batch_size), generator=gen)
     torch.manual_seed(20_000 + seed)
+    return wl, data, model, params, buffers, opt, batches
+
+
+def run(wl_name: str, lr: float, every: int, seed: int, steps: int) -> list:
+    wl, data, model, params, buffers, opt, batches = _adam_run(wl_name, lr, seed, steps)
     rows = []
     for i in range(steps):
         x, y = data.get(batches[i])
@@ -144,17 +151,7 @@ def _line_min(scan: list) -> tuple:
 def run_next(wl_name: str, lr: float, every: int, seed: int, steps: int, horizons=(1,)) -> list:
     """Adam at ``lr``; every ``every`` steps, the displacement over the last K steps (K in
     ``horizons``; K = 1: the step just taken) scanned on the next mini-batch."""
-    wl = WORKLOADS[wl_name]
-    data = wl.make_data(seed)
-    torch.manual_seed(seed)
-    model = wl.make_model()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers = [b for b in model.buffers() if b.dtype.is_floating_point]
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    batches = torch.randint(0, data.n_train, (steps, wl.batch_size), generator=gen)
-    torch.manual_seed(20_000 + seed)
+    wl, data, model, params, buffers, opt, batches = _adam_run(wl_name, lr, seed, steps)
     rows, history = [], []                 # history[-K]: the parameters K steps back
     for i in range(steps):
         x, y = data.get(batches[i])

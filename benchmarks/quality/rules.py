@@ -122,6 +122,23 @@ class SmoothedRatioControl(RatioControl):
 RULES["smoothed_ratio_control"] = SmoothedRatioControl
 
 
+def _loss_at(point, params, module, closure) -> float:
+    """The closure's loss with the params at ``point``.  Afterwards the params, the module's
+    buffers and the RNG are as they were, so the gradient forward draws the same dropout masks."""
+    now = [p.detach().clone() for p in params]
+    buffers = [b.detach().clone() for b in module.buffers()] if module is not None else []
+    for p, w in zip(params, point):
+        p.copy_(w)
+    rng = torch.get_rng_state()
+    loss = float(closure())
+    torch.set_rng_state(rng)
+    for p, w in zip(params, now):
+        p.copy_(w)
+    if module is not None:
+        for b, v in zip(module.buffers(), buffers):
+            b.copy_(v)
+    return loss
+
 
 class NextBatchProbe(ALSALS):
     """Steer eta by the next mini-batch instead of the same one: after a step from w to
@@ -150,18 +167,8 @@ class NextBatchProbe(ALSALS):
         if self._before:
             gamma = self.probe_factor if self._probes % 2 else 1 / self.probe_factor
             with torch.no_grad():
-                now = [p.detach().clone() for p in params]
-                buffers = [b.detach().clone() for b in module.buffers()] if module is not None else []
-                for p, w in zip(params, self._before):
-                    p.copy_(w + gamma * (p - w))
-                rng = torch.get_rng_state()
-                loss_alt = float(closure())
-                torch.set_rng_state(rng)       # the gradient forward draws the same dropout masks
-                for p, w in zip(params, now):
-                    p.copy_(w)
-                if module is not None:
-                    for b, v in zip(module.buffers(), buffers):
-                        b.copy_(v)
+                loss_alt = _loss_at([w + gamma * (p - w) for p, w in zip(params, self._before)],
+                                    params, module, closure)
             self.probe_forwards += 1
         self._before = ([p.detach().clone() for p in params]
                         if (self.t + 1) % self.probe_every == 0 else [])
@@ -227,18 +234,7 @@ class QuadProbe(ALSALS):
         anchor = ([p.detach().clone() for p in params] if n % k == (k - self.probe_horizon) % k else None)
         if self._anchor and n - self._anchor_n == self.probe_horizon:
             with torch.no_grad():
-                now = [p.detach().clone() for p in params]
-                buffers = [b.detach().clone() for b in module.buffers()] if module is not None else []
-                for p, w in zip(params, self._anchor):
-                    p.copy_(w)
-                rng = torch.get_rng_state()
-                loss0 = float(closure())
-                torch.set_rng_state(rng)       # the gradient forward draws the same dropout masks
-                for p, w in zip(params, now):
-                    p.copy_(w)
-                if module is not None:
-                    for b, v in zip(module.buffers(), buffers):
-                        b.copy_(v)
+                loss0 = _loss_at(self._anchor, params, module, closure)
             self.probe_forwards += 1
             self._g1 = 0.0
         loss = super().step(closure)
