@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-ODD_SHAPES = [(7, 13), (13,), (1,), (0,), (3, 5, 2), (31,), (129, 3)]
-
 
 class OddModel(torch.nn.Module):
     """Parameters of odd shapes (primes, an empty tensor, a 1-element one) and dropout."""
