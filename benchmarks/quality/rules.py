@@ -413,11 +413,12 @@ class StatisticalDrop(ALSALS):
         return self.switched_at is None and super()._searches_at(t)
 
     def step(self, closure=None):
+        by_norm = self.drop_test == "norm"      # the loss test needs no parameter snapshot
         params = [p for g in self.param_groups for p in g["params"]]
-        before = [p.detach().clone() for p in params]
+        before = [p.detach().clone() for p in params] if by_norm else []
         loss = super().step(closure)
         info, t = self.last_step, self.t
-        if info.accepted and not info.skipped and info.eta > 0:
+        if by_norm and info.accepted and not info.skipped and info.eta > 0:
             with torch.no_grad():
                 cross = sq = 0.0
                 for p, w in zip(params, before):
@@ -427,7 +428,7 @@ class StatisticalDrop(ALSALS):
             z = -(2 * cross + sq) / (2 * float(info.eta))
             if math.isfinite(z):
                 self._samples.add(z)
-        by_loss = self.drop_test == "loss"
+        by_loss = not by_norm
         if by_loss or (self.switched_at is None and self.loss_switch):
             self._losses.add((t, float(info.loss)))
         if not by_loss and self.switched_at is None and self.loss_switch and \
