@@ -103,6 +103,13 @@ ACCUMULATED_BEFORE_STEP = (
     "right before step(closure). " + USER_GRADIENTS_HELP
 )
 
+FAILED_BLOCK = (
+    "ALSALS: a micro_batch block of this gradient window raised {} after p.grad changed, so p.grad "
+    "may hold part of that micro-batch's gradient while the window has no loss for it; step() "
+    "would search on a gradient that does not match L0. Call opt.zero_grad() and run the window's "
+    "micro-batches again (zero_grad() starts a new window)."
+)
+
 STALE_GRADS_WARNING = (
     "ALSALS: p.grad still holds the previous step's gradient, and step(closure) adds this step's "
     "gradient to it; call opt.zero_grad() before each step()."
@@ -145,6 +152,8 @@ class GradientWindow:
         self.watched: List[Tensor]
         self.marks: Any
         self.watched, self.marks = watch if watch is not None else ([], None)
+        # The exception a micro_batch block raised after writing p.grad (step() refuses the window).
+        self.failed_block: Optional[str] = None
 
     def add(self, trial: Callable[[], Tensor], loss: Tensor, scale: float = 1.0) -> MicroBatch:
         """A micro-batch whose backward has run: ``loss`` is its loss (``scale`` as in
@@ -412,6 +421,8 @@ class UserGradientsMixin(_MixinBase):
         window = getattr(self, "_window", None)
         if window is not None and window.parts and window.gradients_reset():
             window = None
+        elif window is not None and window.failed_block is not None and self._gradient_marks().changed() < 0:
+            window = None            # a broken window whose gradients were all set to None since
         if window is None:
             window = self._window = GradientWindow(self._capture_rng(), self._window_marks())
         return window
@@ -430,6 +441,8 @@ class UserGradientsMixin(_MixinBase):
                 return None
         else:
             window = getattr(self, "_window", None)
+            if window is not None and window.failed_block is not None:
+                raise RuntimeError(FAILED_BLOCK.format(window.failed_block))
             if window is None or not window.parts:
                 caller = grad_scaler_caller(sys._getframe(1))
                 if caller == "lightning":
@@ -460,20 +473,35 @@ class _MicroBatchContext:
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is not None:
-            self._drop_empty_window()
+            self._after_failed_block(exc_type)
             return False
         if not isinstance(self.mb.loss, Tensor) or self.mb.loss.numel() != 1:
-            self._drop_empty_window()
+            self._after_failed_block(TypeError)
             raise TypeError("ALSALS.micro_batch: set mb.loss to this micro-batch's scalar loss "
                             "tensor (the one you ran backward on) inside the with block")
         try:
             check_loss_value(self.mb.loss, "mb.loss")
         except TypeError:
-            self._drop_empty_window()
+            self._after_failed_block(TypeError)
             raise
         self.mb.loss = self.mb.loss.detach()        # keep no graph alive until step()
         self.window._append(self.mb)
         return False
+
+    def _after_failed_block(self, exc_type) -> None:
+        """A block that raised adds no part.  If p.grad changed since the window's last part (or,
+        for a first block, since the last step or zero_grad), its backward may have written part
+        of its gradient, which no loss of the window accounts for: the window is kept but broken,
+        and step() refuses it until zero_grad() starts over.  Otherwise nothing of the block
+        remains and a window it opened goes (``_drop_empty_window``)."""
+        window: GradientWindow = self.window
+        if self.opt._window is not window:     # discarded or replaced inside the block
+            return
+        marks = window.marks if window.parts else self.opt._gradient_marks()
+        if marks is None or marks.changed() == 1:
+            window.failed_block = exc_type.__name__
+        else:
+            self._drop_empty_window()
 
     def _drop_empty_window(self) -> None:
         """A block that failed adds nothing: a window it opened (no parts) goes, so the next

@@ -204,6 +204,80 @@ def test_a_first_micro_batch_that_fails_drops_its_window_and_rng_snapshot(failur
     assert all(torch.equal(m, masks[0]) for m in masks), "trials replay the gradient forward's draws"
 
 
+def _window_part(opt, model, x, y, fail=None):
+    """One micro_batch block; ``fail`` = "before backward" | "after backward" | "no mb.loss"."""
+    with opt.micro_batch(lambda: mse(model, x, y)) as mb:
+        if fail == "before backward":
+            raise ZeroDivisionError
+        loss = mse(model, x, y)
+        loss.backward()
+        if fail == "after backward":
+            raise ZeroDivisionError
+        if fail != "no mb.loss":
+            mb.loss = loss
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("fail", ["after backward", "no mb.loss"])
+def test_a_micro_batch_that_fails_after_its_backward_breaks_the_window_until_zero_grad(first, fail):
+    """p.grad then holds a gradient no loss of the window accounts for: step() refuses the window
+    (nothing moves) until zero_grad() starts over, whatever micro-batch of the window it was."""
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    x, y = data(24)
+    halves = list(zip(x.chunk(2), y.chunk(2)))
+    opt.zero_grad()
+    if not first:
+        _window_part(opt, model, *halves[0])
+    with pytest.raises(ZeroDivisionError if fail == "after backward" else TypeError):
+        _window_part(opt, model, *halves[1], fail=fail)
+    _window_part(opt, model, *halves[1])           # a retry does not mend p.grad
+    before = flat(model)
+    error = "ZeroDivisionError" if fail == "after backward" else "TypeError"
+    with pytest.raises(RuntimeError, match=f"(?s)micro_batch block.*raised {error}.*zero_grad"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="micro_batch block"):
+        opt.step()                                 # still refused: the window is kept
+    assert torch.equal(flat(model), before) and opt.t == 0
+    opt.zero_grad()
+    for xb, yb in halves:
+        _window_part(opt, model, xb, yb)
+    opt.step()
+    assert opt.t == 1
+
+
+def test_a_micro_batch_that_fails_before_its_backward_leaves_the_window_as_it_was():
+    """Nothing of the failed block is in p.grad: the window keeps its parts and steps as if the
+    block had not run (the same step as a window of the first part alone)."""
+    x, y = data(24)
+    halves = list(zip(x.chunk(2), y.chunk(2)))
+    runs = []
+    for inject in (False, True):
+        model = tiny()
+        opt = ALSALS(model.parameters())
+        opt.zero_grad()
+        _window_part(opt, model, *halves[0])
+        if inject:
+            with pytest.raises(ZeroDivisionError):
+                _window_part(opt, model, *halves[1], fail="before backward")
+        opt.step()
+        runs.append((flat(model), opt.eta, opt.last_step.trials))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+
+
+def test_model_zero_grad_drops_a_broken_window():
+    model = tiny()
+    opt = ALSALS(model.parameters())
+    x, y = data(24)
+    opt.zero_grad()
+    with pytest.raises(ZeroDivisionError):
+        _window_part(opt, model, x, y, fail="after backward")
+    model.zero_grad()                              # set_to_none: nothing of the block remains
+    _window_part(opt, model, x, y)
+    opt.step()
+    assert opt.t == 1
+
+
 def _scaled_window(opt, model, scaler, x, y, calls, factor=1.0):
     def trial():
         calls.append(factor)

@@ -94,7 +94,9 @@ def test_check_loss_value_refuses_what_the_search_cannot_compare(kind):
 
 
 @pytest.mark.parametrize("kind", ["int", "bool", "complex"])
-def test_a_bad_mb_loss_is_refused_and_the_window_dropped(kind):
+def test_a_bad_mb_loss_is_refused_and_its_gradient_breaks_the_window(kind):
+    """The block's backward has run: p.grad holds a gradient without a loss, so step() refuses
+    the window until zero_grad() (a retried block would add its gradient a second time)."""
     model, x, y = _model_and_data()
     opt = ALSALS(model.parameters(), backend="foreach")
     opt.zero_grad()
@@ -103,6 +105,9 @@ def test_a_bad_mb_loss_is_refused_and_the_window_dropped(kind):
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
             mb.loss = BAD_LOSSES[kind](loss)
+    with pytest.raises(RuntimeError, match="micro_batch block of this gradient window raised TypeError"):
+        opt.step()
+    opt.zero_grad()
     assert opt._window is None          # a later micro-batch captures its own random numbers
 
 
