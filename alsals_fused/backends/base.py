@@ -274,8 +274,6 @@ class Bucket:
 class Backend(Protocol):
     name: str
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool: ...
-
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                   finish: bool = True) -> Optional[Tensor]: ...
 

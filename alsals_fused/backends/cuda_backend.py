@@ -164,9 +164,6 @@ class CudaBackend:
         self.table_builds = 0    # telemetry for tests
         self.grad_refreshes = 0
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return torch.device(device).type == "cuda" and dtype in _STORAGE
-
     @staticmethod
     def unfusable_reason(bucket: Bucket) -> Optional[str]:
         """Why the kernels cannot take ``bucket`` (``fused_tables.unfusable_reason``), or None:

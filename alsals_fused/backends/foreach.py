@@ -130,9 +130,6 @@ def _slice(b: Bucket, lo: int, hi: int) -> Bucket:
 class ForeachBackend:
     name = "foreach"
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return True
-
     def grad_pass(self, buckets: Sequence[Bucket], ctl: Tensor, loss0: Tensor, hp: StepScalars, *,
                   finish: bool = True) -> Optional[Tensor]:
         norms = [n for b in buckets if b.grads

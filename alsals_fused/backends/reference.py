@@ -31,9 +31,6 @@ def _device(buckets: Sequence[Bucket], ctl: Tensor) -> torch.device:
 class ReferenceBackend:
     name = "reference"
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return True
-
     # -- the direction d, recomputed from the stored moments ------------------------------------
     @staticmethod
     def _direction(direction: Dir, g: Tensor, m: Tensor, v: Tensor, hp: StepScalars) -> Tensor:

@@ -183,9 +183,6 @@ class TritonBackend:
         self.table_builds = 0     # telemetry for tests: bucket tables built
         self.grad_refreshes = 0   # grad columns rewritten after a grads_version bump
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return dtype in FUSED_DTYPES and unavailable_reason(device) is None
-
     # -- the launch hook ------------------------------------------------------------------------
     def _launch(self, kernel, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta)
