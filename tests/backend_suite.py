@@ -581,15 +581,13 @@ def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torc
         assert not (mixed or big), "TanhMLP has no big or fp64 parameter"
         mlp = TanhMLP(dtype, seed).to(device)
         net: torch.nn.Module = mlp
-        opt = ALSALS(mlp.groups(opt_kwargs.pop("weight_decay", 0.0)), variant=variant, backend=backend,
-                     **opt_kwargs)
+        groups = mlp.groups(opt_kwargs.pop("weight_decay", 0.0))
         loss_at = mlp.loss
     elif model == "linear":
         assert not (mixed or big), "LinearNet has its own big parameter and no fp64 one"
         lin = LinearNet(dtype, seed).to(device)
         net = lin
-        opt = ALSALS(lin.groups(opt_kwargs.pop("weight_decay", 0.0)), variant=variant, backend=backend,
-                     **opt_kwargs)
+        groups = lin.groups(opt_kwargs.pop("weight_decay", 0.0))
         gen = torch.Generator().manual_seed(seed + 1)
         batches_xy = [(torch.randn(32, 19, generator=gen).to(device, dtype),
                        torch.randn(32, 3, generator=gen).to(device)) for _ in range(4)]
@@ -606,12 +604,13 @@ def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torc
         if mixed:
             odd.big.data = odd.big.data.double()
         net = odd
-        opt = ALSALS(odd.groups(), variant=variant, backend=backend, **opt_kwargs)
+        groups = odd.groups()
         data = [tuple(t.to(device) for t in make_data(dtype=dtype, seed=seed + 10 + i)) for i in range(batches)]
 
         def loss_at(k: int) -> Tensor:
             x, y = data[k % batches]
             return torch.nn.functional.mse_loss(odd(x).float(), y.float())
+    opt = ALSALS(groups, variant=variant, backend=backend, **opt_kwargs)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
