@@ -190,3 +190,65 @@ def test_statistical_drop_searches_as_the_driver_until_it_switches():
         rule.zero_grad()
         rule.step(closure)
         assert rule.last_step.trials == 0 and rule.eta == eta
+
+
+def test_welch_test_of_a_lower_mean():
+    from benchmarks.quality.rules import _significantly_lower
+    noise = torch.randn(60, generator=torch.Generator().manual_seed(1)).tolist()
+    before, after = noise[:40], noise[40:]
+    assert _significantly_lower([x - 1.0 for x in after], before, 0.05)
+    assert not _significantly_lower(after, before, 0.05)
+    assert not _significantly_lower([x + 1.0 for x in after], before, 0.05)
+
+
+def _level_problem(rule_box, slope):
+    """A loss flat in the parameters (zero gradient): slope * eta + small noise drawn per step,
+    so that a drop lowers it (slope > 0) or leaves it where it was (slope 0, a plateau)."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    noise = (0.01 * torch.randn(400, generator=torch.Generator().manual_seed(2))).tolist()
+
+    def closure():
+        rule = rule_box[0]
+        return (w * 0).sum() + 1.0 + slope * rule.eta + noise[rule.t]
+    return w, closure
+
+
+@pytest.mark.parametrize("slope, kept", [(10.0, True), (0.0, False)])
+def test_statistical_drop_check_keeps_a_drop_only_if_the_loss_falls_after_it(slope, kept):
+    from benchmarks.quality.rules import StatisticalDrop
+    box: list = []
+    w, closure = _level_problem(box, slope)
+    rule = StatisticalDrop([w], drop_test="loss", drop_factor=2.0, min_samples=10, test_every=5,
+                           leak_ratio=1, loss_switch=False, drop_check=10, line_search_every=10 ** 9)
+    box.append(rule)
+    for _ in range(60):
+        rule.zero_grad()
+        rule.step(closure)
+        if rule.drops:
+            break
+    (at, eta_dropped), = rule.drops
+    eta0 = 2.0 * eta_dropped
+    for _ in range(10):
+        rule.zero_grad()
+        rule.step(closure)
+    assert (rule.reverted == []) is kept
+    assert rule.eta == (eta_dropped if kept else eta0)
+    assert (rule.switched_at is not None) is kept      # an undone first drop resumes the searches
+
+
+def test_per_unit_search_units_first_step_and_one_unit_per_search():
+    from benchmarks.quality.rules import PerUnitSearch
+    model, closure = _problem(4)
+    layers = PerUnitSearch(model.parameters(), line_search_every=2)
+    assert [[tuple(p.shape) for p in u] for u in layers.units] == [[(16, 8), (16,)], [(1, 16), (1,)]]
+    assert len(PerUnitSearch(model.parameters(), units="global").units) == 1
+    before = [p.detach().clone() for p in model.parameters()]
+    layers.step(closure)                       # step 1: one search of every unit together
+    eta = layers.etas[0]
+    assert layers.etas == [eta, eta] and layers.last_step.trials >= 1
+    for p, w in zip(model.parameters(), before):    # Adam's first direction: g / (|g| + eps)
+        expected = w - eta * p.grad / (p.grad.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    layers.zero_grad()
+    layers.step(closure)                       # step 2 searches unit 0 alone
+    assert layers.searched_at == [2, 1] and layers.etas[1] == eta and layers.next_unit == 1

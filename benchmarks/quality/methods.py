@@ -21,7 +21,7 @@ from alsals_fused.config import VARIANTS, cooldown_steps, make_hyper
 RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches",
                   "probe_every", "probe_factor", "probe_gain", "probe_gain_down", "probe_horizon",
                   "drop_factor", "significance", "leak_ratio", "min_samples", "test_every", "loss_switch",
-                  "drop_test")
+                  "drop_test", "drop_check")
 # A candidate's "total_steps": "budget" is replaced by the run's step budget (the cooldown option).
 BUDGET = "budget"
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -91,9 +91,12 @@ class AlsalsAdapter(Adapter):
         rule = overrides.pop("rule", None)
         if rule is not None:   # an experimental host rule (rules.py) with its own keyword arguments
             from .rules import RULES
-            rule_kwargs = {k: overrides.pop(k) for k in RULE_ARGUMENTS if k in overrides}
-            self.opt = RULES[rule](model.parameters(), variant=variant, line_search_every=line_search_every,
-                                   buffers=model if has_buffers else None, **rule_kwargs)
+            cls = RULES[rule]
+            # a standalone prototype (not a driver subclass) takes every field of the candidate
+            names = list(overrides) if getattr(cls, "standalone", False) else RULE_ARGUMENTS
+            rule_kwargs = {k: overrides.pop(k) for k in names if k in overrides}
+            self.opt = cls(model.parameters(), variant=variant, line_search_every=line_search_every,
+                           buffers=model if has_buffers else None, **rule_kwargs)
         else:
             self.opt = ALSALS(model.parameters(), variant=variant, line_search_every=line_search_every,
                               buffers=model if has_buffers else None)
@@ -104,6 +107,7 @@ class AlsalsAdapter(Adapter):
             base.update(overrides)
             self.opt.hyper = make_hyper(variant, **base)
             self.opt.eta = self.opt.hyper.init_step_size
+            self.opt._sync_lr()        # the lr mirrors follow eta (an init_step_size override)
         self.first_trials: Optional[int] = None
         self.rejected_run = self.max_rejected_run = 0
 

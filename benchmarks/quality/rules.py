@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import torch
 
@@ -335,6 +336,19 @@ def _stationary(window: list, significance: float, composite: bool) -> bool:
     return abs(mean) < half_width and m1 * m2 > 0
 
 
+def _significantly_lower(after: list, before: list, significance: float) -> bool:
+    """One-sided Welch t-test: is the mean of ``after`` below the mean of ``before``?"""
+    na, nb = len(after), len(before)
+    ma, mb = sum(after) / na, sum(before) / nb
+    va = sum((x - ma) ** 2 for x in after) / (na - 1)
+    vb = sum((x - mb) ** 2 for x in before) / (nb - 1)
+    se2 = va / na + vb / nb
+    if se2 <= 0:
+        return ma < mb
+    dof = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    return (ma - mb) / math.sqrt(se2) < _t_quantile(significance, max(1, int(dof)))
+
+
 def _still_decreasing(points: list, significance: float) -> bool:
     """One-sided t-test of a negative slope of the losses against the step number."""
     n = len(points)
@@ -387,8 +401,15 @@ class StatisticalDrop(ALSALS):
 
     def __init__(self, params, *, drop_factor: float = 10.0, significance: float = 0.05, leak_ratio: int = 8,
                  min_samples: int = 1000, test_every: int = 100, loss_switch: bool = True, drop_test: str = "norm",
-                 **kwargs):
+                 drop_check: int = 0, **kwargs):
         super().__init__(params, **kwargs)
+        # drop_check = W > 0: a drop is kept only if the mean loss of the last W/2 of the W steps
+        # after it is significantly below the mean of the W steps before it (one-sided Welch test);
+        # otherwise eta goes back up (and, for the first drop, the searches resume).  A plateau
+        # also looks "no longer decreasing", and a lower eta does not help there.
+        self.drop_check = drop_check
+        self._recent: list = []
+        self._check = None          # (step of the drop, losses before it, was it the first drop)
         if drop_test not in ("norm", "loss"):
             raise ValueError(f"StatisticalDrop: drop_test must be 'norm' or 'loss', got {drop_test!r}")
         if not drop_factor > 1 or not 0 < significance < 1:
@@ -404,10 +425,12 @@ class StatisticalDrop(ALSALS):
         self.switched_at: int | None = None      # the step after which eta is constant
         self.switch_reason = ""
         self.drops: list = []                    # (step, eta after the drop)
+        self.reverted: list = []                 # (step, step of the drop it undid)
 
     @property
     def events(self) -> dict:
-        return dict(switched_at=self.switched_at, switch_reason=self.switch_reason, drops=self.drops)
+        return dict(switched_at=self.switched_at, switch_reason=self.switch_reason, drops=self.drops,
+                    reverted=self.reverted)
 
     def _searches_at(self, t: int) -> bool:
         return self.switched_at is None and super()._searches_at(t)
@@ -435,7 +458,13 @@ class StatisticalDrop(ALSALS):
                 len(self._losses.values) > self.min_samples and \
                 not _still_decreasing(self._losses.values, self.significance):
             self.switched_at, self.switch_reason = t, "loss"
-        if t % self.test_every == 0 and self._drop_now():
+        if self.drop_check:
+            self._recent = (self._recent + [float(info.loss)])[-self.drop_check:]
+            if self._check is not None and t == self._check[0] + self.drop_check:
+                self._judge_drop(t)
+        if self._check is None and t % self.test_every == 0 and self._drop_now():
+            if self.drop_check and len(self._recent) == self.drop_check:
+                self._check = (t, list(self._recent), self.switched_at is None)
             self.eta /= self.drop_factor
             self._sync_lr()
             self._samples.reset()
@@ -446,6 +475,19 @@ class StatisticalDrop(ALSALS):
                 self.switched_at, self.switch_reason = t, self.drop_test
         return loss
 
+    def _judge_drop(self, t: int) -> None:
+        at, before, first = self._check
+        self._check = None
+        after = self._recent[len(self._recent) // 2:]
+        if _significantly_lower(after, before, self.significance):
+            return
+        self.eta *= self.drop_factor
+        self._sync_lr()
+        self._losses.reset()
+        self.reverted.append((t, at))
+        if first:
+            self.switched_at, self.switch_reason = None, ""
+
     def _drop_now(self) -> bool:
         if self.drop_test == "loss":     # E f(x') = E f(x) with the loss as the test function
             points = self._losses.values
@@ -455,3 +497,161 @@ class StatisticalDrop(ALSALS):
 
 
 RULES["statistical_drop"] = StatisticalDrop
+
+
+class PerUnitSearch:
+    """Per-unit step sizes, as in the authors' follow-up for transformers (PLASLS: Kenneweg,
+    Galli, Kenneweg and Hammer 2024, arXiv 2403.18506, whose package searches one layer group per
+    step, in turn): a prototype in plain PyTorch, not a driver subclass, since the driver's eta is
+    one scalar on every backend.
+
+    ADAM's direction with momentum d = m_hat / (sqrt(v_hat) + eps); a unit is a parameter with
+    two or more dimensions together with the one-dimensional parameters after it (biases, norm
+    scales), so roughly a layer; ``units="global"`` makes one unit of everything (the same search
+    with one eta, the control).  Step 1 searches all units together from ``init_step_size``
+    (backtracking by ``first_backtrack``) and gives every unit the eta it accepts.  Then every
+    ``line_search_every``-th step searches one unit, round robin: the trials move that unit alone
+    (the others stay at w0) along its d, from its eta grown by ``growth`` per step since its last
+    search, backtracking by ``backtrack``, with the plain Armijo test L_try <= L0 - c * eta *
+    <g_u, d_u> on the gradient forward's batch (random numbers replayed, ``buffers`` restored).  A
+    unit whose <g_u, d_u> is not positive is not searched this time.  The step then moves every
+    unit by its own eta.
+
+    ``drop_factor`` adds the loss-regression drop of ``StatisticalDrop(drop_test="loss")``: once
+    the training loss no longer falls significantly, every eta is divided by it and the searches
+    stop."""
+
+    standalone = True          # methods.AlsalsAdapter passes the candidate's fields as arguments
+
+    def __init__(self, params, *, variant: str = "alsals", line_search_every: int = 4, buffers=None,
+                 init_step_size: float = 0.025, c: float = 0.5, growth: float = 1.004, backtrack: float = 0.7,
+                 first_backtrack: float = 0.5, max_trials: int = 30, betas=(0.9, 0.999), eps: float = 1e-8,
+                 units: str = "layer", drop_factor: float = 0.0, significance: float = 0.05,
+                 leak_ratio: int = 2, min_samples: int = 50, test_every: int = 10):
+        if variant != "alsals" or not isinstance(line_search_every, int) or units not in ("layer", "global"):
+            raise ValueError("PerUnitSearch: variant 'alsals', an int line_search_every and units "
+                             f"'layer' | 'global' are needed; got {variant!r}, {line_search_every!r}, {units!r}")
+        self.params = [p for p in params if p.requires_grad]
+        self.units: list = []
+        for p in self.params:
+            if units == "global" and self.units:
+                self.units[0].append(p)
+            elif p.dim() >= 2 or not self.units:
+                self.units.append([p])
+            else:
+                self.units[-1].append(p)
+        self.every, self.module = line_search_every, buffers
+        self.init_step_size, self.c, self.growth = init_step_size, c, growth
+        self.backtrack, self.first_backtrack, self.max_trials = backtrack, first_backtrack, max_trials
+        self.betas, self.eps = betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.etas = [init_step_size] * len(self.units)
+        self.searched_at = [0] * len(self.units)
+        self.next_unit, self.t = 0, 0
+        self.counters = dict(rejected=0, searches=0, fallbacks=0, skipped=0)
+        self.last_step = None
+        self.drop_factor, self.significance, self.min_samples = drop_factor, significance, min_samples
+        self.test_every = test_every
+        self._losses = _LeakyBucket(leak_ratio)
+        self.switched_at = None
+        self.drops: list = []
+
+    @property
+    def step_size(self) -> float:
+        """The units' etas as one number for the harness's plots: the size-weighted geometric mean."""
+        sizes = [sum(p.numel() for p in unit) for unit in self.units]
+        logs = sum(n * math.log(e) for n, e in zip(sizes, self.etas))
+        return math.exp(logs / max(1, sum(sizes)))
+
+    @property
+    def events(self) -> dict:
+        return dict(switched_at=self.switched_at, drops=self.drops, final_etas=list(self.etas))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure):
+        self.t = t = self.t + 1
+        rng_before = torch.get_rng_state()
+        with torch.enable_grad():
+            loss = closure()
+            loss.backward()
+        loss0 = float(loss.detach())
+        b1, b2 = self.betas
+        with torch.no_grad():
+            direction = {}
+            for p, m, v in zip(self.params, self.m, self.v):
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                direction[p] = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
+            searching = t == 1 or (self.switched_at is None and t % self.every == 0)
+            trials, accepted = 0, True
+            if searching and math.isfinite(loss0):
+                u = None if t == 1 else self.next_unit
+                trials, accepted = self._search(u, direction, closure, loss0, rng_before, t)
+            for unit, eta in zip(self.units, self.etas):
+                for p in unit:
+                    p.sub_(direction[p], alpha=eta)
+        self._drop(t, loss0)
+        self.last_step = types.SimpleNamespace(loss=loss0, eta=self.step_size, trials=trials, accepted=accepted,
+                                               searched=trials > 0, skipped=False)
+        return loss.detach()
+
+    def _search(self, u, direction, closure, loss0, rng_before, t):
+        unit = self.params if u is None else self.units[u]
+        if u is not None:
+            self.next_unit = (u + 1) % len(self.units)
+        slope = sum(float((p.grad * direction[p]).sum()) for p in unit if p.grad is not None)
+        if not slope > 0:
+            return 0, True
+        eta = self.init_step_size if u is None else self.etas[u] * self.growth ** (t - self.searched_at[u])
+        factor = self.first_backtrack if u is None else self.backtrack
+        w0 = [p.detach().clone() for p in unit]
+        saved = [b.detach().clone() for b in self.module.buffers()] if self.module is not None else []
+        rng_after = torch.get_rng_state()
+        trials, accepted = 0, False
+        while trials < self.max_trials:
+            for p, w in zip(unit, w0):
+                torch.sub(w, direction[p], alpha=eta, out=p)
+            torch.set_rng_state(rng_before)
+            loss_try = float(closure())
+            trials += 1
+            if math.isfinite(loss_try) and loss_try <= loss0 - self.c * eta * slope:
+                accepted = True
+                break
+            eta *= factor
+        for p, w in zip(unit, w0):
+            p.copy_(w)
+        for b, s in zip(self.module.buffers() if self.module is not None else [], saved):
+            b.copy_(s)
+        torch.set_rng_state(rng_after)
+        self.counters["searches"] += 1
+        if not accepted:
+            self.counters["rejected"] += 1
+        elif u is None:
+            self.etas = [eta] * len(self.units)
+        else:
+            self.etas[u] = eta
+        if u is not None:
+            self.searched_at[u] = t
+        else:
+            self.searched_at = [t] * len(self.units)
+        return trials, accepted
+
+    def _drop(self, t: int, loss0: float) -> None:
+        if not self.drop_factor:
+            return
+        self._losses.add((t, loss0))
+        if t % self.test_every == 0 and len(self._losses.values) > self.min_samples \
+                and not _still_decreasing(self._losses.values, self.significance):
+            self.etas = [e / self.drop_factor for e in self.etas]
+            self._losses.reset()
+            self.drops.append((t, self.step_size))
+            if self.switched_at is None:
+                self.switched_at = t
+
+
+RULES["per_unit_search"] = PerUnitSearch
