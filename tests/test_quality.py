@@ -252,3 +252,10 @@ def test_per_unit_search_units_first_step_and_one_unit_per_search():
     layers.zero_grad()
     layers.step(closure)                       # step 2 searches unit 0 alone
     assert layers.searched_at == [2, 1] and layers.etas[1] == eta and layers.next_unit == 1
+
+
+def test_relative_standard_error_over_seeds():
+    from benchmarks.quality.run import _relative_se
+    assert _relative_se([1.0]) is None and _relative_se([1.0, math.nan]) is None
+    assert _relative_se([1.0, 3.0]) == pytest.approx(0.5)         # sd sqrt(2), se 1, mean 2
+    assert _relative_se([2.0, 2.0, 2.0]) == 0.0
