@@ -860,6 +860,16 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._growth = min(hyper.growth_max, current * hyper.growth_boost) if (accepted and trials == 1) \
             else hyper.growth
 
+    def _keep_eta_on_a_zero_slope(self, plan: _Plan, hp: StepScalars, found: _Search, eta_before: float,
+                                  search_dir: Dir) -> None:
+        """Guard 3 (docs/algorithm.md section 1.3): the slope is exactly 0 only on a zero gradient,
+        where every trial passes (guard 1) and the search measured nothing, so it takes the
+        pre-step eta instead of the grown one.  Without it eta grows by ``growth`` at every
+        search while the loss stays at 0 (a fitted batch), up to ETA_MAX, and every step after
+        the loss leaves 0 is rejected after max_trials trials."""
+        self._move(plan, hp, found.eta_at_params, search_dir, eta_before, search_dir)
+        found.eta = found.eta_at_params = eta_before
+
     def _eta_after_search(self, found: _Search, eta_before: float) -> float:
         """eta as a search leaves it: the accepted trial's, or (spec guard 2) the pre-step value."""
         return found.eta if found.accepted else eta_before
@@ -1017,6 +1027,9 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         if not found.skipped:
             self.counters["searches"] += 1
             self.counters["fallbacks"] += found.fallback
+            measured = not (found.accepted and found.slope == 0.0)
+            if not measured and found.eta > eta_before:
+                self._keep_eta_on_a_zero_slope(plan, hp, found, eta_before, search_dir)
             if found.accepted:
                 if not self._hyper.update_is_trial_point and not found.fallback:
                     # adam_sls/salsa: the update goes from w0 along m_hat*p with the accepted eta
@@ -1028,7 +1041,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 self.counters["rejected"] += 1
                 self._move(plan, hp, found.eta_at_params, search_dir, 0.0, search_dir)
             self.eta = self._eta_after_search(found, eta_before)
-            self._adapt_growth(found.accepted, found.trials)
+            if measured:
+                self._adapt_growth(found.accepted, found.trials)
             self._after_search(self.t)
         self._sync_lr()
         self.last_step = StepInfo(eta=self.eta, trials=found.trials, accepted=found.accepted,

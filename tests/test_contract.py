@@ -1054,6 +1054,40 @@ def test_a_trial_loss_equal_to_l0_is_accepted(info):
 
 
 @pytest.mark.parametrize("info", OPT)
+@pytest.mark.parametrize("variant", ["alsals", "adam_sls", "salsa", "adaptive"])
+def test_a_zero_gradient_leaves_eta_where_it_was(info, variant):
+    """Guard 3: a zero gradient passes every trial (guard 1), so the search measured nothing and
+    eta does not grow, before or after the moments hold a direction (alsals then steps along it
+    at the pre-step eta); a loss that leaves 0 is then searched from there."""
+    model = S.model_on(info)
+    x, y = S.data_on(info)
+    opt = ALSALS(model.parameters(), backend=info.name, variant=variant, line_search_every=1)
+
+    def real_loss():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def flat_loss():                        # a zero gradient everywhere
+        return real_loss() * 0.0 + 0.25
+
+    before = S.flat(model)
+    for _ in range(3):                      # from step 1: m = 0, nothing moves
+        opt.zero_grad()
+        opt.step(flat_loss)
+        assert opt.last_step.accepted and opt.last_step.trials == 1 and opt.last_step.slope == 0.0
+    assert opt.eta == opt.hyper.init_step_size and torch.equal(S.flat(model), before)
+    opt.zero_grad()
+    opt.step(real_loss)
+    eta = opt.eta
+    for _ in range(3):                      # m holds the real step's direction
+        opt.zero_grad()
+        opt.step(flat_loss)
+        assert opt.last_step.accepted and opt.eta == eta
+    opt.zero_grad()
+    opt.step(real_loss)
+    assert opt.last_step.trials >= 1 and opt.eta <= eta * opt.hyper.growth
+
+
+@pytest.mark.parametrize("info", OPT)
 def test_one_read_per_trial_and_none_without_search(info):
     model = S.model_on(info)
     x, y = S.data_on(info)

@@ -1,8 +1,9 @@
-"""The two guards of the accept test (docs/algorithm.md section 1.3).
+"""The guards of the accept test (docs/algorithm.md section 1.3).
 
 1. A trial whose loss equals L0 exactly is accepted (in the smoothed test and in the fallback's
    plain test alike): the loss cannot resolve the step.
 2. A rejected step returns eta to its value before the step (no growth, no backtracking left over).
+3. (tests/test_contract.py, on every backend) A search on a zero gradient does not grow eta.
 
 The tiny-loss problems below are the collapse the guards prevent: in fp32, ``1 + 1e-9 * f(w)`` is
 exactly 1 for every w near the start, so every trial's loss equals L0; without the guards the
