@@ -259,3 +259,23 @@ def test_relative_standard_error_over_seeds():
     assert _relative_se([1.0]) is None and _relative_se([1.0, math.nan]) is None
     assert _relative_se([1.0, 3.0]) == pytest.approx(0.5)         # sd sqrt(2), se 1, mean 2
     assert _relative_se([2.0, 2.0, 2.0]) == 0.0
+
+
+@pytest.mark.parametrize("alternate, drops", [(True, True), (False, False)])
+def test_pflug_drop_fires_on_gradients_that_point_against_each_other(alternate, drops):
+    from benchmarks.quality.rules import StatisticalDrop
+    w = torch.nn.Parameter(torch.zeros(3))
+    direction = torch.tensor([1.0, -2.0, 0.5])
+    box: list = []
+
+    def closure():                   # a linear loss: its gradient is +-direction
+        sign = -1.0 if alternate and box[0].t % 2 else 1.0
+        return (w * direction).sum() * sign
+    rule = StatisticalDrop([w], drop_test="pflug", drop_factor=2.0, min_samples=10, test_every=5,
+                           leak_ratio=1, loss_switch=False, line_search_every=10 ** 9)
+    box.append(rule)
+    for _ in range(20):
+        rule.zero_grad()
+        rule.step(closure)
+    assert bool(rule.drops) is drops
+    assert rule._samples.values[0] == pytest.approx(-1.0 if alternate else 1.0)

@@ -410,8 +410,8 @@ class StatisticalDrop(ALSALS):
         self.drop_check = drop_check
         self._recent: list = []
         self._check = None          # (step of the drop, losses before it, was it the first drop)
-        if drop_test not in ("norm", "loss"):
-            raise ValueError(f"StatisticalDrop: drop_test must be 'norm' or 'loss', got {drop_test!r}")
+        if drop_test not in ("norm", "loss", "pflug"):
+            raise ValueError(f"StatisticalDrop: drop_test must be 'norm', 'loss' or 'pflug', got {drop_test!r}")
         if not drop_factor > 1 or not 0 < significance < 1:
             raise ValueError(f"StatisticalDrop: drop_factor must be > 1 and 0 < significance < 1, got "
                              f"{drop_factor}, {significance}")
@@ -422,6 +422,7 @@ class StatisticalDrop(ALSALS):
         self.test_every, self.loss_switch, self.drop_test = test_every, loss_switch, drop_test
         self._samples, self._losses = _LeakyBucket(leak_ratio), _LeakyBucket(leak_ratio)
         self._composite = True
+        self._previous_grads: list = []          # drop_test="pflug": the last step's gradient
         self.switched_at: int | None = None      # the step after which eta is constant
         self.switch_reason = ""
         self.drops: list = []                    # (step, eta after the drop)
@@ -441,6 +442,8 @@ class StatisticalDrop(ALSALS):
         before = [p.detach().clone() for p in params] if by_norm else []
         loss = super().step(closure)
         info, t = self.last_step, self.t
+        if self.drop_test == "pflug" and not info.skipped:
+            self._add_gradient_cosine(params)
         if by_norm and info.accepted and not info.skipped and info.eta > 0:
             with torch.no_grad():
                 cross = sq = 0.0
@@ -451,7 +454,7 @@ class StatisticalDrop(ALSALS):
             z = -(2 * cross + sq) / (2 * float(info.eta))
             if math.isfinite(z):
                 self._samples.add(z)
-        by_loss = not by_norm
+        by_loss = self.drop_test == "loss"
         if by_loss or (self.switched_at is None and self.loss_switch):
             self._losses.add((t, float(info.loss)))
         if not by_loss and self.switched_at is None and self.loss_switch and \
@@ -488,10 +491,32 @@ class StatisticalDrop(ALSALS):
         if first:
             self.switched_at, self.switch_reason = None, ""
 
+    def _add_gradient_cosine(self, params) -> None:
+        """Pflug's diagnostic in the form of Chee and Toulis (2018, "Convergence diagnostics for
+        stochastic gradient descent with constant learning rate"): successive gradients point the
+        same way while the iterates drift (a transient, a plateau) and against each other once
+        they bounce around a stationary point; here as the cosine, so the falling gradient scale
+        does not weight the early steps."""
+        with torch.no_grad():
+            grads = [p.grad.detach().double().reshape(-1) if p.grad is not None else None for p in params]
+            if self._previous_grads:
+                dot = na = nb = 0.0
+                for a, b in zip(grads, self._previous_grads):
+                    if a is not None and b is not None:
+                        dot += float((a * b).sum())
+                        na += float((a * a).sum())
+                        nb += float((b * b).sum())
+                if na > 0 and nb > 0:
+                    self._samples.add(dot / math.sqrt(na * nb))
+            self._previous_grads = [g.clone() if g is not None else None for g in grads]
+
     def _drop_now(self) -> bool:
         if self.drop_test == "loss":     # E f(x') = E f(x) with the loss as the test function
             points = self._losses.values
             return len(points) > self.min_samples and not _still_decreasing(points, self.significance)
+        if self.drop_test == "pflug":    # the recent successive gradients point against each other
+            window = self._samples.values
+            return len(window) > self.min_samples and sum(window) < 0
         window = self._samples.values
         return len(window) > self.min_samples and _stationary(window, self.significance, self._composite)
 
