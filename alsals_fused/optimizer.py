@@ -862,11 +862,11 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     def _keep_eta_on_a_zero_slope(self, plan: _Plan, hp: StepScalars, found: _Search, eta_before: float,
                                   search_dir: Dir) -> None:
-        """Guard 3 (docs/algorithm.md section 1.3): the slope is exactly 0 only on a zero gradient,
-        where every trial passes (guard 1) and the search measured nothing, so it takes the
-        pre-step eta instead of the grown one.  Without it eta grows by ``growth`` at every
-        search while the loss stays at 0 (a fitted batch), up to ETA_MAX, and every step after
-        the loss leaves 0 is rejected after max_trials trials."""
+        """Guard 3 (docs/algorithm.md section 1.3): the slope is exactly 0 on a zero gradient (short
+        of an exactly orthogonal d, only there), where every trial passes (guard 1) and the
+        search measured nothing, so it takes the pre-step eta instead of the grown one.  Without
+        it eta grows by ``growth`` at every search while the loss stays at 0 (a fitted batch), up
+        to ETA_MAX, and every step after the loss leaves 0 is rejected after max_trials trials."""
         self._move(plan, hp, found.eta_at_params, search_dir, eta_before, search_dir)
         found.eta = found.eta_at_params = eta_before
 
