@@ -77,6 +77,7 @@ def main():
         print(f"{args.mode}: {dist.get_world_size()} ranks, loss {loss:.4f} after {args.steps} steps, "
               f"{after:.4f} after {2 * args.steps}; resumed from the checkpoint: {resumed:.4f}, "
               f"eta {opt2.eta:.4g}, t {opt2.t}, params bit-identical: {same}")
+    dist.barrier()              # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
