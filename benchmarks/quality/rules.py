@@ -349,6 +349,13 @@ def _significantly_lower(after: list, before: list, significance: float) -> bool
     return (ma - mb) / math.sqrt(se2) < _t_quantile(significance, max(1, int(dof)))
 
 
+def _loss_stopped_falling(bucket: "_LeakyBucket", min_samples: int, significance: float) -> bool:
+    """The loss-regression test of the drops and the switch: more than ``min_samples`` losses kept
+    and no significant downward trend among them."""
+    points = bucket.values
+    return len(points) > min_samples and not _still_decreasing(points, significance)
+
+
 def _still_decreasing(points: list, significance: float) -> bool:
     """One-sided t-test of a negative slope of the losses against the step number."""
     n = len(points)
@@ -458,8 +465,7 @@ class StatisticalDrop(ALSALS):
         if by_loss or (self.switched_at is None and self.loss_switch):
             self._losses.add((t, float(info.loss)))
         if not by_loss and self.switched_at is None and self.loss_switch and \
-                len(self._losses.values) > self.min_samples and \
-                not _still_decreasing(self._losses.values, self.significance):
+                _loss_stopped_falling(self._losses, self.min_samples, self.significance):
             self.switched_at, self.switch_reason = t, "loss"
         if self.drop_check:
             self._recent = (self._recent + [float(info.loss)])[-self.drop_check:]
@@ -498,7 +504,8 @@ class StatisticalDrop(ALSALS):
         they bounce around a stationary point; here as the cosine, so the falling gradient scale
         does not weight the early steps."""
         with torch.no_grad():
-            grads = [p.grad.detach().double().reshape(-1) if p.grad is not None else None for p in params]
+            grads = [p.grad.detach().reshape(-1).to(torch.float64, copy=True) if p.grad is not None else None
+                     for p in params]
             if self._previous_grads:
                 dot = na = nb = 0.0
                 for a, b in zip(grads, self._previous_grads):
@@ -508,12 +515,11 @@ class StatisticalDrop(ALSALS):
                         nb += float((b * b).sum())
                 if na > 0 and nb > 0:
                     self._samples.add(dot / math.sqrt(na * nb))
-            self._previous_grads = [g.clone() if g is not None else None for g in grads]
+            self._previous_grads = grads
 
     def _drop_now(self) -> bool:
         if self.drop_test == "loss":     # E f(x') = E f(x) with the loss as the test function
-            points = self._losses.values
-            return len(points) > self.min_samples and not _still_decreasing(points, self.significance)
+            return _loss_stopped_falling(self._losses, self.min_samples, self.significance)
         if self.drop_test == "pflug":    # the recent successive gradients point against each other
             window = self._samples.values
             return len(window) > self.min_samples and sum(window) < 0
@@ -670,8 +676,7 @@ class PerUnitSearch:
         if not self.drop_factor:
             return
         self._losses.add((t, loss0))
-        if t % self.test_every == 0 and len(self._losses.values) > self.min_samples \
-                and not _still_decreasing(self._losses.values, self.significance):
+        if t % self.test_every == 0 and _loss_stopped_falling(self._losses, self.min_samples, self.significance):
             self.etas = [e / self.drop_factor for e in self.etas]
             self._losses.reset()
             self.drops.append((t, self.step_size))
