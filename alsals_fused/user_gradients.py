@@ -493,20 +493,15 @@ class _MicroBatchContext:
         for a first block, since the last step or zero_grad), its backward may have written part
         of its gradient, which no loss of the window accounts for: the window is kept but broken,
         and step() refuses it until zero_grad() starts over.  Otherwise nothing of the block
-        remains and a window it opened goes (``_drop_empty_window``)."""
+        remains, and a window it opened (no parts) goes, so that the next micro-batch captures
+        the RNG state its own forward starts from."""
         window: GradientWindow = self.window
         if self.opt._window is not window:     # discarded or replaced inside the block
             return
         marks = window.marks if window.parts else self.opt._gradient_marks()
         if marks is None or marks.changed() == 1:
             window.failed_block = exc_type.__name__
-        else:
-            self._drop_empty_window()
-
-    def _drop_empty_window(self) -> None:
-        """A block that failed adds nothing: a window it opened (no parts) goes, so the next
-        micro-batch captures the RNG state its own forward starts from."""
-        if not self.window.parts and getattr(self.opt, "_window", None) is self.window:
+        elif not window.parts:
             self.opt.discard_window()
 
 
