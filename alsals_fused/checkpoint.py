@@ -10,13 +10,18 @@ Format (``FORMAT_VERSION = 2``)::
     HOST = {"format": 2, "variant": str, "hyper": {Hyper fields}, "eta": float, "t": int,
             "counters": {name: int}, "fast": float | None, "slow": float | None,
             "last_search_t": int, "h": float, "s": float, "pending_skips": int,
-            "growth": float | None, "scale_found": bool,      # the last three optional
-            "cooldown_from": float | None}
+            "growth": float | None, "scale_found": bool,      # the last four optional
+            "cooldown_from": float | None, "plateau": PLATEAU | None}
+
+    PLATEAU = {"drops": int, "total": int, "anchored": bool, "t0": int, "v0": float,
+               "sums": [float, float, float], "losses": [[int, float], ...]}
 
 ``growth`` and ``scale_found`` (the host state of the ``adaptive`` variant's search rules),
-``cooldown_from`` (eta when the cooldown began) and the Hyper fields added with them may be
-missing from older checkpoints: they then take their defaults (no adapted growth; a scale counts
-as found once t > 0; no cooldown begun; the variant's default Hyper, so no ``total_steps``).
+``cooldown_from`` (eta when the cooldown began), ``plateau`` (the alsals_plateau variant's
+plateau test, plateau.py: its kept losses and regression sums, stored so that a resumed run drops
+where the uninterrupted one would) and the Hyper fields added with them may be missing from older
+checkpoints: they then take their defaults (no adapted growth; a scale counts as found once t > 0;
+no cooldown begun; no loss kept; the variant's default Hyper, so no ``total_steps``).
 
 The host state lives inside ``param_groups[0]`` (not at the top level) because
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
@@ -65,7 +70,8 @@ HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
 LATER_HYPER_FIELDS = ("first_backtrack", "growth_boost", "growth_max", "total_steps",
-                      "cooldown_fraction")   # may be absent
+                      "cooldown_fraction", "drop_factor", "drop_min_samples", "drop_every",
+                      "drop_significance")   # may be absent
 HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
              "pending_skips")
 
@@ -83,12 +89,12 @@ def _fail(msg: str) -> NoReturn:
 def host_state(*, hyper: Hyper, eta: float, t: int, counters: Dict[str, int], fast: Optional[float],
                slow: Optional[float], last_search_t: int, h: float, s: float, pending_skips: int,
                growth: Optional[float], scale_found: bool,
-               cooldown_from: Optional[float]) -> Dict[str, Any]:
+               cooldown_from: Optional[float], plateau: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return {"format": FORMAT_VERSION, "variant": hyper.variant, "hyper": dataclasses.asdict(hyper),
             "eta": float(eta), "t": int(t), "counters": {k: int(v) for k, v in counters.items()},
             "fast": fast, "slow": slow, "last_search_t": int(last_search_t), "h": float(h),
             "s": float(s), "pending_skips": int(pending_skips), "growth": growth,
-            "scale_found": bool(scale_found), "cooldown_from": cooldown_from}
+            "scale_found": bool(scale_found), "cooldown_from": cooldown_from, "plateau": plateau}
 
 
 def attach(state_dict: dict, host: Dict[str, Any]) -> dict:
@@ -175,7 +181,7 @@ def _check_hyper(saved, variant: str) -> Hyper:
     given = {k: v for k, v in saved.items() if k != "variant"}
     if isinstance(given["betas"], list):
         given["betas"] = tuple(given["betas"])
-    optional_none = {"max_grad_norm", "first_backtrack", "total_steps"}
+    optional_none = {"max_grad_norm", "first_backtrack", "total_steps", "drop_factor"}
     for k, v in given.items():
         if v is None and k not in optional_none:
             _fail(f"hyper[{k!r}]=None is invalid")
@@ -325,7 +331,54 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
         cooldown_from = _float(cooldown_from, "cooldown_from")
         if cooldown_from <= 0:
             _fail(f"cooldown_from={cooldown_from!r} is invalid; expected None or a float > 0")
+    plateau = _plateau_state(host.get("plateau"), hyper, t)
     clean = {"eta": eta, "t": t, "counters": counters, "fast": fast, "slow": slow,
              "last_search_t": last, "h": h, "s": s_, "pending_skips": pending, "growth": growth,
-             "scale_found": scale_found, "cooldown_from": cooldown_from}
+             "scale_found": scale_found, "cooldown_from": cooldown_from, "plateau": plateau}
     return LoadPlan(hyper=hyper, host=clean, weight_decays=weight_decays, state=new_state)
+
+
+PLATEAU_KEYS = ("drops", "total", "anchored", "t0", "v0", "sums", "losses")
+
+
+def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
+    """The plateau test's state (plateau.PlateauTest.state), checked; a fresh one when absent
+    (a checkpoint of a variant without drops, or written before them); None without drops."""
+    if hyper.drop_factor is None:
+        if saved is not None:
+            _fail("the host state holds a plateau test, and its hyperparameters have drop_factor=None")
+        return None
+    if saved is None:
+        return {"drops": 0, "total": 0, "anchored": False, "t0": 0, "v0": 0.0, "sums": [0.0, 0.0, 0.0],
+                "losses": []}
+    if not isinstance(saved, dict):
+        _fail(f"plateau is a {type(saved).__name__}, not a dict")
+    missing = [k for k in PLATEAU_KEYS if k not in saved]
+    unknown = sorted(set(saved) - set(PLATEAU_KEYS))
+    if missing or unknown:
+        _fail(f"plateau has missing keys {missing} / unknown keys {unknown}")
+    drops, total = _int(saved["drops"], "plateau['drops']"), _int(saved["total"], "plateau['total']")
+    anchored = saved["anchored"]
+    if not isinstance(anchored, bool):
+        _fail(f"plateau['anchored']={anchored!r} is invalid; expected True or False")
+    t0, v0 = _int(saved["t0"], "plateau['t0']"), _float(saved["v0"], "plateau['v0']")
+    sums = saved["sums"]
+    if not isinstance(sums, (list, tuple)) or len(sums) != 3:
+        _fail(f"plateau['sums']={sums!r} is invalid; expected three floats")
+    sums = [_float(v, "plateau['sums']") for v in sums]
+    losses = saved["losses"]
+    if not isinstance(losses, (list, tuple)) or len(losses) > total:
+        _fail(f"plateau['losses'] must be a list of at most plateau['total']={total} [step, loss] pairs")
+    clean_losses, last = [], -1
+    for i, pair in enumerate(losses):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            _fail(f"plateau['losses'][{i}]={pair!r} is invalid; expected [step, loss]")
+        step = _int(pair[0], f"plateau['losses'][{i}][0]", minimum=1)
+        if step <= last or step > t:
+            _fail(f"plateau['losses'][{i}] is at step {step}; steps must increase and be at most t={t}")
+        clean_losses.append([step, _float(pair[1], f"plateau['losses'][{i}][1]")])
+        last = step
+    if clean_losses and not anchored:
+        _fail("plateau['losses'] holds losses and plateau['anchored'] is False")
+    return {"drops": drops, "total": total, "anchored": anchored, "t0": t0, "v0": v0, "sums": sums,
+            "losses": clean_losses}

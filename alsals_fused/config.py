@@ -6,8 +6,8 @@ import operator
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
-VARIANTS = ("alsals", "adam_sls", "salsa", "adaptive")
-MOMENTUM_VARIANTS = ("alsals",)     # search along m_hat*p and keep the trial point
+VARIANTS = ("alsals", "adam_sls", "salsa", "adaptive", "alsals_plateau")
+MOMENTUM_VARIANTS = ("alsals", "alsals_plateau")    # search along m_hat*p and keep the trial point
 BACKENDS = ("auto", "reference", "foreach", "triton", "cuda")
 
 
@@ -35,6 +35,11 @@ class Hyper:
     # End-of-run cooldown for a known step budget (section 3); None: none, eta is the search's.
     total_steps: Optional[int] = None
     cooldown_fraction: float = 0.2              # the last fraction of total_steps that cools down
+    # Plateau drops (the alsals_plateau variant, section 2.1; plateau.py): None: none.
+    drop_factor: Optional[float] = None         # eta /= drop_factor when the loss stops falling
+    drop_min_samples: int = 50                  # losses kept before the first test after a drop
+    drop_every: int = 10                        # steps between tests
+    drop_significance: float = 0.05             # one-sided level of the "still falling" test
 
     @property
     def momentum_search(self) -> bool:
@@ -58,6 +63,14 @@ VARIANT_DEFAULTS = {
     # by 0.3 (init 0.1 reaches 1e-3 in 4 trials).  Evidence: benchmarks/quality/README.md.
     "adaptive": Hyper(variant="adaptive", c=0.3, smoothing=0.99, growth=1.01, backtrack=0.9,
                       line_search_every="auto", first_backtrack=0.3),
+    # Not from a paper: alsals's search every 4th step from a smaller first guess (0.025, halved
+    # until a search accepts), its growth boosted by 1.5x after each first-trial pass (at most
+    # 2% per search), until the plateau test first finds the loss no longer falling; from then on
+    # eta is held and halved at each plateau, with no trial forwards.  Evidence:
+    # benchmarks/quality/results/experiments.md, rounds 8 and 9.
+    "alsals_plateau": Hyper(variant="alsals_plateau", init_step_size=0.025, line_search_every=4,
+                            first_backtrack=0.5, growth=1.004, growth_boost=1.5, growth_max=1.02,
+                            drop_factor=2.0),
 }
 
 
@@ -87,7 +100,8 @@ def make_hyper(variant: str, **overrides) -> Hyper:
         _require(isinstance(b, (tuple, list)) and len(b) == 2 and all(_real(x) and 0 <= x < 1 for x in b),
                  "betas", b, "a pair (beta1, beta2) with 0 <= beta < 1")
         given["betas"] = (float(b[0]), float(b[1]))
-    for name in ("max_trials", "line_search_every", "total_steps"):   # numpy ints, 0-dim tensors
+    # numpy ints and 0-dim tensors as ints
+    for name in ("max_trials", "line_search_every", "total_steps", "drop_min_samples", "drop_every"):
         value = given.get(name)
         if value is not None and not isinstance(value, (bool, int, str)) and hasattr(value, "__index__"):
             try:
@@ -120,6 +134,14 @@ def make_hyper(variant: str, **overrides) -> Hyper:
              "total_steps", h.total_steps, "None or an int >= 1")
     _require(_real(h.cooldown_fraction) and 0 < h.cooldown_fraction <= 1, "cooldown_fraction",
              h.cooldown_fraction, "0 < cooldown_fraction <= 1")
+    _require(h.drop_factor is None or (_real(h.drop_factor) and h.drop_factor > 1), "drop_factor",
+             h.drop_factor, "None or a finite float > 1")
+    _require(isinstance(h.drop_min_samples, int) and not isinstance(h.drop_min_samples, bool)
+             and h.drop_min_samples >= 3, "drop_min_samples", h.drop_min_samples, "an int >= 3")
+    _require(isinstance(h.drop_every, int) and not isinstance(h.drop_every, bool) and h.drop_every >= 1,
+             "drop_every", h.drop_every, "an int >= 1")
+    _require(_real(h.drop_significance) and 0 < h.drop_significance < 0.5, "drop_significance",
+             h.drop_significance, "0 < drop_significance < 0.5")
     validate_search_range(h.init_step_size, h)
     return h
 

@@ -71,6 +71,7 @@ from .config import (
     validate_weight_decay,
 )
 from .frameworks import is_framework_closure
+from .plateau import PlateauTest
 from .user_gradients import UserGradientsMixin
 
 TRAINING_MODE_CHANGED = (
@@ -366,7 +367,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
 
     ``loss = opt.step(closure)``: the closure returns the mini-batch loss and must not call
     backward.  See README.md for the arguments; defaults depend on ``variant``
-    ("alsals" | "adam_sls" | "salsa") and explicit arguments override them.
+    ("alsals" | "adam_sls" | "salsa" | "adaptive" | "alsals_plateau") and explicit arguments
+    override them.
     """
 
     def __init__(self, params, *, variant: str = "alsals", init_step_size: Optional[float] = None,
@@ -509,11 +511,18 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         # so that a step reads them without recomputing.
         self._hyper = hyper
         self._derived = _Derived.of(hyper)
+        if hyper.drop_factor is None:
+            self._plateau: Optional[PlateauTest] = None
+        elif getattr(self, "_plateau", None) is None:
+            self._plateau = PlateauTest()
 
     # -- the "auto" schedule, line_search_every and the cooldown (section 3) ---------------------
     def _searches_at(self, t: int) -> bool:
         if t > self._derived.cooldown_start:
             return False                      # the cooldown takes no trial forwards
+        plateau = self._plateau
+        if plateau is not None and plateau.drops:
+            return False                      # alsals_plateau: eta is held from the first drop
         k = self._hyper.line_search_every
         if k != "auto":    # t = 1, k+1, 2k+1, ... (counted from the last search: section 9)
             assert isinstance(k, int)      # make_hyper admits an int >= 1 or "auto"
@@ -821,16 +830,19 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         try:
             eta_before = self.eta
             hp = self._step_scalars(plan, searching)
-            self._passes(plan, hp, self._device_loss(loss0, plan), searching)
+            device_loss = self._device_loss(loss0, plan)
+            self._passes(plan, hp, device_loss, searching)
             self.t += 1
             self.counters["steps"] += 1
             if not searching:
                 self.last_step = StepInfo(eta=hp.eta, trials=0, accepted=True, searched=False,
                                           loss=loss0, loss_trial=None, slope=None)
-                return
-            assert rng_before is not None        # callers capture it on searching steps
-            found = self._search(plan, hp, closure, rng_before, eta_before)
-            self._commit(plan, hp, found, eta_before)
+            else:
+                assert rng_before is not None        # callers capture it on searching steps
+                found = self._search(plan, hp, closure, rng_before, eta_before)
+                self._commit(plan, hp, found, eta_before)
+            if self._plateau is not None:
+                self._drop_on_a_plateau(device_loss)
         finally:
             plan.release_grads()
             if plan.fsdp:         # FSDP2: the next forward all-gathers the parameters written here
@@ -859,6 +871,26 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         current = self._growth if self._growth is not None else hyper.growth
         self._growth = min(hyper.growth_max, current * hyper.growth_boost) if (accepted and trials == 1) \
             else hyper.growth
+
+    def _drop_on_a_plateau(self, device_loss: Tensor) -> None:
+        """alsals_plateau (docs/algorithm.md section 2.1): keep this step's loss (as a tensor: no
+        read) and, every ``drop_every`` steps, test whether the losses since the last drop still
+        fall; if not, divide eta by ``drop_factor`` (the first drop ends the searches).  The
+        cooldown owns eta once it has begun.  The losses are the rank mean under
+        process_group, so every rank drops at the same step."""
+        t, hyper, plateau = self.t, self._hyper, self._plateau
+        assert plateau is not None and hyper.drop_factor is not None
+        if t > self._derived.cooldown_start:
+            return
+        plateau.add(t, device_loss)
+        if t % hyper.drop_every or len(plateau) <= hyper.drop_min_samples:
+            return
+        self.reads += plateau.read()
+        if len(plateau) > hyper.drop_min_samples and plateau.plateaued(hyper.drop_significance):
+            self.eta = max(self.eta / hyper.drop_factor, ETA_MIN)
+            plateau.drops += 1
+            plateau.reset()
+            self._sync_lr()
 
     def _keep_eta_on_a_zero_slope(self, plan: _Plan, hp: StepScalars, found: _Search, eta_before: float,
                                   search_dir: Dir) -> None:
@@ -1117,7 +1149,8 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             slow=self._slow, last_search_t=self._last_search_t,
             h=0.0 if ctl is None else float(ctl[Ctl.H]), s=0.0 if ctl is None else float(ctl[Ctl.S]),
             pending_skips=0 if ctl is None else int(ctl[Ctl.PENDING]),
-            growth=self._growth, scale_found=self._scale_found, cooldown_from=self._cooldown_from)
+            growth=self._growth, scale_found=self._scale_found, cooldown_from=self._cooldown_from,
+            plateau=None if self._plateau is None else self._plateau.state())
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -1157,6 +1190,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._growth = host["growth"]
         self._scale_found = host["scale_found"]
         self._cooldown_from = host["cooldown_from"]
+        self._plateau = None if plan.hyper.drop_factor is None else PlateauTest.from_state(host["plateau"])
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
         self._sync_lr()

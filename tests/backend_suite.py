@@ -44,6 +44,7 @@ a sequence of passes, setting both sides to the reference's values after each):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -505,7 +506,8 @@ def mse_closure(model, x, y):
 class Run:
     """What a trajectory recorded: host decisions per step, and the tensors at the end of each."""
 
-    decisions: List[Tuple] = field(default_factory=list)   # (trials, accepted, searched, skipped, fallback, eta)
+    # (trials, accepted, searched, skipped, fallback, plateau drops so far, eta)
+    decisions: List[Tuple] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
     params: List[List[Tensor]] = field(default_factory=list)
     moments: List[List[Tensor]] = field(default_factory=list)
@@ -610,7 +612,10 @@ def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torc
         def loss_at(k: int) -> Tensor:
             x, y = data[k % batches]
             return torch.nn.functional.mse_loss(odd(x).float(), y.float())
+    plateau = opt_kwargs.pop("plateau", None)
     opt = ALSALS(groups, variant=variant, backend=backend, **opt_kwargs)
+    if plateau:                  # the plateau test's fields are not constructor arguments
+        opt.hyper = dataclasses.replace(opt.hyper, **plateau)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
@@ -625,7 +630,9 @@ def run_trajectory(backend: str, device: torch.device, *, steps: int, dtype=torc
         run.losses.append(float(opt.step(closure).detach()))
         info = opt.last_step
         assert info is not None
-        run.decisions.append((info.trials, info.accepted, info.searched, info.skipped, info.fallback, opt.eta))
+        drops = opt._plateau.drops if opt._plateau is not None else 0
+        run.decisions.append((info.trials, info.accepted, info.searched, info.skipped, info.fallback, drops,
+                              opt.eta))
         run.params.append([p.detach().clone() for p in net.parameters()])
         run.moments.append([opt.state[p][n].clone() for p in net.parameters() if p in opt.state
                             for n in ("exp_avg", "exp_avg_sq")])

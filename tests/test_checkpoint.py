@@ -5,6 +5,7 @@ it was; format-1 checkpoints (the first release) still load and resume bit-ident
 leaves a non-finite parameter; no backend half-updates the parameters before failing.
 """
 import copy
+import dataclasses
 import math
 import os
 
@@ -335,3 +336,66 @@ def test_a_parameter_whose_shape_changed_fails_before_any_write(backend, change)
         opt.step(lambda: (a.sum() + b.sum()) ** 2)
     assert torch.equal(a.detach(), a0)
     assert all(torch.equal(opt.state[a][n], state0[n]) for n in state0)
+
+
+def plateau_trained(steps=15):
+    """alsals_plateau with a plateau test every 2 steps, so that its state holds drops and losses."""
+    torch.manual_seed(0)
+    model = OddModel()
+    opt = ALSALS(model.groups(), variant="alsals_plateau", init_step_size=1.0)
+    opt.hyper = dataclasses.replace(opt.hyper, drop_min_samples=3, drop_every=2)
+    x, y = make_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    return model, opt
+
+
+def _plateau(sd):
+    return host_of(sd)["plateau"]
+
+
+PLATEAU_CORRUPTIONS = {
+    "missing sums": (lambda sd: _plateau(sd).pop("sums"), "missing keys \\['sums'\\]"),
+    "NaN loss": (lambda sd: _plateau(sd)["losses"][0].__setitem__(1, math.nan), r"plateau\['losses'\]\[0\]\[1\]"),
+    "steps out of order": (lambda sd: _plateau(sd)["losses"].reverse(), "steps must increase"),
+    "a loss after t": (lambda sd: _plateau(sd)["losses"][-1].__setitem__(0, 10 ** 6), "steps must increase"),
+    "more losses than counted": (lambda sd: _plateau(sd).__setitem__("total", 1), "at most"),
+    "two sums": (lambda sd: _plateau(sd).__setitem__("sums", [0.0, 1.0]), "three floats"),
+    "drops=-1": (lambda sd: _plateau(sd).__setitem__("drops", -1), "drops"),
+    "drop_factor=1": (lambda sd: host_of(sd)["hyper"].__setitem__("drop_factor", 1.0), "drop_factor"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLATEAU_CORRUPTIONS))
+def test_a_corrupt_plateau_test_raises_and_changes_nothing(name):
+    corrupt, match = PLATEAU_CORRUPTIONS[name]
+    _, source = plateau_trained()
+    sd = copy.deepcopy(source.state_dict())
+    assert _plateau(sd)["drops"] > 0 and len(_plateau(sd)["losses"]) > 2
+    corrupt(sd)
+    _, opt = plateau_trained(steps=5)
+    snap, plateau = snapshot(opt), copy.deepcopy(opt._plateau.state())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)
+    assert opt._plateau.state() == plateau
+
+
+def test_a_plateau_checkpoint_without_its_test_resumes_with_an_empty_one():
+    """A checkpoint without the "plateau" entry (as written before the variant had one) loads
+    with no loss kept and no drop; the searches go on until the first drop."""
+    _, source = plateau_trained(steps=3)
+    sd = copy.deepcopy(source.state_dict())
+    del host_of(sd)["plateau"]
+    _, opt = plateau_trained(steps=1)
+    opt.load_state_dict(sd)
+    assert opt._plateau.drops == 0 and len(opt._plateau) == 0 and opt.t == 3
+
+
+def test_a_plateau_test_on_a_variant_without_drops_is_refused():
+    _, source = plateau_trained()
+    sd = copy.deepcopy(source.state_dict())
+    _, opt = trained(steps=2)
+    with pytest.raises(ValueError, match="variant='alsals_plateau'"):
+        opt.load_state_dict(sd)

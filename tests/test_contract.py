@@ -740,6 +740,11 @@ def _traj_cases():
     yield "alsals-mixed-f32-f64", dict(variant="alsals", mixed=True, weight_decay=0.01), (), True
     # searches, then the cooldown (its last quarter: no trials), then two steps past the budget
     yield "alsals-cooldown", dict(variant="alsals", total_steps=-2, cooldown_fraction=0.25), (), True
+    # searches at every step, then plateau drops (tested every 2 steps on 4+ kept losses)
+    yield ("alsals_plateau", dict(variant="alsals_plateau", line_search_every=1, weight_decay=0.01,
+                                  plateau=dict(drop_min_samples=3, drop_every=2)), (), True)
+    yield ("alsals_plateau-bf16", dict(variant="alsals_plateau", line_search_every=1, dtype=BF16,
+                                       plateau=dict(drop_min_samples=3, drop_every=2)), (), False)
 
 
 TRAJ = list(_traj_cases())
@@ -790,6 +795,12 @@ def test_trajectory_takes_the_reference_decisions(info, case, kw, expect, interp
         assert not any(d[2] for d in want.decisions[start:]), "the cooldown searched"
         etas = [d[-1] for d in want.decisions[start - 1:]]
         assert etas == sorted(etas, reverse=True) and etas[-1] == etas[-2] < etas[0], "no cooldown"
+    if "plateau" in kw:
+        first = next((i for i, d in enumerate(want.decisions) if d[5]), None)
+        assert first is not None and want.decisions[-1][5] > 1, f"fewer than 2 drops: {want.decisions}"
+        assert not any(d[2] for d in want.decisions[first + 1:]), "a search after the first drop"
+        for before, after in zip(want.decisions[first:], want.decisions[first + 1:]):
+            assert after[-1] == before[-1] / 2 ** (after[5] - before[5]), "eta moved without a drop"
 
 
 # test_triton's trajectories on its own problem (S.TanhMLP, fp64 loss), as it ran them: 24 steps,
@@ -866,7 +877,7 @@ def test_trajectory_on_test_cudas_network_16bit(info, dtype):
 
 
 @pytest.mark.parametrize("info", OPT)
-@pytest.mark.parametrize("variant", ["alsals", "salsa"])
+@pytest.mark.parametrize("variant", ["alsals", "salsa", "alsals_plateau"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_state_dict_round_trip_resumes_bit_identically(info, variant, dtype):
     steps = 4 if info.slow else 12
@@ -889,6 +900,8 @@ def test_state_dict_round_trip_resumes_bit_identically(info, variant, dtype):
     torch.manual_seed(0)
     model = S.model_on(info, dtype)
     opt = ALSALS(model.groups(), backend=info.name, variant=variant, init_step_size=1.0)
+    if variant == "alsals_plateau":     # tests every 2 steps, so that drops fall on both sides of the save
+        opt.hyper = dataclasses.replace(opt.hyper, drop_min_samples=3, drop_every=2)
     train(model, opt, 0)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt, saved_rng = S.state_dict_copy(opt), rng()
@@ -903,6 +916,9 @@ def test_state_dict_round_trip_resumes_bit_identically(info, variant, dtype):
     train(resumed, opt2, steps)
     assert torch.equal(S.flat(model), S.flat(resumed))
     assert (opt.eta, opt.t, opt.counters) == (opt2.eta, opt2.t, opt2.counters)
+    if variant == "alsals_plateau":
+        drops_at_save = saved_opt["param_groups"][0]["alsals"]["plateau"]["drops"]
+        assert 0 < drops_at_save < opt2._plateau.drops == opt._plateau.drops or info.slow, "drops on both sides"
     for s, s2 in zip(opt.state.values(), opt2.state.values(), strict=True):
         assert torch.equal(s["exp_avg"], s2["exp_avg"]) and torch.equal(s["exp_avg_sq"], s2["exp_avg_sq"])
     sd, sd2 = opt.state_dict(), opt2.state_dict()       # the host and device state, whatever the format

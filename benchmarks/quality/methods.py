@@ -287,6 +287,7 @@ def all_methods(candidates: Optional[Dict[str, dict]] = None) -> List[Method]:
     for variant in VARIANTS:
         for every in (1, "auto"):
             out.append(_line_search(variant, every))
+        out.append(_line_search(variant, None, name=variant))     # the variant's own defaults
     out.append(Method("salsa_pkg", "SaLSA package (authors)", "salsa_pkg",
                       lambda model, steps, seed, wl: SalsaPackageAdapter(model, seed)))
     for family, (_, label) in PEERS.items():

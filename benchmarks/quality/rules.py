@@ -21,6 +21,7 @@ import torch
 
 from alsals_fused import ALSALS
 from alsals_fused.backends.base import Dir
+from alsals_fused.plateau import betainc
 
 
 class EdgeFraction(ALSALS):
@@ -257,44 +258,17 @@ RULES["quad_probe"] = QuadProbe
 
 
 # -- a statistical stationarity test that drops eta (Zhang, Lang, Liu and Xiao 2020, "SALSA") ----
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b) (continued fraction, modified Lentz)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1) / (a + b + 2):           # the fraction converges fast below this point
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
-                     + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-14:
-            break
-    return front * f
-
-
 @functools.lru_cache(maxsize=None)
 def _t_quantile(p: float, dof: int) -> float:
     """q with P(T <= q) = p for Student's t with ``dof`` degrees of freedom (bisection)."""
     if p < 0.5:
         return -_t_quantile(1.0 - p, dof)
     lo, hi = 0.0, 1.0
-    while 1.0 - 0.5 * _betainc(dof / 2, 0.5, dof / (dof + hi * hi)) < p:
+    while 1.0 - 0.5 * betainc(dof / 2, 0.5, dof / (dof + hi * hi)) < p:
         hi *= 2.0
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if 1.0 - 0.5 * _betainc(dof / 2, 0.5, dof / (dof + mid * mid)) < p:
+        if 1.0 - 0.5 * betainc(dof / 2, 0.5, dof / (dof + mid * mid)) < p:
             lo = mid
         else:
             hi = mid
