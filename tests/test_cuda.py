@@ -127,6 +127,10 @@ def test_extension_calls_per_step():
     assert two["total"] - one["total"] + 1 <= 3                           # per extra trial
     assert f(searching=True, trials=1, variant="adam_sls")["move_pass"] == 1   # update from w0
     assert f(searching=True, trials=3, accepted=False)["move_pass"] == 4       # 2 + fix-up + restore
+    for trials, accepted in ((1, True), (3, True), (3, False)):      # alsals_plateau moves as alsals
+        assert f(searching=True, trials=trials, accepted=accepted, variant="alsals_plateau") == \
+            f(searching=True, trials=trials, accepted=accepted)
+    assert f(searching=True, trials=2, accepted=False, variant="salsa") != f(searching=True, trials=2, accepted=False)
 
 
 # ============================ CPU: tables, one call per pass, caching ==========================

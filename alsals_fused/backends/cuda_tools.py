@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from .._source_tree import CSRC
+from ..config import MOMENTUM_VARIANTS
 from .base import CHUNK, CTL_SIZE, TABLE_COLS, VERDICT_SIZE, Ctl, Dir, TableCol, Verdict
 from .fused_tables import FUSED_DTYPES, MAX_PROGRAMS
 
@@ -137,8 +138,8 @@ def extension_calls_per_step(*, searching: bool, trials: int = 1, accepted: bool
         return calls
     if trials < 1:
         raise ValueError("a searching step makes at least one trial")
-    moves = (trials - 1) + (1 if variant == "alsals" else 0) + \
-        (0 if variant == "alsals" and accepted else 1)
+    momentum = variant in MOMENTUM_VARIANTS        # alsals and alsals_plateau keep the trial point
+    moves = (trials - 1) + (1 if momentum else 0) + (0 if momentum and accepted else 1)
     calls = {"grad_pass": 1, "step_pass": 1, "move_pass": moves, "verdict": trials}
     calls["total"] = sum(calls.values())
     calls["d2h_copies"] = trials
