@@ -205,7 +205,8 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
 
     variant = host["variant"]
     if variant != opt.hyper.variant:
-        _fail(f"saved with variant={variant!r}, this optimizer has variant={opt.hyper.variant!r}")
+        _fail(f"saved with variant={variant!r}, this optimizer has variant={opt.hyper.variant!r}; to "
+              f"resume it, construct the optimizer with ALSALS(..., variant={variant!r})")
     hyper = _check_hyper(host["hyper"], variant)
     if hyper.memory_efficient:           # the constructor's rule (in-place trial moves drift)
         low = sorted({str(p.dtype) for g in opt.param_groups for p in g["params"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
 VARIANTS = ("alsals", "adam_sls", "salsa", "adaptive", "alsals_plateau")
+DEFAULT_VARIANT = "alsals"          # ALSALS()'s
 MOMENTUM_VARIANTS = ("alsals", "alsals_plateau")    # search along m_hat*p and keep the trial point
 BACKENDS = ("auto", "reference", "foreach", "triton", "cuda")
 

@@ -62,6 +62,7 @@ from .backends.base import (
 )
 from .config import (
     BACKENDS,
+    DEFAULT_VARIANT,
     ETA_MAX,
     ETA_MIN,
     VARIANT_DEFAULTS,
@@ -371,7 +372,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
     override them.
     """
 
-    def __init__(self, params, *, variant: str = "alsals", init_step_size: Optional[float] = None,
+    def __init__(self, params, *, variant: str = DEFAULT_VARIANT, init_step_size: Optional[float] = None,
                  c: Optional[float] = None, betas: Optional[Tuple[float, float]] = None,
                  eps: Optional[float] = None, smoothing: Optional[float] = None,
                  growth: Optional[float] = None, backtrack: Optional[float] = None,

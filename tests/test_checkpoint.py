@@ -399,3 +399,15 @@ def test_a_plateau_test_on_a_variant_without_drops_is_refused():
     _, opt = trained(steps=2)
     with pytest.raises(ValueError, match="variant='alsals_plateau'"):
         opt.load_state_dict(sd)
+
+
+def test_a_checkpoint_of_another_variant_is_refused_with_the_variant_to_pass():
+    """A run saved under another variant (for example the previous default) names the
+    variant= that resumes it, and the optimizer is left as it was."""
+    _, source = trained()                                       # variant="salsa"
+    sd = copy.deepcopy(source.state_dict())
+    _, opt = plateau_trained(steps=3)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=r"ALSALS\(\.\.\., variant='salsa'\)"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)

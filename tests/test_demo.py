@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alsals_fused.config import DEFAULT_VARIANT
 from alsals_fused.examples import data, demo
 from alsals_fused.examples.models import ByteGPT, GPTConfig, lm_loss
 
@@ -49,17 +50,18 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     rows = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
 
-    assert list(rows) == ["alsals", "adaptive", "adam@0.001", "adam@0.003", "adam@0.01", "prodigy"]
+    assert list(rows) == list(demo.DEFAULT_OPTIMIZERS[:2]) + ["adam@0.001", "adam@0.003", "adam@0.01", "prodigy"]
+    assert rows[DEFAULT_VARIANT]["optimizer"].startswith("ALSALS() default")
     for name, row in rows.items():
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["heldout_loss"]), name
         assert row["forwards_per_step"] >= 1, name
         assert row["wall_s"] >= 0 and row["final_step_size"] > 0, name
         assert row["optimizer"] in out, name            # the printed table has the row
     assert rows["adam@0.001"]["forwards_per_step"] == 1 and rows["prodigy"]["forwards_per_step"] == 1
-    # Every step searches by default, so each step runs the gradient forward and >= 1 trial.
+    # alsals searches at every step: each step runs the gradient forward and >= 1 trial;
+    # alsals_plateau every 4th (steps 1 and 5 of 5).
     assert rows["alsals"]["forwards_per_step"] >= 2
-    # "adaptive" searches on "auto", which searches at every step while t <= 10.
-    assert rows["adaptive"]["forwards_per_step"] >= 2
+    assert rows["alsals_plateau"]["forwards_per_step"] >= 1 + 2 / 5
     # One forward per step: the loss at Adam's forward budget is the final loss.
     assert rows["prodigy"]["train_loss_equal_forwards"] == pytest.approx(rows["prodigy"]["train_loss"])
     assert "best Adam grid point:" in out and "x Prodigy" in out

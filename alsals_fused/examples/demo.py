@@ -1,6 +1,7 @@
-"""Demo: what a new user compares.  ``ALSALS()`` with its defaults (the paper's ALSALS) and the
-``adaptive`` variant against Adam at 1e-3, the best point of a small Adam grid and Prodigy (a
-learning-rate-free optimizer), on a small byte-level GPT, on CPU, in a few minutes.
+"""Demo: what a new user compares.  ``ALSALS()`` with its defaults and the other momentum-search
+variant (``alsals``, the paper's, and ``alsals_plateau``) against Adam at 1e-3, the best point of
+a small Adam grid and Prodigy (a learning-rate-free optimizer), on a small byte-level GPT, on CPU,
+in a few minutes.
 
     python -m alsals_fused.demo                 # defaults: about 3 minutes on a 2-core CPU
     python -m alsals_fused.demo --device cuda --bf16 --steps 1000
@@ -18,8 +19,8 @@ each method) and ``demo.json`` (config, table, per-step records).
 Results are deterministic given the seed, the device and the number of CPU threads (the thread
 count changes the order of floating-point reductions).
 
-``main(argv)`` returns the table rows as a dict keyed by run name ("alsals", "adaptive",
-"adam@0.001", ..., "prodigy").
+``main(argv)`` returns the table rows as a dict keyed by run name (a variant, "adam@0.001", ...,
+"prodigy").
 """
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..config import DEFAULT_VARIANT
 from ..optimizer import ALSALS
 from .data import TextCorpus, fixed_starts, get_batch, load_corpus, random_starts
 from .models import ByteGPT, GPTConfig, lm_loss
 
-OPTIMIZERS = ("alsals", "adaptive", "adam", "prodigy", "adam_sls")
-DEFAULT_OPTIMIZERS = ("alsals", "adaptive", "adam", "prodigy")
+OPTIMIZERS = ("alsals", "alsals_plateau", "adaptive", "adam", "prodigy", "adam_sls")
+# ALSALS() with its defaults first, then the other momentum-search variant
+DEFAULT_OPTIMIZERS = (DEFAULT_VARIANT, "alsals_plateau" if DEFAULT_VARIANT == "alsals" else "alsals",
+                      "adam", "prodigy")
 ADAM_GRID = (1e-3, 3e-3, 1e-2)              # "adam" runs each of these (--adam-lrs)
 PNG_NAME = "demo.png"
 JSON_NAME = "demo.json"
@@ -61,8 +65,10 @@ TINY = dict(steps=5, batch_size=4, context=16, n_layer=1, n_head=2, d_model=32, 
 def _label(run: str) -> str:
     if run.startswith("adam@"):
         return f"Adam (lr={float(run[5:]):g})"
-    return {"adaptive": "adaptive (auto)", "alsals": "ALSALS() default", "prodigy": "Prodigy (lr=1)",
-            "adam_sls": "ADAM+SLS"}[run]
+    if run == DEFAULT_VARIANT:
+        return f"ALSALS() default ({run})"
+    return {"adaptive": "adaptive (auto)", "alsals": "alsals (the paper's)", "prodigy": "Prodigy (lr=1)",
+            "adam_sls": "ADAM+SLS", "alsals_plateau": "alsals_plateau"}[run]
 
 
 def expand_runs(optimizers: List[str], adam_lrs: List[float]) -> List[str]:
@@ -98,7 +104,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--adam-lrs", default=",".join(f"{lr:g}" for lr in ADAM_GRID),
                    help="Adam's learning-rate grid, comma-separated (default: %(default)s)")
     p.add_argument("--init-step-size", type=float, default=None,
-                   help="initial eta of the line-search methods (default: the variant's, 0.1)")
+                   help="initial eta of the line-search methods (default: the variant's)")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                    help="comma-separated subset of " + ",".join(OPTIMIZERS) + " (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
@@ -167,8 +173,6 @@ def make_optimizer(run: str, model: torch.nn.Module,
         from prodigyopt import Prodigy
         return Prodigy(model.parameters(), lr=1.0)
     # No buffers=: the model has no BatchNorm-like buffers that a trial forward could change.
-    if run == "alsals":
-        return ALSALS(model.parameters(), init_step_size=init_step_size)      # the defaults
     return ALSALS(model.parameters(), variant=run, init_step_size=init_step_size)
 
 
@@ -323,7 +327,8 @@ def plot(records: Dict[str, List[dict]], labels: Dict[str, str], path: str, titl
     fig = Figure(figsize=(17, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_fwd, ax_eta = fig.subplots(1, 3)
-    colors = {"adaptive": "black", "alsals": "tab:red", "prodigy": "tab:brown", "adam_sls": "tab:green"}
+    colors = {"adaptive": "black", "alsals": "tab:red", "alsals_plateau": "tab:orange", "prodigy": "tab:brown",
+              "adam_sls": "tab:green"}
     blues = iter(["tab:cyan", "tab:blue", "navy", "tab:purple", "tab:gray", "tab:olive"])
     for name in records:
         if name not in colors:
