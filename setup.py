@@ -88,8 +88,10 @@ setup(
         "demo": ["matplotlib", "prodigyopt>=1.1"],
         # The learning-rate-free optimizers the quality harness compares against are test
         # dependencies: CI's smoke subset runs them.
+        # scikit-learn: its bundled 8x8 digits are the data of three quality workloads.
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib", "lightning>=2.4", "transformers>=4.46",
-                 "accelerate>=1.0", "prodigyopt>=1.1", "schedulefree>=1.4", "dadaptation>=3.2"],
+                 "accelerate>=1.0", "prodigyopt>=1.1", "schedulefree>=1.4", "dadaptation>=3.2",
+                 "scikit-learn>=1.3"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -279,3 +279,20 @@ def test_pflug_drop_fires_on_gradients_that_point_against_each_other(alternate, 
         rule.step(closure)
     assert bool(rule.drops) is drops
     assert rule._samples.values[0] == pytest.approx(-1.0 if alternate else 1.0)
+
+
+def test_every_workload_builds_and_trains_a_step():
+    """Each workload's data (seeded: the same twice), model and loss give a finite loss whose
+    gradient reaches every parameter; what the harness's full runs start from."""
+    from benchmarks.quality.workloads import WORKLOADS
+
+    for name, wl in WORKLOADS.items():
+        data, again = wl.make_data(0), wl.make_data(0)
+        assert torch.equal(data.x_train, again.x_train) and torch.equal(data.y_train, again.y_train), name
+        torch.manual_seed(0)
+        model = wl.make_model()
+        x, y = data.get(torch.arange(min(wl.batch_size, data.n_train)))
+        loss = wl.loss_fn(model(x), y)
+        loss.backward()
+        assert math.isfinite(loss.item()), name
+        assert all(p.grad is not None for p in model.parameters()), name

@@ -300,6 +300,123 @@ def _friedman_data(seed: int, features=10, n_train=2048, n_test=512, noise=0.1) 
     return _split(sample, n_train, n_test)
 
 
+# -- held-out (round 9 confirmation): added after every rule's constants were fixed ----------------
+# The three workloads below were added after every rule's constants (candidates.json, rounds 1-8)
+# had been fixed, to check the chosen rule on workloads that no rule was tuned on.  Their sizes
+# were set from Adam grid runs only.
+_DIGITS = {}
+
+
+def _digits() -> Tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), scaled to [0, 1]."""
+    if "d" not in _DIGITS:
+        from sklearn.datasets import load_digits     # imported here: only these workloads need it
+        d = load_digits()
+        _DIGITS["d"] = (torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long))
+    return _DIGITS["d"]
+
+
+def _digits_split(seed: int, base: int, n_test=397) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A seeded permutation of the 1797 digits: 1400 for training, 397 held out."""
+    x, y = _digits()
+    g = torch.Generator().manual_seed(base + seed)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:-n_test], perm[-n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+# -- attention, held-out: a tiny vision transformer on the 8x8 digits ------------------------------
+def _vit_digits_data(seed: int) -> Data:
+    xtr, ytr, xte, yte = _digits_split(seed, 11_000)
+    return Data(xtr.view(-1, 8, 8), ytr, xte.view(-1, 8, 8), yte)
+
+
+class TinyViT(nn.Module):
+    """2x2 patches (16 tokens), a class token, a pre-norm Transformer encoder, a linear head."""
+
+    def __init__(self, patch=2, size=8, d_model=32, heads=4, layers=2, classes=10):
+        super().__init__()
+        self.patch, n = patch, (size // patch) ** 2
+        self.embed = nn.Linear(patch * patch, d_model)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d_model))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, p = x.shape[0], self.patch
+        tokens = x.unfold(1, p, p).unfold(2, p, p).reshape(b, -1, p * p)     # (b, 16, 4)
+        h = torch.cat([self.cls.expand(b, -1, -1), self.embed(tokens)], 1) + self.pos
+        return self.head(self.norm(self.enc(h)[:, 0]))
+
+
+# -- dense, held-out: an MLP autoencoder on the digits ---------------------------------------------
+def _ae_digits_data(seed: int) -> Data:
+    xtr, _, xte, _ = _digits_split(seed, 12_000)
+    return Data(xtr, xtr, xte, xte)
+
+
+def _autoencoder() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 8), nn.Tanh(),
+                         nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 64))
+
+
+# -- convolutional (1-D, no BatchNorm), held-out: count a motif in a noisy signal ----------------
+def _motif_data(seed: int, length=64, motif_len=8, classes=4, n_train=2048, n_test=512,
+                noise=0.5) -> Data:
+    """Class k: a random motif is added k times (k = 0..3) to a noisy 1-D signal that also holds
+    1-2 copies of a distractor motif of the same scale; the label is the count of the motif."""
+    g = torch.Generator().manual_seed(13_000 + seed)
+    motifs = torch.randn(2, motif_len, generator=g)
+    motifs = motifs / motifs.norm(dim=1, keepdim=True) * math.sqrt(motif_len)
+
+    def sample(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = noise * torch.randn(n, length, generator=g)
+        distract = torch.randint(1, 3, (n,), generator=g)
+        starts = torch.randint(0, length - motif_len + 1, (n, classes - 1 + 2), generator=g)
+        for i in range(n):
+            for j in range(int(y[i])):
+                s = int(starts[i, j])
+                x[i, s:s + motif_len] += motifs[0]
+            for j in range(int(distract[i])):
+                s = int(starts[i, classes - 1 + j])
+                x[i, s:s + motif_len] += motifs[1]
+        return x.unsqueeze(1), y
+    return _split(sample, n_train, n_test)
+
+
+class _ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each time step of a (batch, channels, time) tensor."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class MotifTCN(nn.Module):
+    """Four dilated Conv1d layers (kernel 3, dilations 1, 2, 4, 8) with LayerNorm over channels,
+    a mean over time and a linear head: no BatchNorm."""
+
+    def __init__(self, channels=32, classes=4):
+        super().__init__()
+        layers, c_in = [], 1
+        for d in (1, 2, 4, 8):
+            layers += [nn.Conv1d(c_in, channels, 3, dilation=d, padding=d), _ChannelNorm(channels), nn.ReLU()]
+            c_in = channels
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.net(x).mean(-1))
+
+
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload("gru_markov", "recurrent", steps=800, quick_steps=300, batch_size=32,
              make_data=_markov_data, make_model=GRUClassifier, loss_fn=_cross_entropy,
@@ -351,4 +468,19 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
              split="confirm",
              description="MLP 10-64-64-1 (ReLU) regresses Friedman's function #1 (noise sd 0.1 on a "
                          "unit-scale target); metric R^2"),
+    # Held-out (round 9 confirmation): added after every rule's constants were fixed; no rule was
+    # chosen or tuned on these three (split "confirm").
+    Workload("vit_digits", "attention", steps=800, quick_steps=300, batch_size=32,
+             make_data=_vit_digits_data, make_model=TinyViT, loss_fn=_cross_entropy, split="confirm",
+             description="held-out: tiny ViT (2x2 patches, 16 tokens + class token, d=32, 4 heads, 2 pre-norm "
+                         "layers) classifies scikit-learn's 8x8 digits; 1400 train / 397 held-out"),
+    Workload("ae_digits", "dense autoencoder", steps=1200, quick_steps=500, batch_size=16,
+             make_data=_ae_digits_data, make_model=_autoencoder, loss_fn=_mse, metric="r2", split="confirm",
+             description="held-out: tanh MLP autoencoder 64-32-8-32-64 reconstructs scikit-learn's 8x8 digits "
+                         "(pixels in [0, 1]), MSE; 1400 train / 397 held-out; metric R^2"),
+    Workload("tcn_motif", "convolutional 1-D (LayerNorm)", steps=800, quick_steps=300, batch_size=32,
+             make_data=_motif_data, make_model=MotifTCN, loss_fn=_cross_entropy, split="confirm",
+             description="held-out: 4 dilated Conv1d layers (32 channels, LayerNorm, no BatchNorm) count "
+                         "(0-3) a random motif in a noisy (sd 0.5) 64-step signal with 1-2 distractor motifs; "
+                         "2048 train / 512 held-out"),
 ]}
