@@ -13,13 +13,13 @@ Format (``FORMAT_VERSION = 2``)::
             "growth": float | None, "scale_found": bool,      # the last four optional
             "cooldown_from": float | None, "plateau": PLATEAU | None}
 
-    PLATEAU = {"drops": int, "total": int, "anchored": bool, "t0": int, "v0": float,
-               "sums": [float, float, float], "losses": [[int, float], ...]}
+    PLATEAU = {"drops": int, "total": int, "losses": [[int, float], ...]}
 
 ``growth`` and ``scale_found`` (the host state of the ``adaptive`` variant's search rules),
 ``cooldown_from`` (eta when the cooldown began), ``plateau`` (the alsals_plateau variant's
-plateau test, plateau.py: its kept losses and regression sums, stored so that a resumed run drops
-where the uninterrupted one would) and the Hyper fields added with them may be missing from older
+plateau test, plateau.py: its drops, the count of losses since the last drop and the kept ones,
+from which the exact regression sums are recomputed, so that a resumed run drops where the
+uninterrupted one would) and the Hyper fields added with them may be missing from older
 checkpoints: they then take their defaults (no adapted growth; a scale counts as found once t > 0;
 no cooldown begun; no loss kept; the variant's default Hyper, so no ``total_steps``).
 
@@ -339,7 +339,7 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
     return LoadPlan(hyper=hyper, host=clean, weight_decays=weight_decays, state=new_state)
 
 
-PLATEAU_KEYS = ("drops", "total", "anchored", "t0", "v0", "sums", "losses")
+PLATEAU_KEYS = ("drops", "total", "losses")
 
 
 def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
@@ -350,8 +350,7 @@ def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
             _fail("the host state holds a plateau test, and its hyperparameters have drop_factor=None")
         return None
     if saved is None:
-        return {"drops": 0, "total": 0, "anchored": False, "t0": 0, "v0": 0.0, "sums": [0.0, 0.0, 0.0],
-                "losses": []}
+        return {"drops": 0, "total": 0, "losses": []}
     if not isinstance(saved, dict):
         _fail(f"plateau is a {type(saved).__name__}, not a dict")
     missing = [k for k in PLATEAU_KEYS if k not in saved]
@@ -359,18 +358,10 @@ def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
     if missing or unknown:
         _fail(f"plateau has missing keys {missing} / unknown keys {unknown}")
     drops, total = _int(saved["drops"], "plateau['drops']"), _int(saved["total"], "plateau['total']")
-    anchored = saved["anchored"]
-    if not isinstance(anchored, bool):
-        _fail(f"plateau['anchored']={anchored!r} is invalid; expected True or False")
-    t0, v0 = _int(saved["t0"], "plateau['t0']"), _float(saved["v0"], "plateau['v0']")
-    sums = saved["sums"]
-    if not isinstance(sums, (list, tuple)) or len(sums) != 3:
-        _fail(f"plateau['sums']={sums!r} is invalid; expected three floats")
-    sums = [_float(v, "plateau['sums']") for v in sums]
     losses = saved["losses"]
     if not isinstance(losses, (list, tuple)) or len(losses) > total:
         _fail(f"plateau['losses'] must be a list of at most plateau['total']={total} [step, loss] pairs")
-    clean_losses, last = [], -1
+    clean_losses, last = [], 0
     for i, pair in enumerate(losses):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             _fail(f"plateau['losses'][{i}]={pair!r} is invalid; expected [step, loss]")
@@ -379,7 +370,4 @@ def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
             _fail(f"plateau['losses'][{i}] is at step {step}; steps must increase and be at most t={t}")
         clean_losses.append([step, _float(pair[1], f"plateau['losses'][{i}][1]")])
         last = step
-    if clean_losses and not anchored:
-        _fail("plateau['losses'] holds losses and plateau['anchored'] is False")
-    return {"drops": drops, "total": total, "anchored": anchored, "t0": t0, "v0": v0, "sums": sums,
-            "losses": clean_losses}
+    return {"drops": drops, "total": total, "losses": clean_losses}

@@ -9,7 +9,8 @@ Zhang, Lang, Liu and Xiao 2020, "SALSA"), so the test forgets the fast early fal
 
 Cost: each step's loss stays where the closure left it (a reference to the detached 0-dim tensor,
 no device operation); a test reads the losses since the last test with one stack and one read,
-and keeps the regression sums incrementally, so its host cost does not grow with the window.
+and keeps the regression sums incrementally (exact integers), so its host cost does not grow with
+the window.
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ Loss = Union[float, Tensor]
 
 
 class PlateauTest:
-    """The losses kept since the last drop and their regression sums.
+    """The losses kept since the last drop and their exact regression sums.
 
-    Entries are (t, loss); the newest ``unread`` of them are still device tensors.  The sums cover
-    the read entries, with t and the loss taken relative to the first read entry since the last
-    drop (``t0``, ``v0``), which keeps the incremental sums exact for t and well conditioned for
-    the loss."""
+    Entries are (t, loss); the newest ``unread`` of them are still device tensors.  The sums of
+    the read entries are exact: each loss is the integer ``num`` times ``2**unit`` (a float is a
+    dyadic rational; ``unit`` only falls, and the sums are rescaled when it does), so adding and
+    forgetting entries leaves no rounding behind, and the test's inputs depend only on which
+    losses are kept, not on when they were read (a checkpoint reads them early)."""
 
     def __init__(self) -> None:
         self.drops = 0                  # drops so far; the searches end at the first
@@ -85,11 +87,8 @@ class PlateauTest:
         self.kept: Deque[Tuple[int, Loss]] = collections.deque()
         self.total = 0                  # losses added since the last drop (the leak counts them)
         self.unread = 0
-        self.anchored = False           # t0 and v0 are set (at the first finite loss read)
-        self.t0: int = 0
-        self.v0: float = 0.0
-        self.st = self.stt = 0          # sums of (t - t0) and its square (exact ints)
-        self.sv = self.svv = self.stv = 0.0
+        self.unit = 0                   # <= 0: the sums of v are in units of 2**unit, of v*v of 4**unit
+        self.st = self.stt = self.sv = self.svv = self.stv = 0     # exact ints
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -110,12 +109,20 @@ class PlateauTest:
         self._accumulate(t, v, -1)
 
     def _accumulate(self, t: int, v: float, sign: int) -> None:
-        dt, dv = t - self.t0, v - self.v0
-        self.st += sign * dt
-        self.stt += sign * dt * dt
-        self.sv += sign * dv
-        self.svv += sign * dv * dv
-        self.stv += sign * dt * dv
+        num, den = v.as_integer_ratio()
+        exponent = 1 - den.bit_length()             # v = num * 2**exponent (den a power of 2)
+        if exponent < self.unit:                    # rescale the sums to the finer unit
+            shift = self.unit - exponent
+            self.sv <<= shift
+            self.stv <<= shift
+            self.svv <<= 2 * shift
+            self.unit = exponent
+        q = num << (exponent - self.unit)           # v in units of 2**unit
+        self.st += sign * t
+        self.stt += sign * t * t
+        self.sv += sign * q
+        self.svv += sign * q * q
+        self.stv += sign * t * q
 
     def read(self) -> int:
         """Read the unread losses (one stack and one device read); returns the reads made."""
@@ -128,8 +135,6 @@ class PlateauTest:
             if not math.isfinite(v):            # a skipped step's loss says nothing of the trend
                 self.total -= 1
                 continue
-            if not self.anchored:
-                self.t0, self.v0, self.anchored = t, v, True
             self.kept.append((t, v))
             self._accumulate(t, v, +1)
         return 1
@@ -140,31 +145,27 @@ class PlateauTest:
         n = len(self.kept)
         if n < 3:
             return False
-        sxx = (n * self.stt - self.st * self.st) / n
-        syy = self.svv - self.sv * self.sv / n
-        sxy = self.stv - self.st * self.sv / n
-        if not syy > 1e-12 * max(self.svv, 1e-300):
+        # n times the centred sums, exactly, then one correctly rounded division each
+        syy_n = n * self.svv - self.sv * self.sv
+        if syy_n <= 0:
             return False
+        sxx = (n * self.stt - self.st * self.st) / n
+        syy = syy_n / (n << -2 * self.unit)                        # unit <= 0
+        sxy = (n * self.stv - self.st * self.sv) / (n << -self.unit)
         return not slope_is_negative(n, sxx, syy, sxy, significance)
 
     # -- checkpoints (checkpoint.py validates; the losses are read first) ----------------------
     def state(self) -> Dict[str, Any]:
         self.read()
-        return {"drops": self.drops, "total": self.total, "anchored": self.anchored,
-                "t0": self.t0, "v0": self.v0,
-                "sums": [self.sv, self.svv, self.stv],
-                "losses": [[t, float(v)] for t, v in self.kept]}
+        return {"drops": self.drops, "total": self.total, "losses": [[t, float(v)] for t, v in self.kept]}
 
     @classmethod
     def from_state(cls, state: Dict[str, Any]) -> "PlateauTest":
-        """From a validated state (checkpoint.validate); the int sums are recomputed exactly."""
+        """From a validated state (checkpoint.validate); the sums are recomputed, exactly."""
         test = cls()
         test.drops, test.total = state["drops"], state["total"]
-        test.anchored, test.t0, test.v0 = state["anchored"], state["t0"], state["v0"]
-        test.sv, test.svv, test.stv = state["sums"]
         losses: List[List[Any]] = state["losses"]
         for t, v in losses:
             test.kept.append((t, v))
-            test.st += t - test.t0
-            test.stt += (t - test.t0) ** 2
+            test._accumulate(t, v, +1)
         return test

@@ -356,12 +356,12 @@ def _plateau(sd):
 
 
 PLATEAU_CORRUPTIONS = {
-    "missing sums": (lambda sd: _plateau(sd).pop("sums"), "missing keys \\['sums'\\]"),
+    "missing total": (lambda sd: _plateau(sd).pop("total"), "missing keys \\['total'\\]"),
     "NaN loss": (lambda sd: _plateau(sd)["losses"][0].__setitem__(1, math.nan), r"plateau\['losses'\]\[0\]\[1\]"),
     "steps out of order": (lambda sd: _plateau(sd)["losses"].reverse(), "steps must increase"),
     "a loss after t": (lambda sd: _plateau(sd)["losses"][-1].__setitem__(0, 10 ** 6), "steps must increase"),
     "more losses than counted": (lambda sd: _plateau(sd).__setitem__("total", 1), "at most"),
-    "two sums": (lambda sd: _plateau(sd).__setitem__("sums", [0.0, 1.0]), "three floats"),
+    "a loss that is not a pair": (lambda sd: _plateau(sd)["losses"].__setitem__(0, [1.0]), r"\[step, loss\]"),
     "drops=-1": (lambda sd: _plateau(sd).__setitem__("drops", -1), "drops"),
     "drop_factor=1": (lambda sd: host_of(sd)["hyper"].__setitem__("drop_factor", 1.0), "drop_factor"),
 }

@@ -22,6 +22,7 @@ Set-up and teardown are deterministic: the ranks meet through a FileStore in a f
 (no TCP port to race for, no store server thread in rank 0) and leave through a barrier and
 destroy_process_group, or os._exit after a broken group.
 """
+import dataclasses
 import datetime
 import math
 import os
@@ -473,6 +474,62 @@ def test_ddp_ranks_agree_and_match_the_single_process_mean_loss_fp64(tmp_path):
     assert opt.counters["trials"] == r0["trials"] and opt.eta == pytest.approx(r0["eta"], rel=1e-12)
     for a, b in zip(model.parameters(), r0["params"]):
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+
+
+def _plateau_batches():
+    """fp64 batches, cycled: rank 0 three of them (its loss soon bounces on a plateau), rank 1
+    the same one at every step (its loss alone keeps falling and never drops)."""
+    gen = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(8, 5, generator=gen, dtype=torch.float64),
+                torch.randn(8, 2, generator=gen, dtype=torch.float64)) for _ in range(4)]
+    return [batches[:3], [batches[3]] * 3]
+
+
+def _plateau_run(opt, loss_at, steps=24):
+    """alsals_plateau testing every 2 steps on 4+ kept losses: drops within the run."""
+    opt.hyper = dataclasses.replace(opt.hyper, drop_min_samples=3, drop_every=2)
+    drops = []
+    for k in range(steps):
+        opt.zero_grad()
+        opt.step(lambda k=k: loss_at(k))
+        drops.append(opt._plateau.drops)
+    return drops
+
+
+def _plateau_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
+
+
+def _rank_main_plateau(rank, world, store, out_dir):
+    _init(rank, world, store)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_plateau_net())
+        opt = ALSALS(model.parameters(), process_group=dist.group.WORLD, variant="alsals_plateau",
+                     line_search_every=1)
+        mine = _plateau_batches()[rank]
+        drops = _plateau_run(opt, lambda k: torch.nn.functional.mse_loss(model(mine[k % 3][0]), mine[k % 3][1]))
+        torch.save({"drops": drops, "eta": opt.eta, "params": [p.detach() for p in model.parameters()]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _teardown()
+
+
+@pytest.mark.slow   # process groups of gloo workers
+def test_ddp_ranks_drop_on_a_plateau_at_the_same_steps_as_the_mean_loss(tmp_path):
+    """The plateau test reads the loss averaged over the ranks: each rank's own loss (different
+    batches) would drop at other steps and leave the ranks with different step sizes."""
+    _spawn(_rank_main_plateau, 2, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["drops"] == r1["drops"] and r0["eta"] == r1["eta"] and r0["drops"][-1] > 1
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    model = _plateau_net()
+    opt = ALSALS(model.parameters(), variant="alsals_plateau", line_search_every=1)
+    ranks = _plateau_batches()
+
+    def mean_loss(k):
+        return sum(torch.nn.functional.mse_loss(model(x), y) for x, y in (b[k % 3] for b in ranks)) / 2
+    assert _plateau_run(opt, mean_loss) == r0["drops"]
 
 
 def test_dtensor_params_without_a_process_group_are_refused():

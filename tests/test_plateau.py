@@ -104,3 +104,24 @@ def test_the_cooldown_owns_eta_once_it_has_begun():
         if opt._plateau.drops > drops:
             drops_at.append(t)
     assert drops_at and max(drops_at) <= 200
+
+
+def test_the_sums_do_not_depend_on_when_the_losses_were_read():
+    """A checkpoint reads the losses early: reading at every step, or only at the tests, leaves
+    the same exact sums, so a resumed run tests the same numbers as an uninterrupted one."""
+    from fractions import Fraction
+
+    rng = random.Random(3)
+    eager, lazy = PlateauTest(), PlateauTest()
+    for t in range(1, 300):
+        loss = rng.choice([1e-3, 1.0, 1e4]) * (1 + 0.1 * rng.random())
+        for test in (eager, lazy):
+            test.add(t, torch.tensor(loss, dtype=torch.float64))
+        eager.read()
+        if t % 10 == 0:
+            lazy.read()
+            exact = [(test.st, test.stt, Fraction(test.sv) * Fraction(2) ** test.unit,
+                      Fraction(test.svv) * Fraction(4) ** test.unit, Fraction(test.stv) * Fraction(2) ** test.unit)
+                     for test in (eager, lazy)]
+            assert exact[0] == exact[1], t
+            assert eager.plateaued(0.05) == lazy.plateaued(0.05)
