@@ -310,7 +310,7 @@ _DIGITS = {}
 def _digits() -> Tuple[Tensor, Tensor]:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), scaled to [0, 1]."""
     if "d" not in _DIGITS:
-        from sklearn.datasets import load_digits     # imported here: only these workloads need it
+        from sklearn.datasets import load_digits  # imported here: only these workloads need it
         d = load_digits()
         _DIGITS["d"] = (torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long))
     return _DIGITS["d"]
