@@ -141,6 +141,16 @@ def _float(value, name: str) -> float:
     return float(value)
 
 
+def _check_keys(value, keys, name: str) -> None:
+    """``value`` is a dict with exactly ``keys``; else the checkpoint error naming ``name``."""
+    if not isinstance(value, dict):
+        _fail(f"{name} is a {type(value).__name__}, not a dict")
+    missing = [k for k in keys if k not in value]
+    unknown = sorted(set(value) - set(keys), key=repr)
+    if missing or unknown:
+        _fail(f"{name} has missing keys {missing} / unknown keys {unknown}")
+
+
 def _host_of(state_dict: dict) -> Dict[str, Any]:
     groups = state_dict["param_groups"]
     host = groups[0].get(HOST_KEY) if groups and isinstance(groups[0], dict) else None
@@ -246,12 +256,7 @@ def validate(opt: ALSALS, state_dict: object) -> LoadPlan:
         if key not in index:
             _fail(f"state has an entry for parameter {key!r}, which no param_group lists")
         p = index[key]
-        if not isinstance(s, dict):
-            _fail(f"state[{key!r}] is a {type(s).__name__}, not a dict")
-        missing = [n for n in MOMENT_KEYS if n not in s]
-        unknown = sorted(set(s) - set(MOMENT_KEYS))
-        if missing or unknown:
-            _fail(f"state[{key!r}] has missing keys {missing} / unknown keys {unknown}")
+        _check_keys(s, MOMENT_KEYS, f"state[{key!r}]")
         want = math_dtype(p.dtype)
         entry = {}
         for n in MOMENT_KEYS:
@@ -351,12 +356,7 @@ def _plateau_state(saved, hyper: Hyper, t: int) -> Optional[Dict[str, Any]]:
         return None
     if saved is None:
         return {"drops": 0, "total": 0, "losses": []}
-    if not isinstance(saved, dict):
-        _fail(f"plateau is a {type(saved).__name__}, not a dict")
-    missing = [k for k in PLATEAU_KEYS if k not in saved]
-    unknown = sorted(set(saved) - set(PLATEAU_KEYS))
-    if missing or unknown:
-        _fail(f"plateau has missing keys {missing} / unknown keys {unknown}")
+    _check_keys(saved, PLATEAU_KEYS, "plateau")
     drops, total = _int(saved["drops"], "plateau['drops']"), _int(saved["total"], "plateau['total']")
     losses = saved["losses"]
     if not isinstance(losses, (list, tuple)) or len(losses) > total:

@@ -24,10 +24,12 @@ def host_of(sd):
     return sd["param_groups"][0].get("alsals") or sd["alsals"]
 
 
-def trained(backend="foreach", steps=4, **kwargs):
+def trained(backend="foreach", steps=4, variant="salsa", plateau=None, **kwargs):
     torch.manual_seed(0)
     model = OddModel()
-    opt = ALSALS(model.groups(), backend=backend, variant="salsa", init_step_size=1.0, **kwargs)
+    opt = ALSALS(model.groups(), backend=backend, variant=variant, init_step_size=1.0, **kwargs)
+    if plateau:                  # the plateau test's fields are not constructor arguments
+        opt.hyper = dataclasses.replace(opt.hyper, **plateau)
     x, y = make_data()
     for _ in range(steps):
         opt.zero_grad()
@@ -340,15 +342,7 @@ def test_a_parameter_whose_shape_changed_fails_before_any_write(backend, change)
 
 def plateau_trained(steps=15):
     """alsals_plateau with a plateau test every 2 steps, so that its state holds drops and losses."""
-    torch.manual_seed(0)
-    model = OddModel()
-    opt = ALSALS(model.groups(), variant="alsals_plateau", init_step_size=1.0)
-    opt.hyper = dataclasses.replace(opt.hyper, drop_min_samples=3, drop_every=2)
-    x, y = make_data()
-    for _ in range(steps):
-        opt.zero_grad()
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-    return model, opt
+    return trained(steps=steps, variant="alsals_plateau", plateau=dict(drop_min_samples=3, drop_every=2))
 
 
 def _plateau(sd):
