@@ -1,9 +1,10 @@
-"""Demo: what a new user compares.  ``ALSALS()`` with its defaults and the other momentum-search
-variant (``alsals``, the paper's, and ``alsals_plateau``) against Adam at 1e-3, the best point of
-a small Adam grid and Prodigy (a learning-rate-free optimizer), on a small byte-level GPT, on CPU,
-in a few minutes.
+"""Demo: what a new user compares.  ``ALSALS()`` with its defaults against Adam at 1e-3, the best
+point of a small Adam grid and Prodigy (a learning-rate-free optimizer), on a small byte-level
+GPT, on CPU, in a few minutes; ``--optimizers`` adds the other variants (``alsals_plateau``,
+``adaptive``, ``adam_sls``).
 
-    python -m alsals_fused.demo                 # defaults: about 3 minutes on a 2-core CPU
+    python -m alsals_fused.demo                 # defaults: about 3.5 minutes on a 2-core CPU
+    python -m alsals_fused.demo --optimizers alsals,alsals_plateau,adam,prodigy
     python -m alsals_fused.demo --device cuda --bf16 --steps 1000
     python -m alsals_fused.demo --tiny          # a few seconds: a smoke test
 
@@ -42,18 +43,16 @@ from .data import TextCorpus, fixed_starts, get_batch, load_corpus, random_start
 from .models import ByteGPT, GPTConfig, lm_loss
 
 OPTIMIZERS = ("alsals", "alsals_plateau", "adaptive", "adam", "prodigy", "adam_sls")
-# ALSALS() with its defaults first, then the other momentum-search variant
-DEFAULT_OPTIMIZERS = (DEFAULT_VARIANT, "alsals_plateau" if DEFAULT_VARIANT == "alsals" else "alsals",
-                      "adam", "prodigy")
+DEFAULT_OPTIMIZERS = (DEFAULT_VARIANT, "adam", "prodigy")      # ALSALS() with its defaults first
 ADAM_GRID = (1e-3, 3e-3, 1e-2)              # "adam" runs each of these (--adam-lrs)
 PNG_NAME = "demo.png"
 JSON_NAME = "demo.json"
 
 # Sized for under 4 minutes in all on a 2-core CPU: a 2-layer, d=128 model on 64-byte windows,
-# 200 steps per run, six runs (250 steps and a 4-point grid took 4:48).  The every-step line
-# search costs about 1.4-1.7x Adam per step on CPU, where a no-grad forward is close to half of
-# forward+backward at this size, plus the first step's backtracking from eta = 0.1 (30-50 trial
-# forwards; "adaptive": a few).
+# 200 steps per run, five runs (250 steps and a 4-point grid took 4:48; a sixth run, alsals_plateau,
+# took the default set to 4:15 on a slow day).  The every-step line search costs about 1.4-1.7x
+# Adam per step on CPU, where a no-grad forward is close to half of forward+backward at this size,
+# plus the first step's backtracking from eta = 0.1 (30-50 trial forwards).
 DEFAULTS = dict(steps=200, batch_size=32, context=64, n_layer=2, n_head=4, d_model=128,
                 dropout=0.1, train_bytes=2_000_000, heldout_bytes=200_000, eval_batches=8,
                 log_every=50, last_k=20)
