@@ -3,7 +3,7 @@ point of a small Adam grid and Prodigy (a learning-rate-free optimizer), on a sm
 GPT, on CPU, in a few minutes; ``--optimizers`` adds the other variants (``alsals_plateau``,
 ``adaptive``, ``adam_sls``).
 
-    python -m alsals_fused.demo                 # defaults: about 3.5 minutes on a 2-core CPU
+    python -m alsals_fused.demo                 # defaults: about 3 minutes on a 2-core CPU
     python -m alsals_fused.demo --optimizers alsals,alsals_plateau,adam,prodigy
     python -m alsals_fused.demo --device cuda --bf16 --steps 1000
     python -m alsals_fused.demo --tiny          # a few seconds: a smoke test
