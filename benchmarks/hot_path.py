@@ -1,13 +1,14 @@
 """The optimizer's hot path on the host: device operations and host microseconds per step.
 
     python benchmarks/hot_path.py --json          # the last line of output is a JSON list
+    python benchmarks/hot_path.py --variant alsals_plateau --json     # another variant's rows
 
 The measurement behind the hot-path targets, runnable on a CPU.  For every backend whose host
 code can run here (reference and foreach for real; triton with its kernel launches stubbed through
 the ``TritonBackend._launch`` hook; cuda from its host-side launch description), at GPT-2 small's tensor
 count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
 
-- ``ops_searching_step`` (default variant, first trial accepted), ``ops_extra_trial`` and
+- ``ops_searching_step`` (``--variant``, default ``ALSALS()``'s; first trial accepted), ``ops_extra_trial`` and
   ``ops_nonsearching_step``: aten operations dispatched during ``opt.step()`` outside the closure
   and its backward (a ``TorchDispatchMode``; view, alias, detach and profiler record_function
   operations excluded), plus the backend's own kernel launches, plus every device-to-host read
@@ -27,6 +28,9 @@ count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
   out Triton's own per-launch Python cost on a GPU (its JIT launcher binds the arguments,
   computes the specialization key and looks up the compiled kernel in Python at every launch:
   4 launches per searching step, 2 per non-searching one); not measured here (no GPU).
+  For ``alsals_plateau`` the rows are its steps between plateau tests; a step that tests (every
+  10th once 50 losses are kept) adds one stack and one read, which the medians leave out
+  (``tests/test_plateau.py`` counts them).
 - ``host_us_harness_floor``: the same measurement of an optimizer whose ``step()`` only runs
   the closure (with grad enabled) and its backward: the harness's own share of the host rows
   (its closure and backward wrappers, the call into ``step()``), which they include (it is not
@@ -67,6 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from alsals_fused import ALSALS  # noqa: E402
 from alsals_fused.backends import available_backends  # noqa: E402
+from alsals_fused.config import DEFAULT_VARIANT, VARIANTS  # noqa: E402
 
 KEYS = ("backend", "tensors", "ops_searching_step", "ops_extra_trial", "ops_nonsearching_step",
         "host_us_searching_step", "host_us_nonsearching_step")
@@ -274,11 +279,11 @@ def stub_triton(counter_box: list, setattr=setattr) -> Optional[str]:
     return None
 
 
-def cuda_row(tensors: int) -> Dict:
+def cuda_row(tensors: int, variant: str = DEFAULT_VARIANT) -> Dict:
     """The cuda backend's launch description: launches per pass and extension calls per step (its
     torch ops on the host and its host time need the extension, i.e. a GPU)."""
     row = {k: None for k in KEYS}
-    row.update(backend="cuda", tensors=tensors)
+    row.update(backend="cuda", tensors=tensors, variant=variant)
     try:
         from alsals_fused.backends import cuda_tools
     except Exception as exc:  # noqa: BLE001 (any import failure is reported, not raised)
@@ -290,8 +295,8 @@ def cuda_row(tensors: int) -> Dict:
     row["launches_per_pass"] = launches
     row["programs"] = described.get("programs") if isinstance(described, dict) else None
     per_step = cuda_tools.extension_calls_per_step
-    row["extension_calls_searching_step"] = per_step(searching=True, trials=1)
-    row["extension_calls_nonsearching_step"] = per_step(searching=False)
+    row["extension_calls_searching_step"] = per_step(searching=True, trials=1, variant=variant)
+    row["extension_calls_nonsearching_step"] = per_step(searching=False, variant=variant)
     if isinstance(launches, dict):
         def n(name):
             v = launches.get(name)
@@ -325,7 +330,8 @@ def op_counts(backend: str, shapes: List[tuple], **kw) -> Dict:
             h.step([True])
         assert not h.opt.last_step.searched
         zero = count(h, [])
-    return {"ops_searching_step": one.total, "ops_extra_trial": two.total - one.total,
+    return {"variant": h.opt.hyper.variant,
+            "ops_searching_step": one.total, "ops_extra_trial": two.total - one.total,
             "ops_nonsearching_step": zero.total,
             "detail": {"searching": dict(one.names), "extra_trial": dict(two.names - one.names),
                        "nonsearching": dict(zero.names)}}
@@ -338,14 +344,18 @@ def median_step_us(h: Harness, steps: int) -> float:
     return round(statistics.median(h.step([True]) for _ in range(steps)) * 1e6, 1)
 
 
-def host_times(backend: str, shapes: List[tuple], steps: int) -> Dict:
-    """Median host microseconds per searching and per non-searching step."""
+def host_times(backend: str, shapes: List[tuple], steps: int, **kw) -> Dict:
+    """Median host microseconds per searching and per non-searching step (every timed step
+    checked to be of its kind: alsals_plateau stops searching after its first drop)."""
     hbox: list = [None]
     out = {}
     with backward_excluded(hbox):
         for key, every in (("host_us_searching_step", 1), ("host_us_nonsearching_step", 10 ** 9)):
-            h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=every)
+            h = hbox[0] = Harness(backend, shapes, COUNTER, line_search_every=every, **kw)
             out[key] = median_step_us(h, steps)
+            searches = h.opt.counters["searches"]
+            expected = steps + 3 if every == 1 else 1       # the first step searches
+            assert searches == expected, (key, searches, expected)
     return out
 
 
@@ -404,12 +414,12 @@ def reads_floor(shapes: List[tuple], steps: int) -> float:
     return round(statistics.median(times) * 1e6, 1)
 
 
-def measure(backend: str, tensors: int, steps: int) -> Dict:
+def measure(backend: str, tensors: int, steps: int, variant: str = DEFAULT_VARIANT) -> Dict:
     shapes = gpt2_shapes(**SETS[tensors])
-    row: Dict = {"backend": backend, "tensors": tensors}
-    counts = op_counts(backend, shapes)
+    row: Dict = {"backend": backend, "tensors": tensors, "variant": variant}
+    counts = op_counts(backend, shapes, variant=variant)
     row.update(counts)
-    row.update(host_times(backend, shapes, steps))
+    row.update(host_times(backend, shapes, steps, variant=variant))
     row["host_us_harness_floor"] = harness_floor(shapes, steps)
     if backend == "triton":
         from alsals_fused import host_ext
@@ -427,21 +437,25 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--backends", default="reference,foreach,triton,cuda")
     parser.add_argument("--tensors", default="148,580")
     parser.add_argument("--detail", action="store_true", help="print the counted op names per row")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
+                        help="the variant measured, with its defaults (default: ALSALS()'s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows: List[Dict] = []
     for backend in args.backends.split(","):
         for tensors in (int(t) for t in args.tensors.split(",")):
             if backend == "cuda":
-                rows.append(cuda_row(tensors))
+                rows.append(cuda_row(tensors, args.variant))
                 continue
             if backend == "triton":
                 why = stub_triton(COUNTER)
                 if why is not None:
-                    rows.append(dict({k: None for k in KEYS}, backend="triton", tensors=tensors, note=why))
+                    rows.append(dict({k: None for k in KEYS}, backend="triton", tensors=tensors,
+                                     variant=args.variant, note=why))
                     continue
-            rows.append(measure(backend, tensors, args.steps))
+            rows.append(measure(backend, tensors, args.steps, args.variant))
     cols = KEYS + ("host_us_harness_floor", "host_us_tensor_reads")
+    print(f"variant: {args.variant}")
     print("| " + " | ".join(cols) + " | note |")
     print("|" + "---|" * (len(cols) + 1))
     for r in rows:

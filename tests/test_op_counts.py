@@ -52,17 +52,21 @@ def test_an_extra_trial_is_a_move_and_one_verdict_read(backend, move_reads):
     assert extra.get("<device-to-host read>") == move_reads + 1   # the move's ctl flags + verdict
 
 
-@pytest.mark.parametrize("reads_env", ["0", "1"])        # native and Python gradient reads
-def test_triton_steps_are_a_handful_of_launches_and_no_torch_op(monkeypatch, reads_env):
+@pytest.mark.parametrize("reads_env, variant", [("0", "alsals"), ("1", "alsals"),   # native, Python reads
+                                               ("0", "alsals_plateau")])
+def test_triton_steps_are_a_handful_of_launches_and_no_torch_op(monkeypatch, reads_env, variant):
     """With the launches stubbed (hot_path's stubs, undone by monkeypatch): a searching step is
     grad, step, fix-up move and verdict launches plus the one read; an extra trial a move, a
-    verdict and a read; a non-searching step the grad and step launches.  No torch op runs."""
+    verdict and a read; a non-searching step the grad and step launches.  No torch op runs.
+    alsals_plateau's steps between plateau tests are alsals's (hot_path.py --variant)."""
     monkeypatch.setenv("ALSALS_FUSED_PYTHON_READS", reads_env)
     why = hot_path.stub_triton(hot_path.COUNTER, setattr=monkeypatch.setattr)
     if why is not None:
         pytest.skip(why)
-    small, larger = hot_path.op_counts("triton", SMALL), hot_path.op_counts("triton", LARGER)
+    small = hot_path.op_counts("triton", SMALL, variant=variant)
+    larger = hot_path.op_counts("triton", LARGER, variant=variant)
     for counts in (small, larger):
+        assert counts["variant"] == variant
         assert (counts["ops_searching_step"], counts["ops_extra_trial"],
                 counts["ops_nonsearching_step"]) == (5, 3, 2), counts["detail"]
         assert counts["detail"]["nonsearching"] == {"<launch grad_kernel>": 1, "<launch step_kernel>": 1}
