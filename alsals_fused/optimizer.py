@@ -1191,6 +1191,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         self._growth = host["growth"]
         self._scale_found = host["scale_found"]
         self._cooldown_from = host["cooldown_from"]
+        # the saved test, in place of the fresh one the hyper setter made
         self._plateau = None if plan.hyper.drop_factor is None else PlateauTest.from_state(host["plateau"])
         self._plan = None                          # the moments are new tensors
         self._groups_version += 1
