@@ -42,7 +42,9 @@ count (148 tensors, GPT-2's layout at d=32) and GPT-2 XL's (580 tensors, d=16):
   or "python" (not built, or ``ALSALS_FUSED_PYTHON_READS=1``).
 
 Trial losses are chosen by the harness so the control path is the one measured: the gradient
-forward's loss is a real quadratic; a trial returns L0 - 1e12 (accepted) or nan (rejected).  With
+forward's loss has a real quadratic's gradient and the value minus the number of gradient
+forwards so far (a loss that keeps falling, so alsals_plateau's plateau test never ends its
+searches); a trial returns L0 - 1e12 (accepted) or nan (rejected).  With
 stubbed launches, the stub fills what the kernels would have written (``decisions.py`` on the
 same tensors, with counting paused), so the driver takes the same path as in a real run.
 """
@@ -158,6 +160,7 @@ class Harness:
         self.user_s = 0.0
         self.l0 = 0.0
         self.loss = None
+        self.gradient_forwards = 0
 
     def user(self, fn: Callable):
         """Run closure/backward work: paused in the counter, its time subtracted."""
@@ -174,7 +177,9 @@ class Harness:
     def closure(self):
         def body():
             if torch.is_grad_enabled():
-                loss = 0.5 * sum((p * p).sum() for p in self.params)
+                self.gradient_forwards += 1
+                quadratic = 0.5 * sum((p * p).sum() for p in self.params)
+                loss = quadratic - quadratic.detach() - float(self.gradient_forwards)
                 self.l0 = float(loss.detach())
                 return loss
             ok = self.plan.pop(0) if self.plan else True

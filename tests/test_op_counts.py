@@ -72,3 +72,11 @@ def test_triton_steps_are_a_handful_of_launches_and_no_torch_op(monkeypatch, rea
         assert counts["detail"]["nonsearching"] == {"<launch grad_kernel>": 1, "<launch step_kernel>": 1}
         assert counts["detail"]["extra_trial"] == {"<launch move_kernel>": 1, "<launch verdict_kernel>": 1,
                                                    "<device-to-host read>": 1}
+
+
+def test_alsals_plateau_searching_row_searches_at_every_timed_step():
+    """hot_path.py --variant alsals_plateau: the harness's loss keeps falling, so the plateau
+    test (which runs from the 50th loss on) never ends the searches of the searching row, and
+    host_times' check that every timed step searched holds."""
+    times = hot_path.host_times("foreach", SMALL, steps=200, variant="alsals_plateau")
+    assert set(times) == {"host_us_searching_step", "host_us_nonsearching_step"}
