@@ -21,7 +21,7 @@ from alsals_fused.config import VARIANTS, cooldown_steps, make_hyper
 RULE_ARGUMENTS = ("kappa", "max_growth", "target", "damping", "max_change", "q_smoothing", "warmup_searches",
                   "probe_every", "probe_factor", "probe_gain", "probe_gain_down", "probe_horizon",
                   "drop_factor", "significance", "leak_ratio", "min_samples", "test_every", "loss_switch",
-                  "drop_test", "drop_check")
+                  "drop_test", "drop_check", "hold_while_rising")
 # A candidate's "total_steps": "budget" is replaced by the run's step budget (the cooldown option).
 BUDGET = "budget"
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)

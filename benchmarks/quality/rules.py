@@ -382,13 +382,17 @@ class StatisticalDrop(ALSALS):
 
     def __init__(self, params, *, drop_factor: float = 10.0, significance: float = 0.05, leak_ratio: int = 8,
                  min_samples: int = 1000, test_every: int = 100, loss_switch: bool = True, drop_test: str = "norm",
-                 drop_check: int = 0, **kwargs):
+                 drop_check: int = 0, hold_while_rising: bool = False, **kwargs):
         super().__init__(params, **kwargs)
         # drop_check = W > 0: a drop is kept only if the mean loss of the last W/2 of the W steps
         # after it is significantly below the mean of the W steps before it (one-sided Welch test);
         # otherwise eta goes back up (and, for the first drop, the searches resume).  A plateau
         # also looks "no longer decreasing", and a lower eta does not help there.
         self.drop_check = drop_check
+        # hold_while_rising (round 11): before the first drop, no drop while the searches are still
+        # raising eta, i.e. while eta is above its value at the oldest loss the test looks at
+        self.hold_while_rising = hold_while_rising
+        self._eta_after: dict = {}               # step -> eta after it (hold_while_rising)
         self._recent: list = []
         self._check = None          # (step of the drop, losses before it, was it the first drop)
         if drop_test not in ("norm", "loss", "pflug"):
@@ -435,6 +439,8 @@ class StatisticalDrop(ALSALS):
             z = -(2 * cross + sq) / (2 * float(info.eta))
             if math.isfinite(z):
                 self._samples.add(z)
+        if self.hold_while_rising and self.switched_at is None:
+            self._eta_after[t] = self.eta
         by_loss = self.drop_test == "loss"
         if by_loss or (self.switched_at is None and self.loss_switch):
             self._losses.add((t, float(info.loss)))
@@ -492,6 +498,10 @@ class StatisticalDrop(ALSALS):
             self._previous_grads = grads
 
     def _drop_now(self) -> bool:
+        if self.hold_while_rising and self.switched_at is None and self._losses.values:
+            oldest = self._losses.values[0][0]
+            if self.eta > self._eta_after.get(oldest, math.inf):
+                return False             # the searches still raise eta over the test's window
         if self.drop_test == "loss":     # E f(x') = E f(x) with the loss as the test function
             return _loss_stopped_falling(self._losses, self.min_samples, self.significance)
         if self.drop_test == "pflug":    # the recent successive gradients point against each other
