@@ -824,6 +824,26 @@ def test_hf_trainer_clips_before_the_search_and_accepts_a_passed_optimizer(tmp_p
     assert (m / 0.1).norm().item() == pytest.approx(1e-3, rel=1e-3), "the search used the clipped gradient"
 
 
+def test_hf_trainer_warns_about_the_schedule_arguments_it_does_not_use(tmp_path):
+    """learning_rate, lr_scheduler_type and warmup set by the user are not used (the line search
+    sets the step size): one warning names them; TrainingArguments' defaults warn nothing."""
+    from alsals_fused.integrations.transformers import ALSALSTrainer, EtaSchedule
+    for args_given, expected in (({}, []),
+                                 (dict(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=2),
+                                  ["learning_rate=0.001", "lr_scheduler_type='cosine'", "warmup_steps=2"])):
+        model, dataset, args = _hf_setup(tmp_path, **args_given)
+        trainer = ALSALSTrainer(model=model, args=args, train_dataset=dataset)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.create_optimizer_and_scheduler(num_training_steps=3)
+        ours = [str(w.message) for w in caught if "ALSALSTrainer" in str(w.message)]
+        assert isinstance(trainer.lr_scheduler, EtaSchedule)
+        if not expected:
+            assert ours == []
+        else:
+            assert len(ours) == 1 and all(name in ours[0] for name in expected), ours
+
+
 def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):
     from alsals_fused.integrations.accelerate import unwrap
     from alsals_fused.integrations.transformers import ALSALSTrainer

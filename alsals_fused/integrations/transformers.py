@@ -10,7 +10,10 @@ What it changes in ``Trainer``:
   ``buffers=model``, plus ``alsals_kwargs``.  ``args.learning_rate`` is not used (the line search
   picks the step size; ``init_step_size`` is the first one).
 - ``create_scheduler``: ``EtaSchedule``, which only reports eta (so Trainer logs eta as
-  ``learning_rate``) instead of the default linear schedule, which would write to the lr.
+  ``learning_rate``) instead of the default linear schedule, which would write to the lr.  A
+  ``learning_rate``, ``lr_scheduler_type``, ``lr_scheduler_kwargs`` or warmup set away from
+  ``TrainingArguments``' defaults is not used, and says so in a warning (for the end of a run
+  with a known length: ``alsals_kwargs={"total_steps": ...}``, the cooldown).
 - ``training_step``: each micro-batch's forward/backward runs inside ``opt.micro_batch``, so when
   Trainer calls ``optimizer.step()`` (after ``gradient_accumulation_steps`` micro-batches and after
   its own ``max_grad_norm`` clipping of p.grad, which the search then uses), the line search
@@ -21,11 +24,13 @@ What it changes in ``Trainer``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from typing import Optional
+import warnings
+from typing import List, Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from ..optimizer import ALSALS
 from .accelerate import unwrap
@@ -49,6 +54,26 @@ class EtaSchedule(torch.optim.lr_scheduler.LRScheduler):
     def step(self, epoch=None):
         self.last_epoch += 1
         self._last_lr = self.get_lr()
+
+
+# What Trainer's own optimizer and schedule read; ALSALS's line search sets the step size instead.
+SCHEDULE_ARGUMENTS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio")
+
+
+def unused_schedule_arguments(args: TrainingArguments) -> List[str]:
+    """``name=value`` of each schedule argument set away from TrainingArguments' default (of
+    those this transformers version has; an empty ``lr_scheduler_kwargs`` counts as its default)."""
+    def plain(value):
+        value = getattr(value, "value", value)           # SchedulerType -> its string
+        return None if value == {} else value
+    unused = []
+    for field in dataclasses.fields(TrainingArguments):
+        if field.name in SCHEDULE_ARGUMENTS:
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            value = plain(getattr(args, field.name, default))
+            if value != plain(default):
+                unused.append(f"{field.name}={value!r}")
+    return unused
 
 
 @contextlib.contextmanager
@@ -79,6 +104,11 @@ class ALSALSTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
+            unused = unused_schedule_arguments(self.args)
+            if unused:
+                warnings.warn(f"ALSALSTrainer: the line search sets the step size, so {', '.join(unused)} "
+                              "in TrainingArguments are not used (alsals_kwargs={'init_step_size': ...} sets the "
+                              "first trial, {'total_steps': ...} a cooldown at the end of the run)", stacklevel=2)
             # Trainer infers lr_scheduler as LambdaLR (its optimizers= tuple) but holds any LRScheduler.
             self.lr_scheduler = EtaSchedule(  # type: ignore[assignment]
                 optimizer if optimizer is not None else self.optimizer)
