@@ -421,8 +421,8 @@ def reads_floor(shapes: List[tuple], steps: int) -> float:
 
 def measure(backend: str, tensors: int, steps: int, variant: str = DEFAULT_VARIANT) -> Dict:
     shapes = gpt2_shapes(**SETS[tensors])
-    row: Dict = {"backend": backend, "tensors": tensors, "variant": variant}
-    counts = op_counts(backend, shapes, variant=variant)
+    row: Dict = {"backend": backend, "tensors": tensors}
+    counts = op_counts(backend, shapes, variant=variant)      # names the variant it ran
     row.update(counts)
     row.update(host_times(backend, shapes, steps, variant=variant))
     row["host_us_harness_floor"] = harness_floor(shapes, steps)
