@@ -110,6 +110,25 @@ def make_hyper(variant: str, **overrides) -> Hyper:
             except TypeError:                   # a float tensor: refused below, by name
                 pass
     h = replace(VARIANT_DEFAULTS[variant], **given)
+    validate_hyper(h)
+    return h
+
+
+def with_budget(h: Hyper, total_steps, cooldown_fraction=None) -> Hyper:
+    """``h`` with the run's step budget set (``ALSALS.set_total_steps``), validated as at
+    construction; the cooldown fraction stays ``h``'s unless given."""
+    if not isinstance(total_steps, (bool, int)) and hasattr(total_steps, "__index__"):
+        try:
+            total_steps = operator.index(total_steps)       # numpy ints, 0-dim integer tensors
+        except TypeError:
+            pass
+    fraction = h.cooldown_fraction if cooldown_fraction is None else cooldown_fraction
+    budgeted = replace(h, total_steps=total_steps, cooldown_fraction=fraction)
+    validate_hyper(budgeted)
+    return budgeted
+
+
+def validate_hyper(h: Hyper) -> None:
     _require(_real(h.init_step_size) and h.init_step_size > 0, "init_step_size", h.init_step_size,
              "a finite float > 0")
     _require(_real(h.c) and 0 < h.c < 1, "c", h.c, "0 < c < 1")
@@ -144,7 +163,6 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     _require(_real(h.drop_significance) and 0 < h.drop_significance < 0.5, "drop_significance",
              h.drop_significance, "0 < drop_significance < 0.5")
     validate_search_range(h.init_step_size, h)
-    return h
 
 
 def cooldown_steps(h: Hyper) -> int:

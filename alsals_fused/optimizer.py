@@ -70,6 +70,7 @@ from .config import (
     cooldown_steps,
     make_hyper,
     validate_weight_decay,
+    with_budget,
 )
 from .frameworks import is_framework_closure
 from .plateau import PlateauTest
@@ -556,6 +557,25 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                           stacklevel=_user_stacklevel())
         self.eta = self._cooldown_from * max(left, 1) / (steps + 1)
         self._sync_lr()
+
+    def set_total_steps(self, total_steps: Optional[int], cooldown_fraction: Optional[float] = None) -> None:
+        """Sets the run's step budget (as ``total_steps=`` at construction) where it is known
+        only after the optimizer exists, as in a framework that builds the optimizer before it
+        counts its steps; None removes it.  Refused once the cooldown has begun, since its
+        schedule is fixed from its first step."""
+        if self._cooldown_from is not None:
+            raise RuntimeError(f"ALSALS: set_total_steps({total_steps!r}): the cooldown of "
+                               f"total_steps={self._hyper.total_steps} has begun (step {self.t}); "
+                               "its schedule can no longer change")
+        if cooldown_fraction is not None and total_steps is None:
+            raise ValueError("ALSALS: cooldown_fraction= needs total_steps= (the run's step budget, "
+                             "whose last fraction cools down)")
+        hyper = with_budget(self._hyper, total_steps, cooldown_fraction)
+        if hyper.total_steps is not None and hyper.total_steps <= self.t:
+            raise ValueError(f"ALSALS: set_total_steps({total_steps!r}): the run has already taken "
+                             f"{self.t} steps; the budget must end after the current step")
+        self.hyper = hyper
+        self._warned_past_budget = False
 
     def _after_search(self, t: int) -> None:
         if self._fast is None:

@@ -136,3 +136,39 @@ def test_steps_on_user_gradients_cool_down_too():
         etas.append(opt.eta)
     start = etas[1]                                  # after the one search (step 1)
     assert etas[2:] == [start * 2 / 3, start * 1 / 3] and opt.counters["searches"] == 1
+
+
+
+def test_a_budget_set_after_construction_runs_as_one_given_at_construction():
+    """set_total_steps: for frameworks that count their steps after building the optimizer."""
+    model_a, given, x, y = _setup(total_steps=10, cooldown_fraction=0.3)
+    model_b, later, _, _ = _setup()
+    assert _run(given, model_a, 2, x, y) == _run(later, model_b, 2, x, y)
+    later.set_total_steps(10, cooldown_fraction=0.3)
+    assert later.hyper == given.hyper
+    want, got = _run(given, model_a, 8, x, y), _run(later, model_b, 8, x, y)
+    assert got == want and got[1][5:] == [0, 0, 0]          # steps 8-10 cooled, without trials
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_set_total_steps_refuses_what_it_cannot_honour_and_changes_nothing():
+    model, opt, x, y = _setup()
+    _run(opt, model, 3, x, y)
+    for args, error, match in (((3,), ValueError, "already taken 3 steps"),
+                               ((0,), ValueError, "total_steps=0 is invalid"),
+                               ((10.0,), ValueError, "total_steps=10.0 is invalid"),
+                               ((None, 0.5), ValueError, "cooldown_fraction= needs total_steps="),
+                               ((10, 1.5), ValueError, "cooldown_fraction=1.5 is invalid")):
+        with pytest.raises(error, match=match):
+            opt.set_total_steps(*args)
+        assert opt.hyper.total_steps is None
+    opt.set_total_steps(np.int64(5))                 # cooldown: step 5 (20% of 5, at least one)
+    assert type(opt.hyper.total_steps) is int and opt.hyper.total_steps == 5
+    opt.set_total_steps(None)                        # removed before it began: no cooldown
+    assert opt.hyper.total_steps is None
+    opt.set_total_steps(5)
+    _run(opt, model, 2, x, y)                        # step 5 has begun the cooldown
+    with pytest.raises(RuntimeError, match="cooldown of total_steps=5 has begun"):
+        opt.set_total_steps(50)
+    assert opt.hyper.total_steps == 5

@@ -768,6 +768,25 @@ def test_lightning_resumed_inside_an_accumulation_window_warns_and_continues(tmp
         assert trainer.optimizers[0].t == 2 and resumed.backwards == (1 if inside else 2)
 
 
+
+def test_lightning_step_budget_from_estimated_stepping_batches_ends_the_run_cooled(tmp_path):
+    """The README's line: total_steps=self.trainer.estimated_stepping_batches in
+    configure_optimizers (epochs and accumulation counted by Lightning)."""
+    import lightning.pytorch as pl
+    module = _lightning_module()
+    module.configure_optimizers = lambda: ALSALS(module.parameters(),
+                                                 total_steps=module.trainer.estimated_stepping_batches)
+    trainer = pl.Trainer(max_epochs=3, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _loader(n=64, batch=16))            # 4 batches per epoch: 2 steps
+    opt = trainer.optimizers[0]
+    assert opt.hyper.total_steps == 6 == opt.t and opt._cooldown_from is not None
+    assert opt.eta == pytest.approx(opt._cooldown_from / 2)      # the last step of a 1-step cooldown
+    assert not [w for w in caught if "past total_steps" in str(w.message)]
+
 # -- Hugging Face Trainer -----------------------------------------------------------------------------
 
 def _hf_setup(tmp_path, **args):
@@ -842,6 +861,66 @@ def test_hf_trainer_warns_about_the_schedule_arguments_it_does_not_use(tmp_path)
             assert ours == []
         else:
             assert len(ours) == 1 and all(name in ours[0] for name in expected), ours
+
+
+def _hf_cooldown_run(tmp_path, checkpoint=None, **args):
+    """An ALSALSTrainer(cooldown=True) run: its optimizer, (eta, trial forwards) per step, and
+    ALSALS's warnings."""
+    from transformers import TrainerCallback
+
+    from alsals_fused.integrations.accelerate import unwrap
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    model, dataset, targs = _hf_setup(tmp_path, **args)
+    trainer = ALSALSTrainer(model=model, args=targs, train_dataset=dataset, cooldown=True)
+    steps = []
+
+    class Record(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            opt = unwrap(trainer.optimizer)
+            steps.append((opt.eta, opt.last_step.trials))
+
+    trainer.add_callback(Record())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=checkpoint)
+    return unwrap(trainer.optimizer), steps, [str(w.message) for w in caught if "ALSALS" in str(w.message)]
+
+
+def test_hf_trainer_cooldown_takes_the_step_budget_of_an_epoch_run(tmp_path):
+    """cooldown=True with num_train_epochs (max_steps unset): total_steps is the epochs' optimizer
+    steps, and the last 20% cool down without trial forwards."""
+    opt, steps, ours = _hf_cooldown_run(tmp_path, max_steps=-1, num_train_epochs=2)
+    assert opt.hyper.total_steps == 16 == opt.t == len(steps) and ours == []   # 32 rows / batch 4, 2 epochs
+    searched = steps[12][0]                                                   # cooldown: steps 14-16
+    assert steps[13:] == [(searched * 3 / 4, 0), (searched * 2 / 4, 0), (searched * 1 / 4, 0)]
+
+
+def test_hf_trainer_cooldown_refuses_a_second_budget_or_schedule(tmp_path):
+    from alsals_fused.integrations.transformers import ALSALSTrainer
+    model, dataset, args = _hf_setup(tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown=True,
+                      alsals_kwargs={"total_steps": 3})
+    opt = ALSALS(model.parameters())
+    with pytest.raises(ValueError, match=r"optimizers=\(optimizer, None\)"):
+        ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown=True,
+                      optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)))
+    with pytest.raises(TypeError, match="cooldown='yes' is invalid"):
+        ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown="yes")
+
+
+def test_hf_trainer_cooldown_resumes_with_the_new_budget_until_the_cooldown_began(tmp_path):
+    """A run resumed with a larger max_steps cools down at its own end if the checkpoint was
+    saved before the cooldown; one saved inside it keeps its budget and says so."""
+    opt, _, ours = _hf_cooldown_run(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    assert opt.hyper.total_steps == 6 and ours == []                         # cooldown: step 6
+    opt, steps, ours = _hf_cooldown_run(tmp_path, checkpoint=str(tmp_path / "checkpoint-2"), max_steps=10)
+    assert opt.hyper.total_steps == 10 and opt.t == 10 and ours == []
+    assert [trials == 0 for _, trials in steps] == [False] * 6 + [True] * 2   # steps 3-8, 9-10
+    opt, _, ours = _hf_cooldown_run(tmp_path, checkpoint=str(tmp_path / "checkpoint-6"), max_steps=10)
+    assert opt.hyper.total_steps == 6 and opt.t == 10
+    assert len(ours) == 2 and "keeps the checkpoint's total_steps=6, not this run's 10" in ours[0]
+    assert "past total_steps=6" in ours[1]
 
 
 def test_hf_trainer_checkpoint_resumes_the_optimizer_and_schedule(tmp_path):

@@ -13,7 +13,8 @@ What it changes in ``Trainer``:
   ``learning_rate``) instead of the default linear schedule, which would write to the lr.  A
   ``learning_rate``, ``lr_scheduler_type``, ``lr_scheduler_kwargs`` or warmup set away from
   ``TrainingArguments``' defaults is not used, and says so in a warning (for the end of a run
-  with a known length: ``alsals_kwargs={"total_steps": ...}``, the cooldown).
+  with a known length: ``ALSALSTrainer(..., cooldown=True)``, which passes Trainer's step
+  budget as ``total_steps``, or ``alsals_kwargs={"total_steps": ...}``).
 - ``training_step``: each micro-batch's forward/backward runs inside ``opt.micro_batch``, so when
   Trainer calls ``optimizer.step()`` (after ``gradient_accumulation_steps`` micro-batches and after
   its own ``max_grad_norm`` clipping of p.grad, which the search then uses), the line search
@@ -86,8 +87,22 @@ def _backward_off(accelerator):
 
 
 class ALSALSTrainer(Trainer):
-    def __init__(self, *args, alsals_kwargs: Optional[dict] = None, **kwargs):
+    """``cooldown=True`` gives ALSALS Trainer's own step budget (``max_steps``, or the epochs'
+    optimizer steps) as ``total_steps``, so the run ends with the cooldown."""
+
+    def __init__(self, *args, alsals_kwargs: Optional[dict] = None, cooldown: bool = False, **kwargs):
         self.alsals_kwargs = dict(alsals_kwargs or {})
+        if not isinstance(cooldown, bool):
+            raise TypeError(f"ALSALSTrainer: cooldown={cooldown!r} is invalid; accepted: True or False")
+        if cooldown and self.alsals_kwargs.get("total_steps") is not None:
+            raise ValueError("ALSALSTrainer: cooldown=True sets total_steps from Trainer's step budget; "
+                             "pass it or alsals_kwargs={'total_steps': ...}, not both")
+        passed = kwargs.get("optimizers") or (None, None)
+        if cooldown and passed[1] is not None:
+            raise ValueError("ALSALSTrainer: cooldown=True is ALSALS's own end-of-run schedule, set where "
+                             "Trainer creates the schedule; pass optimizers=(optimizer, None)")
+        self.cooldown = cooldown
+        self._alsals_budget: Optional[int] = None       # Trainer's step budget, for cooldown=True
         self._alsals_window_step = None
         super().__init__(*args, **kwargs)
 
@@ -108,10 +123,14 @@ class ALSALSTrainer(Trainer):
             if unused:
                 warnings.warn(f"ALSALSTrainer: the line search sets the step size, so {', '.join(unused)} "
                               "in TrainingArguments are not used (alsals_kwargs={'init_step_size': ...} sets the "
-                              "first trial, {'total_steps': ...} a cooldown at the end of the run)", stacklevel=2)
+                              "first trial, and ALSALSTrainer(..., cooldown=True) gives the run a cooldown at "
+                              "its end)", stacklevel=2)
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            if self.cooldown:
+                self._alsals_budget = int(num_training_steps)
+                unwrap(optimizer).set_total_steps(self._alsals_budget)
             # Trainer infers lr_scheduler as LambdaLR (its optimizers= tuple) but holds any LRScheduler.
-            self.lr_scheduler = EtaSchedule(  # type: ignore[assignment]
-                optimizer if optimizer is not None else self.optimizer)
+            self.lr_scheduler = EtaSchedule(optimizer)  # type: ignore[assignment]
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -119,12 +138,25 @@ class ALSALSTrainer(Trainer):
         if self._alsals_window_step != self.state.global_step:   # a new accumulation window
             opt.discard_window()                                   # (a skipped step leaves one open)
             self._alsals_window_step = self.state.global_step
+            if self._alsals_budget is not None and opt.hyper.total_steps != self._alsals_budget:
+                self._resume_with_this_budget(opt)
         trial = functools.partial(self._alsals_trial, model, dict(inputs), num_items_in_batch,
                                   self.current_gradient_accumulation_steps)
         with opt.micro_batch(trial) as mb:
             loss = super().training_step(model, inputs, num_items_in_batch)
             mb.loss = loss
         return loss
+
+    def _resume_with_this_budget(self, opt: ALSALS) -> None:
+        """A checkpoint loaded after create_scheduler brought its own run's budget: this run's
+        wins unless that run's cooldown has begun (then it goes on, and says so)."""
+        try:
+            opt.set_total_steps(self._alsals_budget)
+        except (RuntimeError, ValueError) as refused:
+            warnings.warn(f"ALSALSTrainer(cooldown=True): the resumed run keeps the checkpoint's "
+                          f"total_steps={opt.hyper.total_steps}, not this run's {self._alsals_budget}: "
+                          f"{refused}", stacklevel=2)
+            self._alsals_budget = opt.hyper.total_steps
 
     def _alsals_trial(self, model, inputs, num_items_in_batch, accumulation_steps):
         saved = self.current_gradient_accumulation_steps
