@@ -37,9 +37,9 @@ Format 1 (written by the first release): the same ``state`` and ``param_groups``
 it still loads.
 
 ``validate(opt, state_dict)`` checks everything (group count and sizes, parameter indices,
-required keys, tensor shapes, dtypes and devices, finiteness of the moments, hyperparameters
-through ``config.make_hyper``'s own validation, a finite positive eta inside the range a search
-can represent, integer t and counters) and returns a ``LoadPlan`` holding the already-converted
+required keys, tensor shapes, dtypes and devices, finiteness of the moments, the saved
+hyperparameters as saved under the constructor's own checks (``config.validate_hyper``), a finite
+positive eta inside the range a search can represent, integer t and counters) and returns a ``LoadPlan`` holding the already-converted
 values; ``ALSALS.load_state_dict`` applies it with assignments that cannot fail, so an invalid
 checkpoint raises ``CheckpointError`` (a ValueError naming what is wrong) and leaves the optimizer
 exactly as it was.
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .backends.base import math_dtype
-from .config import VARIANT_DEFAULTS, Hyper, make_hyper, validate_search_range, validate_weight_decay
+from .config import VARIANT_DEFAULTS, Hyper, validate_hyper, validate_search_range, validate_weight_decay
 from .distributed import is_dtensor, local
 
 if TYPE_CHECKING:
@@ -195,8 +195,9 @@ def _check_hyper(saved, variant: str) -> Hyper:
     for k, v in given.items():
         if v is None and k not in optional_none:
             _fail(f"hyper[{k!r}]=None is invalid")
-    try:
-        hyper = make_hyper(variant, **given)           # the constructor's own checks
+    try:   # the saved values as they are (None included), under the constructor's own checks
+        hyper = dataclasses.replace(VARIANT_DEFAULTS[variant], **given)
+        validate_hyper(hyper)
     except (ValueError, TypeError) as exc:
         _fail(f"saved hyperparameters are invalid: {exc}")
     return hyper

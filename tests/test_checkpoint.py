@@ -358,6 +358,9 @@ PLATEAU_CORRUPTIONS = {
     "a loss that is not a pair": (lambda sd: _plateau(sd)["losses"].__setitem__(0, [1.0]), r"\[step, loss\]"),
     "drops=-1": (lambda sd: _plateau(sd).__setitem__("drops", -1), "drops"),
     "drop_factor=1": (lambda sd: host_of(sd)["hyper"].__setitem__("drop_factor", 1.0), "drop_factor"),
+    # a saved None is read as None, not replaced by the variant's default (2.0)
+    "drop_factor=None": (lambda sd: host_of(sd)["hyper"].__setitem__("drop_factor", None),
+                         "plateau test, and its hyperparameters have drop_factor=None"),
 }
 
 
