@@ -444,6 +444,10 @@ class StatisticalDrop(ALSALS):
         by_loss = self.drop_test == "loss"
         if by_loss or (self.switched_at is None and self.loss_switch):
             self._losses.add((t, float(info.loss)))
+        if self._eta_after and self._losses.values:      # keep the steps the test can still read
+            oldest = self._losses.values[0][0]
+            while self._eta_after and next(iter(self._eta_after)) < oldest:
+                del self._eta_after[next(iter(self._eta_after))]
         if not by_loss and self.switched_at is None and self.loss_switch and \
                 _loss_stopped_falling(self._losses, self.min_samples, self.significance):
             self.switched_at, self.switch_reason = t, "loss"
