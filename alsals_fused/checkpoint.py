@@ -37,12 +37,12 @@ Format 1 (written by the first release): the same ``state`` and ``param_groups``
 it still loads.
 
 ``validate(opt, state_dict)`` checks everything (group count and sizes, parameter indices,
-required keys, tensor shapes, dtypes and devices, finiteness of the moments, the saved
-hyperparameters as saved under the constructor's own checks (``config.validate_hyper``), a finite
-positive eta inside the range a search can represent, integer t and counters) and returns a ``LoadPlan`` holding the already-converted
-values; ``ALSALS.load_state_dict`` applies it with assignments that cannot fail, so an invalid
-checkpoint raises ``CheckpointError`` (a ValueError naming what is wrong) and leaves the optimizer
-exactly as it was.
+required keys, tensor shapes, dtypes and devices, finiteness of the moments, the hyperparameters
+as saved under the constructor's own checks (``config.validate_hyper``), a finite positive eta
+inside the range a search can represent, integer t and counters) and returns a ``LoadPlan``
+holding the already-converted values; ``ALSALS.load_state_dict`` applies it with assignments
+that cannot fail, so an invalid checkpoint raises ``CheckpointError`` (a ValueError naming what
+is wrong) and leaves the optimizer exactly as it was.
 """
 from __future__ import annotations
 

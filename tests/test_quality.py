@@ -1,4 +1,6 @@
 """The quality harness's CI smoke subset (seconds) and the "adaptive" variant's host rules."""
+import contextlib
+import io
 import json
 import math
 import sys
@@ -296,3 +298,23 @@ def test_every_workload_builds_and_trains_a_step():
         loss.backward()
         assert math.isfinite(loss.item()), name
         assert all(p.grad is not None for p in model.parameters()), name
+
+
+def test_calibrate_reports_one_rate_tuned_halves_and_each_method(tmp_path):
+    """benchmarks.quality.calibrate on hand-made finals whose every figure is worked out here."""
+    from benchmarks.quality.calibrate import main
+    losses = {("w1", "adam@0.1"): [1.0] * 4, ("w1", "adam@1"): [2.0] * 4, ("w1", "x"): [1.05] * 4,
+              ("w2", "adam@0.1"): [3.0] * 4, ("w2", "adam@1"): [1.0, 1.0, 1.5, 1.5], ("w2", "x"): [1.5] * 4}
+    runs = [{"workload": w, "method": m, "seed": s, "final_train_loss": v, "forwards_per_step": 1.0}
+            for (w, m), values in losses.items() for s, v in enumerate(values)]
+    results = tmp_path / "r-results.json"
+    results.write_text(json.dumps({"runs": runs}))
+    finals = tmp_path / "finals.json"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        main([str(results), "--write-finals", str(finals)])
+    text = printed.getvalue()
+    assert "| adam@0.1 | 1/2 | 2.40 |" in text and "| adam@1 | 1/2 | 2.00 |" in text   # w2's best: 1.25
+    assert "3 splits of seeds [0, 1, 2, 3]" in text and "on 2-2 of 2 workloads (mean 2.0); missed: none" in text
+    # x: w1 within (1.05), w2 1.5/1.25; on two seeds w2 is within only where adam@1 read 1.5 (seeds 2, 3)
+    assert "| x | 1/2 | 1-2, 1.2 | 1.20 | 1.05 | 1.12 |" in text
+    assert json.loads(finals.read_text())["runs"] == runs
