@@ -116,13 +116,16 @@ def make_hyper(variant: str, **overrides) -> Hyper:
 
 def with_budget(h: Hyper, total_steps, cooldown_fraction=None) -> Hyper:
     """``h`` with the run's step budget set (``ALSALS.set_total_steps``), validated as at
-    construction; the cooldown fraction stays ``h``'s unless given."""
+    construction; the cooldown fraction stays ``h``'s unless given (its default without a budget)."""
     if not isinstance(total_steps, (bool, int)) and hasattr(total_steps, "__index__"):
         try:
             total_steps = operator.index(total_steps)       # numpy ints, 0-dim integer tensors
         except TypeError:
             pass
-    fraction = h.cooldown_fraction if cooldown_fraction is None else cooldown_fraction
+    if total_steps is None:                       # no budget: the fraction goes back to its default
+        fraction = VARIANT_DEFAULTS[h.variant].cooldown_fraction
+    else:
+        fraction = h.cooldown_fraction if cooldown_fraction is None else cooldown_fraction
     budgeted = replace(h, total_steps=total_steps, cooldown_fraction=fraction)
     validate_hyper(budgeted)
     return budgeted

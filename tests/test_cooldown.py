@@ -165,8 +165,9 @@ def test_set_total_steps_refuses_what_it_cannot_honour_and_changes_nothing():
         assert opt.hyper.total_steps is None
     opt.set_total_steps(np.int64(5))                 # cooldown: step 5 (20% of 5, at least one)
     assert type(opt.hyper.total_steps) is int and opt.hyper.total_steps == 5
+    opt.set_total_steps(8, cooldown_fraction=0.5)
     opt.set_total_steps(None)                        # removed before it began: no cooldown
-    assert opt.hyper.total_steps is None
+    assert opt.hyper == ALSALS(model.groups(), backend="foreach", init_step_size=0.5).hyper
     opt.set_total_steps(5)
     _run(opt, model, 2, x, y)                        # step 5 has begun the cooldown
     with pytest.raises(RuntimeError, match="cooldown of total_steps=5 has begun"):

@@ -901,6 +901,9 @@ def test_hf_trainer_cooldown_refuses_a_second_budget_or_schedule(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown=True,
                       alsals_kwargs={"total_steps": 3})
+    with pytest.raises(ValueError, match="has its own; pass one of them"):
+        ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown=True,
+                      optimizers=(ALSALS(model.parameters(), total_steps=3), None))
     opt = ALSALS(model.parameters())
     with pytest.raises(ValueError, match=r"optimizers=\(optimizer, None\)"):
         ALSALSTrainer(model=model, args=args, train_dataset=dataset, cooldown=True,

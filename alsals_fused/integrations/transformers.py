@@ -98,6 +98,9 @@ class ALSALSTrainer(Trainer):
             raise ValueError("ALSALSTrainer: cooldown=True sets total_steps from Trainer's step budget; "
                              "pass it or alsals_kwargs={'total_steps': ...}, not both")
         passed = kwargs.get("optimizers") or (None, None)
+        if cooldown and getattr(getattr(passed[0], "hyper", None), "total_steps", None) is not None:
+            raise ValueError("ALSALSTrainer: cooldown=True sets total_steps from Trainer's step budget, and "
+                             "the optimizer passed in optimizers= has its own; pass one of them, not both")
         if cooldown and passed[1] is not None:
             raise ValueError("ALSALSTrainer: cooldown=True is ALSALS's own end-of-run schedule, set where "
                              "Trainer creates the schedule; pass optimizers=(optimizer, None)")
