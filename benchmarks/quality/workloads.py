@@ -417,6 +417,55 @@ class MotifTCN(nn.Module):
         return self.head(self.net(x).mean(-1))
 
 
+# -- held-out (round 13): a second held-out set, added after round 12 -------------------------------
+# Added after every rule had been chosen and after rounds 9-12 had read the first held-out set;
+# their sizes were set from Adam grid runs only, before any line search ran on them.
+def _diabetes_data(seed: int, n_test=88) -> Data:
+    """scikit-learn's bundled diabetes regression (442 patients, 10 features; no download):
+    features and target scaled to unit sd, a seeded split of 354 training / 88 held-out rows."""
+    from sklearn.datasets import load_diabetes  # imported here: only this workload needs it
+    d = load_diabetes()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.float32)
+    x, y = (x - x.mean(0)) / x.std(0), ((y - y.mean()) / y.std()).unsqueeze(1)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(14_000 + seed))
+    tr, te = perm[:-n_test], perm[-n_test:]
+    return Data(x[tr], y[tr], x[te], y[te])
+
+
+class CharLSTM(nn.Module):
+    """A byte-level language model: embedding (32), one LSTM(96) layer, a linear head over bytes."""
+
+    def __init__(self, emb=32, hidden=96):
+        super().__init__()
+        self.emb = nn.Embedding(256, emb)
+        self.lstm = nn.LSTM(emb, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(self.emb(x))
+        return self.head(out)
+
+
+def _digits_image_data(seed: int) -> Data:
+    xtr, ytr, xte, yte = _digits_split(seed, 15_000)
+    return Data(xtr.view(-1, 1, 8, 8), ytr, xte.view(-1, 1, 8, 8), yte)
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions (16 and 32 channels, ReLU, no normalization layer), a 2x2 max-pool
+    and a linear head, on the 8x8 digits."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                 nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(32 * 4 * 4, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.net(x).flatten(1))
+
+
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload("gru_markov", "recurrent", steps=800, quick_steps=300, batch_size=32,
              make_data=_markov_data, make_model=GRUClassifier, loss_fn=_cross_entropy,
@@ -483,4 +532,18 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
              description="held-out: 4 dilated Conv1d layers (32 channels, LayerNorm, no BatchNorm) count "
                          "(0-3) a random motif in a noisy (sd 0.5) 64-step signal with 1-2 distractor motifs; "
                          "2048 train / 512 held-out"),
+    # Held-out, second set (round 13): added after round 12; no rule was chosen on these.
+    Workload("diabetes_mlp", "regression (real data)", steps=800, quick_steps=300, batch_size=32,
+             make_data=_diabetes_data, make_model=lambda: _mlp(10, 1), loss_fn=_mse, metric="r2",
+             split="confirm",
+             description="held-out 2: MLP 10-64-64-1 (ReLU) on scikit-learn's diabetes data (10 features, "
+                         "target scaled to unit sd); 354 train / 88 held-out; metric R^2"),
+    Workload("char_lstm", "recurrent language model", steps=800, quick_steps=300, batch_size=16,
+             make_data=_text_data, make_model=CharLSTM, loss_fn=_lm_loss, split="confirm",
+             description="held-out 2: byte-level LSTM(96) language model (embedding 32, context 32) on the "
+                         "standard-library sources; accuracy = next byte"),
+    Workload("cnn_digits", "convolutional (no normalization)", steps=800, quick_steps=300, batch_size=32,
+             make_data=_digits_image_data, make_model=DigitsCNN, loss_fn=_cross_entropy, split="confirm",
+             description="held-out 2: 2-conv CNN (16, 32 channels, ReLU, max-pool, no normalization layer) "
+                         "classifies scikit-learn's 8x8 digits; 1400 train / 397 held-out"),
 ]}
