@@ -88,6 +88,17 @@ def validate_weight_decay(wd) -> None:
     _require(_real(wd) and wd >= 0, "weight_decay", wd, "a finite float >= 0")
 
 
+def _as_int(value):
+    """Numpy ints and 0-dim integer tensors as ints; anything else unchanged (and refused, by
+    name, by the validation if it is not an accepted value)."""
+    if value is not None and not isinstance(value, (bool, int, str)) and hasattr(value, "__index__"):
+        try:
+            return operator.index(value)
+        except TypeError:                       # a float tensor: refused by the validation
+            pass
+    return value
+
+
 def make_hyper(variant: str, **overrides) -> Hyper:
     """The variant's defaults with the explicit (non-None) arguments applied, validated."""
     _require(variant in VARIANTS, "variant", variant, " | ".join(VARIANTS))
@@ -101,14 +112,9 @@ def make_hyper(variant: str, **overrides) -> Hyper:
         _require(isinstance(b, (tuple, list)) and len(b) == 2 and all(_real(x) and 0 <= x < 1 for x in b),
                  "betas", b, "a pair (beta1, beta2) with 0 <= beta < 1")
         given["betas"] = (float(b[0]), float(b[1]))
-    # numpy ints and 0-dim tensors as ints
     for name in ("max_trials", "line_search_every", "total_steps", "drop_min_samples", "drop_every"):
-        value = given.get(name)
-        if value is not None and not isinstance(value, (bool, int, str)) and hasattr(value, "__index__"):
-            try:
-                given[name] = operator.index(value)
-            except TypeError:                   # a float tensor: refused below, by name
-                pass
+        if name in given:
+            given[name] = _as_int(given[name])
     h = replace(VARIANT_DEFAULTS[variant], **given)
     validate_hyper(h)
     return h
@@ -117,11 +123,7 @@ def make_hyper(variant: str, **overrides) -> Hyper:
 def with_budget(h: Hyper, total_steps, cooldown_fraction=None) -> Hyper:
     """``h`` with the run's step budget set (``ALSALS.set_total_steps``), validated as at
     construction; the cooldown fraction stays ``h``'s unless given (its default without a budget)."""
-    if not isinstance(total_steps, (bool, int)) and hasattr(total_steps, "__index__"):
-        try:
-            total_steps = operator.index(total_steps)       # numpy ints, 0-dim integer tensors
-        except TypeError:
-            pass
+    total_steps = _as_int(total_steps)
     if total_steps is None:                       # no budget: the fraction goes back to its default
         fraction = VARIANT_DEFAULTS[h.variant].cooldown_fraction
     else:
