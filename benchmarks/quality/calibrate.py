@@ -98,10 +98,10 @@ def report(finals: Finals) -> List[str]:
         counts, missed = [], defaultdict(int)
         for tune, judge in splits:
             pick = {w: min(adam, key=lambda a, w=w: _mean(finals, w, a, tune)) for w in workloads}
-            counts.append(within_count(finals, pick.__getitem__, workloads, adam, judge))
-            for w in workloads:
-                if within_count(finals, pick.__getitem__, [w], adam, judge) == 0:
-                    missed[w] += 1
+            misses = [w for w in workloads if not within_count(finals, pick.__getitem__, [w], adam, judge)]
+            counts.append(n - len(misses))
+            for w in misses:
+                missed[w] += 1
         where = ", ".join(f"{w} in {k}" for w, k in missed.items()) or "none"
         out += ["", "## Adam tuned per workload on half of the seeds, judged on the other half", "",
                 f"{len(splits)} splits of seeds {seeds} into two halves: the best grid point on one half is "
