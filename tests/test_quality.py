@@ -55,6 +55,15 @@ def test_harness_smoke(tmp_path):
     assert all(len(r["etas"]) == r["steps"] == len(r["fwds"]) for r in report["runs"])
     for wl in ("cnn_bn", "spirals"):
         assert (tmp_path / f"smoke-{wl}.png").read_bytes().startswith(PNG_MAGIC)
+    # --merge: another seed run later; the merged report names both runs' dates and both seeds.
+    later = dict(report, meta=dict(report["meta"], date="2999-01-01 00:00 UTC"),
+                 runs=[dict(r, seed=r["seed"] + 1) for r in report["runs"]])
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    run.main(["--merge", str(tmp_path / "smoke-results.json"), str(tmp_path / "later.json"),
+              "--out", str(tmp_path / "merged"), "--tag", "m", "--no-plot"])
+    merged = (tmp_path / "merged" / "m-results.md").read_text()
+    assert f"seeds [{report['runs'][0]['seed']}, {report['runs'][0]['seed'] + 1}]" in merged
+    assert f"generated {report['meta']['date']} to 2999-01-01 00:00 UTC" in merged
 
 
 def test_harness_writes_no_committed_file_unless_asked():

@@ -442,6 +442,8 @@ def _merge(args) -> dict:
     meta = dict(metas[0])
     meta["seeds"] = sorted({r["seed"] for r in rows})
     meta["total_s"] = sum(m["total_s"] for m in metas)
+    dates = sorted(m["date"] for m in metas)      # the runs', not the first file's alone
+    meta["date"] = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
     meta["mode"] = f"{metas[0]['mode']}, merged from {len(metas)} runs (total_s: their sum)"
     prefix = (args.tag + "-") if args.tag else ""
     os.makedirs(args.out, exist_ok=True)
