@@ -316,6 +316,9 @@ def test_calibrate_reports_one_rate_tuned_halves_and_each_method(tmp_path):
               ("w2", "adam@0.1"): [3.0] * 4, ("w2", "adam@1"): [1.0, 1.0, 1.5, 1.5], ("w2", "x"): [1.5] * 4}
     runs = [{"workload": w, "method": m, "seed": s, "final_train_loss": v, "forwards_per_step": 1.0}
             for (w, m), values in losses.items() for s, v in enumerate(values)]
+    # A method run on fewer seeds (or workloads) than the grid is left out, and said so.
+    runs += [{"workload": "w1", "method": m, "seed": 0, "final_train_loss": 9.0, "forwards_per_step": 1.0}
+             for m in ("y", "adam_cd@1")]
     results = tmp_path / "r-results.json"
     results.write_text(json.dumps({"runs": runs}))
     finals = tmp_path / "finals.json"
@@ -326,4 +329,5 @@ def test_calibrate_reports_one_rate_tuned_halves_and_each_method(tmp_path):
     assert "3 splits of seeds [0, 1, 2, 3]" in text and "on 2-2 of 2 workloads (mean 2.0); missed: none" in text
     # x: w1 within (1.05), w2 1.5/1.25; on two seeds w2 is within only where adam@1 read 1.5 (seeds 2, 3)
     assert "| x | 1/2 | 1-2, 1.2 | 1.20 | 1.05 | 1.12 |" in text
+    assert "Left out (not run on every one of these seeds and workloads): y." in text and "| y |" not in text
     assert json.loads(finals.read_text())["runs"] == runs

@@ -46,18 +46,22 @@ def _mean(finals: Finals, workload: str, method: str, seeds: Sequence[int]) -> f
     return statistics.mean(finals[(workload, method)][s] for s in seeds)
 
 
-def _layout(finals: Finals) -> Tuple[List[str], List[str], List[str], List[int]]:
-    """Workloads, Adam grid methods, other methods, and the seeds every run has."""
+def _layout(finals: Finals) -> Tuple[List[str], List[str], List[str], List[int], List[str]]:
+    """Workloads, Adam grid methods, the other methods that ran every seed the grid ran on every
+    workload, those seeds, and the methods left out for running fewer (seeds added later for
+    some methods only)."""
     workloads = list(dict.fromkeys(w for w, _ in finals))
     methods = list(dict.fromkeys(m for _, m in finals))
     adam = [m for m in methods if m.startswith("adam@")]
-    others = [m for m in methods if not m.startswith(("adam@", "adam_cd@"))]
-    seeds = sorted(set.intersection(*(set(v) for v in finals.values())))
-    missing = [(w, m) for w in workloads for m in adam + others if (w, m) not in finals]
+    missing = [(w, a) for w in workloads for a in adam if (w, a) not in finals]
     if not adam or missing:
-        raise SystemExit(f"calibrate: needs every method on every workload with an Adam grid (adam@lr); "
+        raise SystemExit(f"calibrate: needs the Adam grid (adam@lr) on every workload; "
                          f"missing: {missing[:5] or 'the Adam grid'}")
-    return workloads, adam, others, seeds
+    seeds = sorted(set.intersection(*(set(finals[(w, a)]) for w in workloads for a in adam)))
+    candidates = [m for m in methods if not m.startswith(("adam@", "adam_cd@"))]
+    others = [m for m in candidates
+              if all(set(seeds) <= set(finals.get((w, m), ())) for w in workloads)]
+    return workloads, adam, others, seeds, [m for m in candidates if m not in others]
 
 
 def within_count(finals: Finals, method_of, workloads, adam, seeds) -> int:
@@ -82,9 +86,11 @@ def half_splits(seeds: Sequence[int]) -> List[Tuple[Tuple[int, ...], Tuple[int, 
 
 
 def report(finals: Finals) -> List[str]:
-    workloads, adam, others, seeds = _layout(finals)
+    workloads, adam, others, seeds, left_out = _layout(finals)
     n = len(workloads)
     out = [f"# How hard the first target is ({n} workloads, seeds {seeds})", ""]
+    if left_out:
+        out += [f"Left out (not run on every one of these seeds and workloads): {', '.join(left_out)}.", ""]
 
     out += ["## Adam at one learning rate on every workload", "",
             f"| method | within {TARGET_VS_BEST_ADAM:.2f}x of the best Adam point | worst ratio |", "|---|---|---|"]
