@@ -69,9 +69,9 @@ HOST_KEY = "alsals"                     # key of the host state inside param_gro
 HOST_PLACEHOLDER = "ALSALS host state: written by state_dict()"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 COUNTER_KEYS = ("steps", "searches", "trials", "rejected", "skipped", "fallbacks")
-LATER_HYPER_FIELDS = ("first_backtrack", "growth_boost", "growth_max", "total_steps",
-                      "cooldown_fraction", "drop_factor", "drop_min_samples", "drop_every",
-                      "drop_significance")   # may be absent
+LATER_HYPER_FIELDS = ("first_backtrack", "first_backtrack_on_rise", "growth_boost", "growth_max",
+                      "total_steps", "cooldown_fraction", "drop_factor", "drop_min_samples",
+                      "drop_every", "drop_significance")   # may be absent
 HOST_KEYS = ("variant", "hyper", "eta", "t", "counters", "fast", "slow", "last_search_t", "h", "s",
              "pending_skips")
 
@@ -191,7 +191,8 @@ def _check_hyper(saved, variant: str) -> Hyper:
     given = {k: v for k, v in saved.items() if k != "variant"}
     if isinstance(given["betas"], list):
         given["betas"] = tuple(given["betas"])
-    optional_none = {"max_grad_norm", "first_backtrack", "total_steps", "drop_factor"}
+    optional_none = {"max_grad_norm", "first_backtrack", "first_backtrack_on_rise", "total_steps",
+                     "drop_factor"}
     for k, v in given.items():
         if v is None and k not in optional_none:
             _fail(f"hyper[{k!r}]=None is invalid")

@@ -31,6 +31,7 @@ class Hyper:
     memory_efficient: bool = False
     # Host-side search adaptation (the "adaptive" variant; neutral values for the others).
     first_backtrack: Optional[float] = None     # backtrack until a search accepts (None: backtrack)
+    first_backtrack_on_rise: Optional[float] = None   # the same after a trial whose loss rose (None: first_backtrack)
     growth_boost: float = 1.0                   # growth *= this after a first-trial pass (1: off)
     growth_max: float = 1 / 0.999               # cap of the boosted growth
     # End-of-run cooldown for a known step budget (section 3); None: none, eta is the search's.
@@ -65,13 +66,13 @@ VARIANT_DEFAULTS = {
     "adaptive": Hyper(variant="adaptive", c=0.3, smoothing=0.99, growth=1.01, backtrack=0.9,
                       line_search_every="auto", first_backtrack=0.3),
     # Not from a paper: alsals's search every 4th step from a smaller first guess (0.025, halved
-    # until a search accepts), its growth boosted by 1.5x after each first-trial pass (at most
-    # 2% per search), until the plateau test first finds the loss no longer falling; from then on
-    # eta is held and halved at each plateau, with no trial forwards.  Evidence:
-    # benchmarks/quality/results/experiments.md, rounds 8 and 9.
+    # until a search accepts, quartered after a trial whose loss rose), its growth boosted by
+    # 1.5x after each first-trial pass (at most 2% per search), until the plateau test first
+    # finds the loss no longer falling; from then on eta is held and halved at each plateau, with
+    # no trial forwards.  Evidence: benchmarks/quality/results/experiments.md, rounds 8, 9, 18.
     "alsals_plateau": Hyper(variant="alsals_plateau", init_step_size=0.025, line_search_every=4,
-                            first_backtrack=0.5, growth=1.004, growth_boost=1.5, growth_max=1.02,
-                            drop_factor=2.0),
+                            first_backtrack=0.5, first_backtrack_on_rise=0.25, growth=1.004,
+                            growth_boost=1.5, growth_max=1.02, drop_factor=2.0),
 }
 
 
@@ -143,6 +144,11 @@ def validate_hyper(h: Hyper) -> None:
     _require(_real(h.backtrack) and 0 < h.backtrack < 1, "backtrack", h.backtrack, "0 < backtrack < 1")
     _require(h.first_backtrack is None or (_real(h.first_backtrack) and 0 < h.first_backtrack < 1),
              "first_backtrack", h.first_backtrack, "None or 0 < first_backtrack < 1")
+    _require(h.first_backtrack_on_rise is None
+             or (h.first_backtrack is not None and _real(h.first_backtrack_on_rise)
+                 and 0 < h.first_backtrack_on_rise <= h.first_backtrack),
+             "first_backtrack_on_rise", h.first_backtrack_on_rise,
+             f"None, or 0 < first_backtrack_on_rise <= first_backtrack (={h.first_backtrack!r})")
     _require(_real(h.growth_boost) and h.growth_boost >= 1, "growth_boost", h.growth_boost, "a float >= 1")
     _require(_real(h.growth_max) and h.growth_max >= 1, "growth_max", h.growth_max, "a float >= 1")
     _require(isinstance(h.max_trials, int) and not isinstance(h.max_trials, bool) and h.max_trials >= 1,

@@ -876,11 +876,19 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
         return min(self.eta * growth, ETA_MAX) if searching else self.eta   # config.ETA_MAX
 
     # -- the adaptive variant's host-side search rules (neutral for the paper variants) ----------
-    def _backtrack_factor(self) -> float:
+    def _backtrack_factor(self, loss_rose: bool) -> float:
         """Backtracking factor of the next trial: ``first_backtrack`` until a search has accepted
-        (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``."""
-        fb = self._hyper.first_backtrack
-        return fb if (fb is not None and not self._scale_found) else self._hyper.backtrack
+        (it brings init_step_size down to the loss's scale in few trials), then ``backtrack``.
+        Before that, a trial whose loss rose above L0 (NaN included) takes
+        ``first_backtrack_on_rise`` if set: on a quadratic profile the loss rises only beyond
+        twice the largest eta the test accepts, so with 0.5 and 0.25 the skipped trial would have
+        failed too (section 2.1)."""
+        hyper = self._hyper
+        fb = hyper.first_backtrack
+        if fb is None or self._scale_found:
+            return hyper.backtrack
+        rise = hyper.first_backtrack_on_rise
+        return rise if (loss_rose and rise is not None) else fb
 
     def _adapt_growth(self, accepted: bool, trials: int) -> None:
         """After a search: a first trial that passed multiplies the next growth by
@@ -1047,7 +1055,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                 if accept:
                     found.accepted = True
                     break
-                found.eta *= self._backtrack_factor()
+                found.eta *= self._backtrack_factor(loss_rose=not found.loss_try <= found.loss0)
                 if found.trials == hyper.max_trials or found.eta < ETA_MIN:   # config.ETA_MIN
                     break
                 self._move(plan, hp, found.eta_at_params, search_dir, found.eta, search_dir)

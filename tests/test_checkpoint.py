@@ -361,6 +361,8 @@ PLATEAU_CORRUPTIONS = {
     # a saved None is read as None, not replaced by the variant's default (2.0)
     "drop_factor=None": (lambda sd: host_of(sd)["hyper"].__setitem__("drop_factor", None),
                          "plateau test, and its hyperparameters have drop_factor=None"),
+    "first_backtrack_on_rise above first_backtrack": (
+        lambda sd: host_of(sd)["hyper"].__setitem__("first_backtrack_on_rise", 0.75), "first_backtrack_on_rise"),
 }
 
 

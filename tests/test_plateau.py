@@ -2,6 +2,7 @@
 regression test against a direct two-pass one, what it keeps and forgets, and its cost (one read
 per test, none in between).  Its backends' decisions are in the contract suite (test_contract.py:
 the alsals_plateau trajectories and round trips)."""
+import dataclasses
 import math
 import random
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from alsals_fused import ALSALS
+from alsals_fused.config import VARIANT_DEFAULTS
 from alsals_fused.plateau import LEAK_RATIO, PlateauTest, t_cdf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +127,59 @@ def test_the_sums_do_not_depend_on_when_the_losses_were_read():
                      for test in (eager, lazy)]
             assert exact[0] == exact[1], t
             assert eager.plateaued(0.05) == lazy.plateaued(0.05)
+
+
+def _least_squares(seed=0):
+    """Linear least squares: the loss is exactly quadratic along any line."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g)
+    w = torch.zeros(6, 1, requires_grad=True)
+    return w, lambda: ((x @ w - y) ** 2).mean()
+
+
+def _first_search(on_rise, init_step_size, nan_above=None, seed=0):
+    """One alsals_plateau step; the trial step sizes (|w - w0| over the step-1 direction's norm,
+    which is eta: the trial points lie on one line) and whether each trial's loss rose above L0."""
+    w, closure = _least_squares(seed)
+    opt = ALSALS([w], variant="alsals_plateau", init_step_size=init_step_size)
+    opt.hyper = dataclasses.replace(opt.hyper, first_backtrack_on_rise=on_rise)   # None: halving only
+    w0, calls = w.detach().clone(), []
+
+    def logged():
+        loss = closure()
+        calls.append((torch.linalg.vector_norm(w.detach() - w0).item(), loss.item()))
+        return loss if nan_above is None or loss.item() <= nan_above else loss * math.nan
+
+    opt.step(logged)
+    loss0 = calls[0][1]
+    trials = calls[1:]                     # calls[0] is the gradient forward
+    unit = trials[0][0] / (init_step_size * opt.hyper.growth)
+    return opt, w.detach().clone(), [d / unit for d, _ in trials], [not (v <= loss0) for _, v in trials]
+
+
+@pytest.mark.parametrize("init_step_size", [50.0, 3.0, 0.9])
+@pytest.mark.parametrize("nan_above", [None, 10.0], ids=["finite", "nan-when-far"])
+def test_the_first_search_quarters_after_a_rise_and_lands_where_halving_does(init_step_size, nan_above):
+    """alsals_plateau's first search: 0.25 after a trial whose loss rose above L0 (NaN included),
+    0.5 otherwise; on a quadratic profile it accepts the eta that halving accepts, in fewer trials,
+    and the step is the same to the bit."""
+    assert VARIANT_DEFAULTS["alsals_plateau"].first_backtrack_on_rise == 0.25
+    opt, w, etas, rose = _first_search(0.25, init_step_size, nan_above)
+    halving, w_halving, etas_halving, _ = _first_search(None, init_step_size, nan_above)
+    assert opt.last_step.accepted and halving.last_step.accepted
+    assert opt.last_step.eta == halving.last_step.eta and torch.equal(w, w_halving)
+    for k in range(len(etas) - 1):
+        assert etas[k + 1] / etas[k] == pytest.approx(0.25 if rose[k] else 0.5, rel=1e-4), (etas, rose)
+    assert any(rose[:-1]) and not all(rose[:-1]), f"one kind of failed trial only: {rose}"
+    assert len(etas) < len(etas_halving)
+    assert all(b / a == pytest.approx(0.5, rel=1e-4) for a, b in zip(etas_halving, etas_halving[1:]))
+
+
+def test_first_backtrack_on_rise_applies_until_a_search_accepts_and_is_validated():
+    from alsals_fused.config import make_hyper
+    assert make_hyper("alsals", first_backtrack_on_rise=None).first_backtrack_on_rise is None
+    for variant, value in (("alsals", 0.25), ("alsals_plateau", 0.6), ("alsals_plateau", 0.0)):
+        with pytest.raises(ValueError, match="first_backtrack_on_rise"):
+            make_hyper(variant, first_backtrack_on_rise=value)
+    opt, *_ = _first_search(0.25, 50.0)
+    assert opt._backtrack_factor(loss_rose=True) == opt.hyper.backtrack == 0.9   # a scale was found

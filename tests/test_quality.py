@@ -99,7 +99,7 @@ def test_eta_collapse_is_a_fall_of_1000x_or_a_step_below_1e_6():
 def test_paper_variants_keep_their_definitions():
     for v in ("alsals", "adam_sls", "salsa"):
         h = VARIANT_DEFAULTS[v]
-        assert h.first_backtrack is None and h.growth_boost == 1.0, v
+        assert h.first_backtrack is None and h.first_backtrack_on_rise is None and h.growth_boost == 1.0, v
     assert VARIANTS[0] == "alsals" and ALSALS([torch.zeros(1, requires_grad=True)]).hyper.variant == "alsals"
     h = make_hyper("adaptive")
     assert (h.c, h.smoothing, h.growth, h.backtrack, h.first_backtrack, h.line_search_every) == \
@@ -125,7 +125,7 @@ def test_adaptive_first_step_backtracks_fast_then_normally():
     assert first.accepted and first.trials <= 10
     # 10 * 1.01 * 0.3**(trials-1): the first search used first_backtrack.
     assert first.eta == pytest.approx(10.0 * 1.01 * 0.3 ** (first.trials - 1))
-    assert opt._backtrack_factor() == 0.9                    # a scale was found
+    assert opt._backtrack_factor(loss_rose=True) == 0.9      # a scale was found
     for _ in range(5):
         opt.zero_grad()
         opt.step(closure)
