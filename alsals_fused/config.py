@@ -121,6 +121,13 @@ def make_hyper(variant: str, **overrides) -> Hyper:
     return h
 
 
+def require_budget_for_fraction(total_steps, cooldown_fraction) -> None:
+    """A cooldown fraction is a fraction of a step budget: refused without one."""
+    if cooldown_fraction is not None and total_steps is None:
+        raise ValueError("ALSALS: cooldown_fraction= needs total_steps= (the run's step budget, "
+                         "whose last fraction cools down)")
+
+
 def with_budget(h: Hyper, total_steps, cooldown_fraction=None) -> Hyper:
     """``h`` with the run's step budget set (``ALSALS.set_total_steps``), validated as at
     construction; the cooldown fraction stays ``h``'s unless given (its default without a budget)."""

@@ -69,6 +69,7 @@ from .config import (
     Hyper,
     cooldown_steps,
     make_hyper,
+    require_budget_for_fraction,
     validate_weight_decay,
     with_budget,
 )
@@ -384,9 +385,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
                  buffers: Union[Iterable[Tensor], torch.nn.Module, None] = None,
                  backend: str = "auto", process_group=None, sharded: bool = False, lr=None):
         self._reject_adamw_arguments(lr)                 # lr= points to init_step_size
-        if cooldown_fraction is not None and total_steps is None:
-            raise ValueError("ALSALS: cooldown_fraction= needs total_steps= (the run's step budget, "
-                             "whose last fraction cools down)")
+        require_budget_for_fraction(total_steps, cooldown_fraction)
         hyper = make_hyper(variant, init_step_size=init_step_size, c=c, betas=betas, eps=eps,
                            smoothing=smoothing, growth=growth, backtrack=backtrack,
                            max_trials=max_trials, line_search_every=line_search_every,
@@ -567,9 +566,7 @@ class ALSALS(UserGradientsMixin, torch.optim.Optimizer):
             raise RuntimeError(f"ALSALS: set_total_steps({total_steps!r}): the cooldown of "
                                f"total_steps={self._hyper.total_steps} has begun (step {self.t}); "
                                "its schedule can no longer change")
-        if cooldown_fraction is not None and total_steps is None:
-            raise ValueError("ALSALS: cooldown_fraction= needs total_steps= (the run's step budget, "
-                             "whose last fraction cools down)")
+        require_budget_for_fraction(total_steps, cooldown_fraction)
         hyper = with_budget(self._hyper, total_steps, cooldown_fraction)
         if hyper.total_steps is not None and hyper.total_steps <= self.t:
             raise ValueError(f"ALSALS: set_total_steps({total_steps!r}): the run has already taken "
